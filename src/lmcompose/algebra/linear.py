@@ -1,0 +1,125 @@
+"""CompressedLinear: a drop-in replacement for ``nn.Linear`` whose weight is a sum of terms."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .spec import LinearSpec, TensorSpec
+from .quant import dtype_name
+from .terms import TERM_TYPES, Dense, LowRank, as_float
+
+
+class CompressedLinear(nn.Module):
+    """``y = x (Σ_k T_k)ᵀ + b``: Dense and Sparse terms are summed into one matrix for the forward,
+    LowRank terms run as two thin matmuls. Dequantized weights are cached in the compute dtype (the
+    dtype the module was last cast to); the stored tensors keep their storage dtype whatever
+    ``model.to(dtype)`` does, so a cast never loses stored precision.
+    """
+
+    def __init__(self, in_features: int, out_features: int, terms, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.terms = tuple(terms)
+        self.bias_value = bias
+        # A zero-size buffer follows .to()/.cuda()/.half(): it tells us the device and compute dtype.
+        self.register_buffer("_probe", torch.empty(0, dtype=compute_dtype,
+                                                   device=self._term_device()), persistent=False)
+        self._cache = None
+
+    def _term_device(self):
+        first = self.terms[0].slots() if self.terms else {}
+        for t in first.values():
+            return t.codes.device if hasattr(t, "codes") else t.device
+        return torch.device("cpu")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, float_dtype: str = "fp16") -> "CompressedLinear":
+        bias = None if linear.bias is None else as_float(linear.bias, float_dtype)
+        return cls(linear.in_features, linear.out_features, [Dense(as_float(linear.weight, float_dtype))],
+                   bias, compute_dtype=linear.weight.dtype)
+
+    def with_terms(self, terms) -> "CompressedLinear":
+        new = CompressedLinear(self.in_features, self.out_features, terms, self.bias_value, self._probe.dtype)
+        return new.to(self._probe.device)
+
+    # -- nn.Module plumbing ----------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = self._probe.device
+        self.terms = tuple(t.to(device) for t in self.terms)
+        if self.bias_value is not None:
+            self.bias_value = self.bias_value.to(device)
+        self._cache = None
+        return self
+
+    def _compute_tensors(self):
+        if self._cache is None:
+            dtype = self._probe.dtype
+            dense = [t.weight(torch.float32) for t in self.terms if not isinstance(t, LowRank)]
+            weight = torch.stack(dense).sum(0).to(dtype) if dense else None
+            lowrank = [t.factors(dtype) for t in self.terms if isinstance(t, LowRank)]
+            bias = None if self.bias_value is None else self.bias_value.to(dtype)
+            self._cache = (weight, lowrank, bias)
+        return self._cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, lowrank, bias = self._compute_tensors()
+        if weight is not None:
+            y = F.linear(x, weight, bias)
+        else:
+            y = x.new_zeros(*x.shape[:-1], self.out_features)
+            if bias is not None:
+                y = y + bias
+        for u, v in lowrank:
+            y = y + F.linear(F.linear(x, v), u)
+        return y
+
+    # -- the algebra -----------------------------------------------------------------------------
+    def to_dense(self, dtype=torch.float32) -> torch.Tensor:
+        return torch.stack([t.weight(torch.float32) for t in self.terms]).sum(0).to(dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dense view for code that reads ``.weight`` (e.g. dtype/device probes in HF models)."""
+        return self.to_dense(self._probe.dtype)
+
+    @property
+    def bias(self):
+        return None if self.bias_value is None else self.bias_value.to(self._probe.dtype)
+
+    def spec(self) -> LinearSpec:
+        bias = None
+        if self.bias_value is not None:
+            bias = TensorSpec(self.out_features, 1, dtype_name(self.bias_value.dtype))
+        return LinearSpec(self.out_features, self.in_features, tuple(t.spec() for t in self.terms), bias)
+
+    def nbytes(self) -> int:
+        return self.spec().nbytes()
+
+    # -- storage ---------------------------------------------------------------------------------
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, term in enumerate(self.terms):
+            out.update(term.to("cpu").state(f"{prefix}.terms.{i}"))
+        if self.bias_value is not None:
+            out[f"{prefix}.bias"] = self.bias_value.cpu().contiguous()
+        return out
+
+    def meta(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "terms": [t.meta() for t in self.terms], "bias": self.bias_value is not None}
+
+    @classmethod
+    def from_state(cls, prefix: str, meta: dict, state: dict, compute_dtype=torch.float32) -> "CompressedLinear":
+        terms = [TERM_TYPES[m["kind"]].from_state(f"{prefix}.terms.{i}", m, state)
+                 for i, m in enumerate(meta["terms"])]
+        bias = state[f"{prefix}.bias"] if meta["bias"] else None
+        return cls(meta["in_features"], meta["out_features"], terms, bias, compute_dtype)
+
+    def extra_repr(self) -> str:
+        spec = self.spec()
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{spec.describe()}, {spec.bits_per_weight():.2f} bits/weight")

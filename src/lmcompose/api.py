@@ -1,0 +1,80 @@
+"""The public verb: ``compress(model, recipe, windows) -> Report``.
+
+Example::
+
+    from lmcompose import compress, Recipe
+    recipe = Recipe.from_dict({"steps": [{"magnitude": {"sparsity": 0.5}}]})
+    report = compress(model, recipe, windows)      # windows: LongTensor [n, seqlen]
+    print(report.summary())
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+
+import torch
+from torch import nn
+
+from .algebra.quant import FLOAT_DTYPES
+from .models.checkpoint import compressed_modules, model_nbytes
+from .pipeline.blocks import linear_shapes, other_param_bytes
+from .pipeline.sequential import SequentialCompressor
+from .recipe import Recipe
+from .report import Report, peak_rss_bytes
+
+log = logging.getLogger(__name__)
+
+
+def as_recipe(recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe.load(recipe)
+
+
+def _round_other_weights(model: nn.Module, float_dtype: str) -> None:
+    """Round every weight that is not compressed to the storage dtype, so the model in memory is
+    exactly the model the checkpoint holds (save → load then gives identical logits)."""
+    skip = {id(p) for m in compressed_modules(model).values() for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in skip and p.is_floating_point():
+            p.data = p.data.to(FLOAT_DTYPES[float_dtype]).to(p.dtype)
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, model_name: str = "",
+             on_block=None) -> Report:
+    """Compress `model` in place with `recipe`, calibrating on `windows` ([n, seqlen] token ids).
+
+    The recipe is type-checked and costed on the model's shapes before any block is touched.
+    """
+    recipe = as_recipe(recipe)
+    shapes = linear_shapes(model)
+    recipe.check(shapes, other_param_bytes(model))
+    if windows.dim() != 2:
+        raise ValueError(f"windows must be a [n, seqlen] tensor of token ids, got shape {tuple(windows.shape)}")
+    device = device or next(model.parameters()).device
+    t0 = time.perf_counter()
+    runner = SequentialCompressor(model, recipe.steps, recipe.float_dtype, device, on_block)
+    runner.run(windows, recipe.calibration.batch_size, recipe.schedule)
+    _round_other_weights(model, recipe.float_dtype)
+    wall = time.perf_counter() - t0
+    layers = [runner.records[n] for n in shapes if n in runner.records]
+    compressed = [l for l in layers if l.steps]
+    return Report(
+        model=model_name, recipe=recipe.to_dict(), recipe_hash=recipe.hash(), layers=layers,
+        block_seconds=runner.block_seconds, wall_seconds=wall, peak_rss_bytes=peak_rss_bytes(),
+        linear_bytes=sum(l.nbytes for l in compressed),
+        linear_dense_fp16_bytes=sum(l.dense_fp16_bytes for l in compressed),
+        linear_weights=sum(l.shape[0] * l.shape[1] for l in compressed),
+        total_bytes=model_nbytes(model, recipe.float_dtype),
+        calibration={**recipe.calibration.model_dump(), "windows": list(windows.shape)},
+        environment=environment())

@@ -1,0 +1,69 @@
+"""Finding decoder blocks and their Linears structurally, never by model family.
+
+The blocks are the entries of the ``nn.ModuleList`` whose children are instances of the classes named
+in ``model._no_split_modules`` (the same signal accelerate uses for device maps). A model without that
+attribute falls back to the longest ModuleList of identical non-Linear modules.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return (qualified name, ModuleList) of the decoder blocks."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    best = None
+    for qual, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        kinds = {type(c).__name__ for c in mod}
+        if len(kinds) != 1 or isinstance(mod[0], nn.Linear):
+            continue
+        hit = kinds <= names if names else True
+        score = (hit, len(mod))
+        if best is None or score > best[0]:
+            best = (score, qual, mod)
+    if best is None or (names and not best[0][0]):
+        raise ValueError(f"no decoder blocks found in {type(model).__name__}: no ModuleList of "
+                         f"{sorted(names) or 'identical modules'}")
+    return best[1], best[2]
+
+
+def block_linears(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    """Linear-like modules inside one block (``nn.Linear`` or an already compressed one), by full name."""
+    from ..algebra.linear import CompressedLinear
+
+    return {f"{prefix}.{n}": m for n, m in block.named_modules()
+            if isinstance(m, (nn.Linear, CompressedLinear))}
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of every Linear inside the decoder blocks. Works on a meta model."""
+    prefix, blocks = find_blocks(model)
+    shapes = {}
+    for i, block in enumerate(blocks):
+        for name, lin in block_linears(block, f"{prefix}.{i}").items():
+            shapes[name] = (lin.out_features, lin.in_features)
+    return shapes
+
+
+def other_param_bytes(model: nn.Module, dtype_bytes: int = 2) -> int:
+    """Bytes of all parameters outside the block Linears (tied tensors counted once)."""
+    prefix, blocks = find_blocks(model)
+    inside = set()
+    for i, block in enumerate(blocks):
+        for lin in block_linears(block, f"{prefix}.{i}").values():
+            inside.update(id(p) for p in lin.parameters(recurse=False))
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in inside or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * dtype_bytes
+    return total
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

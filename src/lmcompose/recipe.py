@@ -1,0 +1,203 @@
+"""Recipes: an ordered list of technique steps, a schedule, and the calibration set (DESIGN §5).
+
+A recipe is validated when it is built (unknown keys and bad values raise ``ValueError`` naming the
+field, the value and what is allowed), serialises to YAML/JSON and back, and has a stable hash that
+names results and caches. ``Recipe.check(shapes)`` type-checks the chain on every targeted Linear and
+computes the bytes of the result before any weights are loaded.
+
+Example::
+
+    schedule: layer-major
+    calibration: {source: c4, n: 128, seqlen: 512, seed: 0}
+    steps:
+      - magnitude: {sparsity: 0.5}
+      - rtn: {bits: 4, group_size: 64, target: sparse}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .algebra.spec import LinearSpec
+from .registry import IllegalStep, Technique, get_technique, registry
+
+
+def _format_error(prefix: str, err: ValidationError) -> str:
+    """One line per problem: `where: got value: what is allowed` (our own messages pass through)."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in (prefix, *e["loc"]) if x != "")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if msg.startswith("steps["):
+            parts.append(msg)
+        elif e["type"] == "value_error" and not e["loc"]:
+            parts.append(f"{loc}: {msg}")
+        else:
+            parts.append(f"{loc}: got {e.get('input')!r}: {msg}")
+    return "; ".join(parts)
+
+
+def build_step(entry, index: int = 0) -> Technique:
+    """One step from ``{name: {params}}`` (or a Technique instance)."""
+    if isinstance(entry, Technique):
+        return entry
+    where = f"steps[{index}]"
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise ValueError(f"{where}: got {entry!r}: each step must be a mapping with exactly one key, the "
+                         f"technique name; allowed names: {sorted(registry())}")
+    (name, params), = entry.items()
+    cls = get_technique(name) if name in registry() else None
+    if cls is None:
+        raise ValueError(f"{where}: unknown technique {name!r}; allowed: {sorted(registry())}")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}.{name}: got {params!r}: parameters must be a mapping")
+    allowed = sorted(cls.model_fields)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}.{name}.{unknown[0]}: unknown key; allowed keys: {allowed}")
+    try:
+        return cls(**params)
+    except ValidationError as err:
+        raise ValueError(_format_error(f"{where}.{name}", err)) from None
+
+
+class Calibration(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field("c4", description="named source (c4, wikitext2) or a local .txt/.jsonl/.parquet file")
+    split: str = Field("validation", description="split of a named source")
+    n: int = Field(128, ge=1, description="number of calibration windows")
+    seqlen: int = Field(512, ge=8, description="tokens per window")
+    seed: int = Field(0, description="seed of the window sampler (its own generator)")
+    batch_size: int = Field(8, ge=1, description="windows per forward pass")
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schedule: Literal["layer-major", "step-major"] = "layer-major"
+    float_dtype: Literal["fp16", "bf16", "fp32"] = Field(
+        "fp16", description="storage dtype of float tensors (values, factors, non-compressed weights)")
+    calibration: Calibration = Calibration()
+    steps: tuple[Technique, ...] = ()
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _build_steps(cls, steps):
+        if steps is None:
+            return ()
+        if not isinstance(steps, (list, tuple)):
+            raise ValueError(f"steps must be a list of {{technique: {{params}}}} mappings, got {steps!r}")
+        return tuple(build_step(s, i) for i, s in enumerate(steps))
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ValueError(_format_error("", err)) from None
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"schedule": self.schedule, "float_dtype": self.float_dtype,
+                "calibration": self.calibration.model_dump(),
+                "steps": [{s.name: s.params()} for s in self.steps]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        if not isinstance(data, dict):
+            raise ValueError(f"a recipe must be a mapping, got {type(data).__name__}")
+        return cls(**data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Recipe":
+        return cls.from_dict(yaml.safe_load(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        """Read a recipe from a .yaml/.yml/.json file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
+        text = path.read_text()
+        return cls.from_dict(json.loads(text)) if path.suffix == ".json" else cls.from_yaml(text)
+
+    def hash(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def __hash__(self) -> int:
+        return hash(self.hash())
+
+    # -- typing and costing --------------------------------------------------------------------
+    def check(self, shapes: dict[str, tuple[int, int]] | dict[str, LinearSpec],
+              other_bytes: int = 0) -> "CheckResult":
+        """Walk every step over every targeted Linear; raise ``IllegalStep`` naming the step and reason.
+
+        Args:
+            shapes: ``{linear name: (out_features, in_features)}`` (or a LinearSpec) of the Linears
+                inside decoder blocks, e.g. from ``lmcompose.models.model_linear_shapes``.
+            other_bytes: bytes of everything else the saved model holds (embeddings, norms, head).
+        """
+        specs = {}
+        for name, s in shapes.items():
+            specs[name] = s if isinstance(s, LinearSpec) else LinearSpec.dense(*s, dtype=self.float_dtype)
+        dense = {n: s.dense_fp16_nbytes() for n, s in specs.items()}
+        touched = set()
+        for i, step in enumerate(self.steps):
+            hits = [n for n in specs if step.targets(n)]
+            if not hits:
+                raise IllegalStep(f"steps[{i}].{step.name}: include={list(step.include)} "
+                                  f"exclude={list(step.exclude)} select no Linear")
+            for n in hits:
+                try:
+                    specs[n] = step.plan(specs[n])
+                except IllegalStep as err:
+                    raise IllegalStep(f"steps[{i}].{step.name} on {n} ({specs[n].describe()}): {err}") from None
+                touched.add(n)
+        return CheckResult(specs, dense, sorted(touched), other_bytes)
+
+
+@dataclass
+class CheckResult:
+    specs: dict[str, LinearSpec]
+    dense_fp16: dict[str, int]
+    compressed: list[str] = field(default_factory=list)
+    other_bytes: int = 0
+
+    @property
+    def linear_bytes(self) -> int:
+        return sum(self.specs[n].nbytes() for n in self.compressed)
+
+    @property
+    def linear_dense_bytes(self) -> int:
+        return sum(self.dense_fp16[n] for n in self.compressed)
+
+    @property
+    def bits_per_weight(self) -> float:
+        weights = sum(self.specs[n].out_features * self.specs[n].in_features for n in self.compressed)
+        return 8 * self.linear_bytes / weights if weights else 16.0
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the whole saved model: every block Linear as planned, plus everything else."""
+        return sum(s.nbytes() for s in self.specs.values()) + self.other_bytes
+
+    def to_dict(self) -> dict:
+        return {"compressed_linears": len(self.compressed), "linear_bytes": self.linear_bytes,
+                "linear_dense_fp16_bytes": self.linear_dense_bytes,
+                "ratio": self.linear_bytes / self.linear_dense_bytes if self.linear_dense_bytes else 1.0,
+                "bits_per_weight": self.bits_per_weight, "total_bytes": self.total_bytes}

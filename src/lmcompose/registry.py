@@ -1,0 +1,92 @@
+"""Technique registry: a config class per technique, registered under a short name.
+
+A technique is a validated, frozen pydantic config whose methods are its handler:
+
+* ``plan(spec) -> spec`` type-checks the step on a shapes-only :class:`LinearSpec` and returns what the
+  layer will store (the costing ``Recipe.check`` runs before any weights exist);
+* ``apply(layer, stats) -> (layer, info)`` does the work on one :class:`CompressedLinear` with the shared
+  statistics of its inputs; ``info`` holds the native knobs actually used (sparsity, rank, bits…).
+
+The tensor math lives in pure functions beside each config, so it can be tested without a model.
+Registration is explicit (a decorator and one import line in ``techniques/__init__.py``); a duplicate
+name is an error.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .algebra.spec import LinearSpec
+
+_REGISTRY: dict[str, type["Technique"]] = {}
+
+
+class IllegalStep(ValueError):
+    """A recipe step that cannot apply to what the previous steps produced."""
+
+
+class Technique(BaseModel):
+    """Base config of every technique. Selection fields are shared by all of them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    include: tuple[str, ...] = Field(("*",), description="globs (fnmatch, not regexes) over full Linear names")
+    exclude: tuple[str, ...] = Field((), description="globs of Linear names to leave alone")
+    true_sequential: bool = Field(False, description="compress a block's Linears group by group "
+                                  "(attention inputs, attention output, MLP inputs, MLP output), "
+                                  "observing each group after the previous one is compressed")
+
+    def targets(self, linear_name: str) -> bool:
+        return (any(fnmatchcase(linear_name, p) for p in self.include)
+                and not any(fnmatchcase(linear_name, p) for p in self.exclude))
+
+    def plan(self, spec: LinearSpec) -> LinearSpec:
+        raise NotImplementedError
+
+    def apply(self, layer, stats):
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def register(cls: type[Technique]) -> type[Technique]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no `name`")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"technique name {cls.name!r} is registered twice "
+                         f"({_REGISTRY[cls.name].__name__} and {cls.__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Technique]]:
+    from . import techniques  # noqa: F401  (fills the registry)
+    return dict(_REGISTRY)
+
+
+def get_technique(name: str) -> type[Technique]:
+    techniques = registry()
+    if name not in techniques:
+        raise ValueError(f"unknown technique {name!r}; allowed: {sorted(techniques)}")
+    return techniques[name]
+
+
+def describe_techniques() -> list[dict]:
+    """Name, family, summary and parameters (with defaults and descriptions) of every technique."""
+    out = []
+    for name, cls in sorted(registry().items()):
+        params = []
+        for field, info in cls.model_fields.items():
+            default = info.default if info.default is not None or not info.is_required() else "(required)"
+            params.append({"name": field, "default": default, "type": str(info.annotation).replace("typing.", ""),
+                           "description": info.description or ""})
+        out.append({"name": name, "family": cls.family, "summary": cls.summary, "params": params})
+    return out

@@ -1,0 +1,121 @@
+"""What every quantizer shares: the grid fields, the `target` rule, and per-slot Hessians.
+
+A quantize step names the terms whose float tensors it quantizes: ``dense``, ``sparse``, ``lowrank``
+or ``all``. Each such tensor ("slot") gets its own grid. Order has meaning (DESIGN §2): a sparse term's
+mask survives bit-exactly because the stored weight is ``dequantize(codes) * mask``; a low-rank term's
+factors U and V are quantized separately (L → Q).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ...algebra.quant import QuantSpec
+from ...algebra.spec import LinearSpec, TensorSpec
+from ...algebra.terms import LowRank, materialize
+from ...registry import IllegalStep, Technique
+from ..budget import budget_bytes
+
+Target = Literal["dense", "sparse", "lowrank", "all"]
+
+
+class QuantConfig(Technique):
+    family: ClassVar[str] = "quantize"
+
+    bits: int | None = Field(None, ge=2, le=8, description="bits per weight code (default 4 unless `ratio` is given)")
+    ratio: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the Linear's fp16 bytes to keep "
+                                "(codes, scales, zeros); picks the largest bits that fit")
+    group_size: int | None = Field(None, ge=1, description="input columns per scale; None = one scale per row. "
+                                   "A width it does not divide ends with a shorter group")
+    symmetric: bool = Field(False, description="symmetric grid (no stored zero point) or asymmetric (min-max)")
+    scale_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="storage dtype of the scales")
+    target: Target = Field("all", description="which terms' float tensors to quantize: dense, sparse, lowrank, all")
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.bits is not None and self.ratio is not None:
+            raise ValueError(f"give one of bits={self.bits} and ratio={self.ratio}, not both")
+        return self
+
+    def qspec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits, self.group_size, self.symmetric, self.scale_dtype)
+
+    def _matches(self, kind: str) -> bool:
+        return self.target == "all" or self.target == kind
+
+    def _plan_bits(self, spec: LinearSpec, bits: int) -> LinearSpec:
+        terms, hit = [], False
+        for term in spec.terms:
+            if not self._matches(term.kind):
+                terms.append(term)
+                continue
+            new = {}
+            for slot, ts in term.tensors().items():
+                if ts.quantized:
+                    raise IllegalStep(f"the {term.kind} term's {slot} is already quantized")
+                new[slot] = TensorSpec(ts.rows, ts.cols, quant=self.qspec(bits), perm=self.stores_perm)
+                hit = True
+            terms.append(_replace_spec(term, new))
+        if not hit:
+            raise IllegalStep(f"target={self.target!r} matches no term of {spec.describe()}")
+        return spec.with_terms(terms)
+
+    @property
+    def stores_perm(self) -> bool:
+        return False
+
+    def resolve_bits(self, spec: LinearSpec) -> int:
+        if self.ratio is None:
+            return self.bits or 4
+        budget = budget_bytes(spec, self.ratio)
+        fits = [b for b in range(2, 9) if self._plan_bits(spec, b).nbytes() <= budget]
+        if not fits:
+            raise IllegalStep(f"ratio={self.ratio} is below what 2-bit codes with group_size={self.group_size} cost")
+        return max(fits)
+
+    def plan(self, spec: LinearSpec) -> LinearSpec:
+        return self._plan_bits(spec, self.resolve_bits(spec))
+
+    def apply(self, layer, stats):
+        bits = self.resolve_bits(layer.spec())
+        terms, errors = [], []
+        for term in layer.terms:
+            if not self._matches(term.kind):
+                terms.append(term)
+                continue
+            new = {}
+            for slot, h in slot_hessians(term, stats.gram):
+                w = materialize(term.slots()[slot], torch.float32)
+                mask = getattr(term, "mask", None)
+                new[slot] = self.quantize_slot(w, h(new), mask, bits)
+            terms.append(term.replace(**new))
+        return layer.with_terms(terms), {"bits": bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    def quantize_slot(self, w: torch.Tensor, hessian: torch.Tensor, mask, bits: int):
+        raise NotImplementedError
+
+
+def _replace_spec(term, slots: dict):
+    from dataclasses import replace
+    return replace(term, **slots)
+
+
+def slot_hessians(term, gram: torch.Tensor):
+    """(slot, hessian_fn) for each float slot, in the order they must be quantized.
+
+    ``hessian_fn(done)`` returns the Gram matrix of that slot's inputs given the slots already
+    quantized (`done`): the layer's input Gram for a dense/sparse matrix and for V; for U, the Gram of
+    the rank-space activations z = diag(d) V̂ x, i.e. (dV̂) H (dV̂)ᵀ with V̂ as already quantized.
+    """
+    if isinstance(term, LowRank):
+        def u_hessian(done):
+            v = done.get("v", term.v)
+            vd = materialize(v, torch.float32).to(gram.device)
+            if term.d is not None:
+                vd = term.d.float().to(gram.device).unsqueeze(1) * vd
+            return vd @ gram @ vd.T
+        return [("v", lambda done: gram), ("u", u_hessian)]
+    return [(slot, lambda done: gram) for slot in term.slots()]
