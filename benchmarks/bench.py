@@ -1,0 +1,156 @@
+"""Benchmark rows for BENCHMARKS.md: quality at equal bytes, compression time, peak memory.
+
+Each row runs the real CLI in a fresh process (so peak RSS is that row's own), saves the compressed
+checkpoint, checks the report's byte count against the saved file, and appends one JSON line to
+``benchmarks/results/<table>.jsonl``. ``render.py`` turns those files into BENCHMARKS.md.
+
+    python benchmarks/bench.py --table foundation                # every row of one table
+    python benchmarks/bench.py --table foundation --only dense   # some rows
+    python benchmarks/bench.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+C4 = {"source": "c4", "n": 128, "seqlen": 512, "seed": 0, "batch_size": 8}
+
+
+def step(name, **params):
+    return {name: params}
+
+
+def rows_foundation(model="smollm2-135m"):
+    return {
+        "dense": None,
+        "magnitude 50%": [step("magnitude", sparsity=0.5)],
+        "magnitude 2:4": [step("magnitude", pattern="2:4")],
+        "rtn w4 g64": [step("rtn", bits=4, group_size=64)],
+    }
+
+
+def rows_techniques():
+    rows = {"dense": None}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        for s in (0.3, 0.5, 0.6):
+            rows[f"{method} {int(s * 100)}%"] = [step(method, sparsity=s)]
+        rows[f"{method} 2:4"] = [step(method, pattern="2:4")]
+    for method in ("rtn", "gptq"):
+        for b in (8, 4, 3):
+            rows[f"{method} w{b} g64"] = [step(method, bits=b, group_size=64)]
+    for method in ("svd", "asvd", "svdllm"):
+        for cut in (0.1, 0.2, 0.3):
+            rows[f"{method} -{int(cut * 100)}% bytes"] = [step(method, ratio=round(1 - cut, 2))]
+    return rows
+
+
+TABLES = {"foundation": rows_foundation, "techniques": rows_techniques}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def run_row(table, name, steps, model, protocol, out_root, extra):
+    out = out_root / f"{table}-{name.replace(' ', '_').replace('%', 'pct').replace(':', '-')}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    if steps is None:
+        cmd = [sys.executable, "-m", "lmcompose.cli", "eval", "--model", model, "--protocol", protocol,
+               "--json", str(out) + ".json", *extra]
+    else:
+        recipe = {"calibration": C4, "steps": steps}
+        rfile = Path(tempfile.mkstemp(suffix=".yaml")[1])
+        rfile.write_text(yaml.safe_dump(recipe))
+        cmd = [sys.executable, "-m", "lmcompose.cli", "compress", "--model", model, "--recipe", str(rfile),
+               "--out", str(out), "--overwrite", "--eval", protocol, *extra]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        return {"row": name, "error": proc.stderr[-500:]}
+    row = {"table": table, "row": name, "model": model, "protocol_name": protocol,
+           "command": " ".join(["lmcompose", *cmd[3:]]), "machine": machine(),
+           "date": dt.date.today().isoformat(), "process_seconds": round(time.perf_counter() - t0, 1)}
+    if steps is None:
+        res = json.loads(Path(str(out) + ".json").read_text())
+        row.update(ppl=res["ppl"], protocol=res["protocol"], bits_per_weight=16.0, recipe=None)
+        row.update(dense_bytes(model))
+        return row
+    from lmcompose.models.checkpoint import file_tensor_bytes
+
+    rep = json.loads((out / "report.json").read_text())
+    file_bytes = file_tensor_bytes(out / "model.safetensors")
+    row.update(ppl=rep["evaluation"].get("ppl"), protocol=rep["evaluation"].get("protocol"),
+               bits_per_weight=rep["summary"]["bits_per_weight"], ratio=rep["summary"]["ratio_of_fp16"],
+               total_bytes=rep["total_bytes"], file_tensor_bytes=file_bytes,
+               bytes_match=abs(file_bytes - rep["total_bytes"]) <= 0.01 * file_bytes,
+               compress_seconds=round(rep["wall_seconds"], 1),
+               seconds_per_block=rep["summary"]["seconds_per_block"],
+               peak_rss_mib=rep["summary"]["peak_rss_mib"], mean_rel_error=rep["summary"]["mean_rel_error"],
+               knobs=[{k: v for k, v in s.items() if k not in ("rel_error", "seconds")}
+                      for s in rep["layers"][0]["steps"]],
+               recipe={"steps": steps, "calibration": C4})
+    return row
+
+
+def dense_bytes(model):
+    from lmcompose.models.load import model_linear_shapes
+
+    shapes, other = model_linear_shapes(model, float_dtype="fp16")
+    linear = sum(2 * o * i for o, i in shapes.values())
+    return {"total_bytes": linear + other, "ratio": 1.0}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--table", choices=sorted(TABLES), default="foundation")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--protocol", default="quick")
+    p.add_argument("--only", nargs="*", help="row names to run (default all)")
+    p.add_argument("--tag", default="", help="suffix for the results file (e.g. full)")
+    p.add_argument("--out-root", default=str(Path(tempfile.gettempdir()) / "lmcompose-bench"))
+    p.add_argument("--list", action="store_true")
+    p.add_argument("extra", nargs="*", help="extra CLI args after --")
+    args = p.parse_args(argv)
+    rows = TABLES[args.table]()
+    if args.list:
+        print("\n".join(rows))
+        return 0
+    RESULTS.mkdir(exist_ok=True)
+    model_tag = args.model.replace("/", "_")
+    dest = RESULTS / f"{args.table}-{model_tag}-{args.protocol}{args.tag}.jsonl"
+    for name, steps in rows.items():
+        if args.only and name not in args.only:
+            continue
+        row = run_row(args.table, name, steps, args.model, args.protocol, Path(args.out_root), args.extra)
+        with dest.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row.get(k) for k in ("row", "ppl", "bits_per_weight", "compress_seconds",
+                                                  "peak_rss_mib", "bytes_match", "error")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Render benchmarks/results/*.jsonl into the tables of BENCHMARKS.md (between marker comments).
+
+    python benchmarks/render.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DOC = HERE.parent / "BENCHMARKS.md"
+
+
+def fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| row | ppl | bits/weight (compressed Linears) | kept of fp16 | total model bytes | file tensor bytes "
+            "| bytes match | compress s | s/block | peak RSS MiB | mean layer rel. error |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['row']} | failed: {r['error'][:80]} |" + " |" * 9)
+            continue
+        lines.append("| " + " | ".join([
+            r["row"], fmt(r.get("ppl"), ".3f"), fmt(r.get("bits_per_weight"), ".3f"), fmt(r.get("ratio"), ".3f"),
+            f"{r['total_bytes']:,}" if r.get("total_bytes") else "", f"{r['file_tensor_bytes']:,}"
+            if r.get("file_tensor_bytes") else "", {True: "yes", False: "NO"}.get(r.get("bytes_match"), ""),
+            fmt(r.get("compress_seconds"), ".1f"), fmt(r.get("seconds_per_block"), ".2f"),
+            fmt(r.get("peak_rss_mib"), ".0f"), fmt(r.get("mean_rel_error"), ".3e")]) + " |")
+    return "\n".join(lines)
+
+
+def section(path: Path) -> str:
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    latest = {}
+    for r in rows:  # the last run of a row wins
+        latest[r["row"]] = r
+    rows = list(latest.values())
+    ok = [r for r in rows if not r.get("error")]
+    meta = ok[0] if ok else rows[0]
+    protocol = json.dumps(meta.get("protocol"))
+    cmds = "\n".join(f"    {r['row']}: {r['command']}" for r in ok)
+    return (f"Model `{meta.get('model')}`, machine: {meta.get('machine')}, date {meta.get('date')}.\n"
+            f"Evaluation protocol: `{protocol}`.\n\n{table(rows)}\n\nCommands (run by `benchmarks/bench.py`):\n\n{cmds}\n")
+
+
+def main() -> int:
+    text = DOC.read_text()
+    for path in sorted((HERE / "results").glob("*.jsonl")):
+        key = path.stem
+        block = f"<!-- table:{key} -->\n{section(path)}<!-- /table:{key} -->"
+        pattern = re.compile(rf"<!-- table:{re.escape(key)} -->.*?<!-- /table:{re.escape(key)} -->", re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda m: block, text)
+        else:
+            text += f"\n### {key}\n\n{block}\n"
+    DOC.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
