@@ -72,7 +72,7 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
-def run_row(table, name, steps, model, protocol, out_root, extra):
+def run_row(table, name, steps, model, protocol, out_root, extra, calib):
     out = out_root / f"{table}-{name.replace(' ', '_').replace('%', 'pct').replace(':', '-')}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
@@ -80,7 +80,7 @@ def run_row(table, name, steps, model, protocol, out_root, extra):
         cmd = [sys.executable, "-m", "lmcompose.cli", "eval", "--model", model, "--protocol", protocol,
                "--json", str(out) + ".json", *extra]
     else:
-        recipe = {"calibration": C4, "steps": steps}
+        recipe = {"calibration": calib, "steps": steps}
         rfile = Path(tempfile.mkstemp(suffix=".yaml")[1])
         rfile.write_text(yaml.safe_dump(recipe))
         cmd = [sys.executable, "-m", "lmcompose.cli", "compress", "--model", model, "--recipe", str(rfile),
@@ -111,7 +111,7 @@ def run_row(table, name, steps, model, protocol, out_root, extra):
                peak_rss_mib=rep["summary"]["peak_rss_mib"], mean_rel_error=rep["summary"]["mean_rel_error"],
                knobs=[{k: v for k, v in s.items() if k not in ("rel_error", "seconds")}
                       for s in rep["layers"][0]["steps"]],
-               recipe={"steps": steps, "calibration": C4})
+               recipe={"steps": steps, "calibration": calib})
     return row
 
 
@@ -131,6 +131,7 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", help="row names to run (default all)")
     p.add_argument("--tag", default="", help="suffix for the results file (e.g. full)")
     p.add_argument("--out-root", default=str(Path(tempfile.gettempdir()) / "lmcompose-bench"))
+    p.add_argument("--calib-n", type=int, default=128, help="calibration windows of 512 C4 tokens")
     p.add_argument("--list", action="store_true")
     p.add_argument("extra", nargs="*", help="extra CLI args after --")
     args = p.parse_args(argv)
@@ -140,11 +141,12 @@ def main(argv=None):
         return 0
     RESULTS.mkdir(exist_ok=True)
     model_tag = args.model.replace("/", "_")
-    dest = RESULTS / f"{args.table}-{model_tag}-{args.protocol}{args.tag}.jsonl"
+    dest = RESULTS / f"{args.table}-{model_tag}-{args.protocol}-c4x{args.calib_n}{args.tag}.jsonl"
     for name, steps in rows.items():
         if args.only and name not in args.only:
             continue
-        row = run_row(args.table, name, steps, args.model, args.protocol, Path(args.out_root), args.extra)
+        row = run_row(args.table, name, steps, args.model, args.protocol, Path(args.out_root), args.extra,
+                      {**C4, "n": args.calib_n})
         with dest.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({k: row.get(k) for k in ("row", "ppl", "bits_per_weight", "compress_seconds",
