@@ -2,3 +2,7 @@
 
 from .prune import magnitude  # noqa: F401
 from .quant import rtn  # noqa: F401
+from .prune import wanda  # noqa: F401
+from .prune import sparsegpt  # noqa: F401
+from .quant import gptq  # noqa: F401
+from .lowrank import asvd, svd, svdllm  # noqa: F401
