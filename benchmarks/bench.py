@@ -140,6 +140,7 @@ def main(argv=None):
         print("\n".join(rows))
         return 0
     RESULTS.mkdir(exist_ok=True)
+    Path(args.out_root).mkdir(parents=True, exist_ok=True)
     model_tag = args.model.replace("/", "_")
     dest = RESULTS / f"{args.table}-{model_tag}-{args.protocol}-c4x{args.calib_n}{args.tag}.jsonl"
     for name, steps in rows.items():

@@ -119,6 +119,7 @@ def cmd_eval(args) -> int:
                    "windows": result.n_windows, "seconds": f"{result.seconds:.1f}",
                    "protocol": json.dumps(result.protocol)})
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"model": args.model, **result.to_dict()}, indent=2))
     return 0
 
