@@ -6,7 +6,7 @@ import torch
 from helpers import MODELS, logits, tiny_llama, windows
 from lmcompose import Recipe, compress
 from lmcompose.algebra import CompressedLinear
-from lmcompose.pipeline.blocks import find_blocks, linear_shapes
+from lmcompose.pipeline.blocks import find_blocks, linear_shapes, other_param_bytes
 from lmcompose.pipeline.sequential import capture_inputs, observe, run_block
 from lmcompose.registry import Technique
 
@@ -107,9 +107,10 @@ def test_schedules_agree_for_one_step_and_differ_for_two():
 def test_checked_bytes_equal_real_bytes():
     r = recipe({"magnitude": {"ratio": 0.4}}, {"rtn": {"bits": 4, "group_size": 24}})
     model = tiny_llama()
-    planned = r.check(linear_shapes(model))
+    planned = r.check(linear_shapes(model), other_param_bytes(model))
     report = compress(model, r, windows())
     assert report.linear_bytes == planned.linear_bytes
+    assert report.total_bytes == planned.total_bytes
     for layer in report.layers:
         assert layer.nbytes == planned.specs[layer.name].nbytes()
 

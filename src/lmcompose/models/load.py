@@ -164,7 +164,9 @@ def meta_model(name_or_path: str, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(_gguf_cache_dir(src) if src.kind == "gguf" else src.path,
                                             trust_remote_code=trust_remote_code)
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # tied embeddings are one tensor in the saved file: count them once
+    return model
 
 
 def model_linear_shapes(name_or_path: str, trust_remote_code: bool = False, float_dtype: str = "fp16"):
