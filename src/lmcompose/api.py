@@ -54,14 +54,15 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
              on_block=None) -> Report:
     """Compress `model` in place with `recipe`, calibrating on `windows` ([n, seqlen] token ids).
 
-    The recipe is type-checked and costed on the model's shapes before any block is touched.
+    The recipe is type-checked and costed on the model's shapes before any block is touched. With
+    `device` set (e.g. "cuda") and the model elsewhere (e.g. CPU), blocks move to `device` one at a
+    time, so device memory holds one block plus the calibration activations.
     """
     recipe = as_recipe(recipe)
     shapes = linear_shapes(model)
     recipe.check(shapes, other_param_bytes(model))
     if windows.dim() != 2:
         raise ValueError(f"windows must be a [n, seqlen] tensor of token ids, got shape {tuple(windows.shape)}")
-    device = device or next(model.parameters()).device
     t0 = time.perf_counter()
     runner = SequentialCompressor(model, recipe.steps, recipe.float_dtype, device, on_block)
     runner.run(windows, recipe.calibration.batch_size, recipe.schedule)

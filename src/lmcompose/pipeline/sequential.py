@@ -190,7 +190,11 @@ class SequentialCompressor:
     def run(self, windows: torch.Tensor, batch_size: int, schedule: str = "layer-major") -> None:
         if schedule not in ("layer-major", "step-major"):
             raise ValueError(f"schedule={schedule!r} is not allowed; allowed: 'layer-major', 'step-major'")
-        inputs = capture_inputs(self.model, windows, batch_size, self.device)
+        home = next(self.model.parameters()).device
+        device = torch.device(self.device) if self.device is not None else home
+        inputs = capture_inputs(self.model, windows, batch_size, home)
+        if device != home:  # blocks visit `device` one at a time; the rest of the model stays home
+            inputs = BlockInputs(_to(inputs.hidden, device), _to(inputs.kwargs, device), _to(inputs.args, device))
         passes = [self.steps] if schedule == "layer-major" else [[s] for s in self.steps]
         n = len(self.blocks)
         self.block_seconds = [0.0] * n
@@ -198,8 +202,10 @@ class SequentialCompressor:
             current = BlockInputs(list(inputs.hidden), inputs.kwargs, inputs.args)
             for i in range(n):
                 t0 = time.perf_counter()
+                self.blocks[i].to(device)
                 self._block(i, current, steps)
                 current.hidden = run_block(self.blocks[i], current, i)
+                self.blocks[i].to(home)
                 self.block_seconds[i] += time.perf_counter() - t0
                 if self.on_block:
                     self.on_block(p * n + i + 1, len(passes) * n)
