@@ -84,7 +84,9 @@ def capture_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, dev
                     model(input_ids=batch, use_cache=False)
                 except _StopForward:
                     break
-                except Exception:  # the model wanted a tuple from its blocks: try the other form
+                except (TypeError, IndexError, ValueError, RuntimeError, AttributeError):
+                    # The model indexes its blocks' outputs (older transformers return tuples): retry with
+                    # identity blocks that return a tuple; a second failure is a real error.
                     if as_tuple:
                         raise
         hidden.append(first[0])
@@ -148,8 +150,7 @@ class SequentialCompressor:
         self.records: dict[str, LayerRecord] = {}
         self.block_seconds: list[float] = []
 
-    def _compress_group(self, step, index: int, names: list[str], stats: dict):
-        block = self.blocks[index]
+    def _compress_group(self, step, names: list[str], stats: dict):
         for name in names:
             if name not in stats:
                 self.records.setdefault(name, LayerRecord.skipped(name, "never called in calibration"))
@@ -167,7 +168,6 @@ class SequentialCompressor:
             set_module(self.model, name, new)
             log.info("%s %s: rel. error %.3e, %.2f bits/weight", name, step.name, err,
                      new.spec().bits_per_weight())
-        del block
 
     def _block(self, index: int, inputs: BlockInputs, steps):
         block = self.blocks[index]
@@ -178,13 +178,13 @@ class SequentialCompressor:
                 continue
             stats, groups = observe(block, inputs, index, targets)
             if not step.true_sequential:
-                self._compress_group(step, index, list(targets), stats)
+                self._compress_group(step, list(targets), stats)
                 continue
             for g, group in enumerate(groups):
                 if g > 0:  # inputs of this group changed when the previous groups were compressed
                     current = {n: m for n, m in block_linears(block, prefix).items() if n in group}
                     stats, _ = observe(block, inputs, index, current)
-                self._compress_group(step, index, group, stats)
+                self._compress_group(step, group, stats)
 
     @torch.no_grad()
     def run(self, windows: torch.Tensor, batch_size: int, schedule: str = "layer-major") -> None:
@@ -206,6 +206,10 @@ class SequentialCompressor:
                 self._block(i, current, steps)
                 current.hidden = run_block(self.blocks[i], current, i)
                 self.blocks[i].to(home)
+                if p == len(passes) - 1:  # the block is final: its original weights are not needed
+                    for name, record in self.records.items():
+                        if name.startswith(f"{self.prefix}.{i}."):
+                            record.original = None
                 self.block_seconds[i] += time.perf_counter() - t0
                 if self.on_block:
                     self.on_block(p * n + i + 1, len(passes) * n)
