@@ -80,3 +80,11 @@ def test_every_technique_is_described_with_defaults():
     assert {"magnitude", "rtn"} <= set(described)
     params = {p["name"]: p for p in described["rtn"]["params"]}
     assert params["group_size"]["default"] is None and params["symmetric"]["default"] is False
+
+
+def test_presets_are_valid_recipes():
+    from lmcompose.presets import DEFAULT_PRESET, PRESETS, get_preset
+
+    assert DEFAULT_PRESET in PRESETS
+    for name in PRESETS:
+        get_preset(name).check(SHAPES)
