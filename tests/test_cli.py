@@ -1,0 +1,67 @@
+"""The command line end to end on a tiny local model and tiny data files."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import tiny_llama
+from lmcompose.cli import main
+from lmcompose.models.checkpoint import file_tensor_bytes
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("cli")
+    words = [f"w{i}" for i in range(120)]
+    vocab = {w: i for i, w in enumerate(words)} | {"[UNK]": 120, "</s>": 121}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]")
+    model_dir = root / "model"
+    tiny_llama().save_pretrained(model_dir, safe_serialization=True)
+    fast.save_pretrained(model_dir)
+    data = root / "data"
+    (data / "wikitext-2").mkdir(parents=True)
+    (data / "c4").mkdir()
+    text = " ".join(words[i % 120] for i in range(4000))
+    (data / "wikitext-2" / "wiki.test.raw").write_text((text + "\n") * 3)
+    pq.write_table(pa.table({"text": [text] * 20}), data / "c4" / "c4_validation_2k.parquet")
+    recipe = root / "recipe.yaml"
+    recipe.write_text("calibration: {n: 4, seqlen: 32, batch_size: 2}\nsteps:\n  - wanda: {pattern: '2:4'}\n"
+                      "  - gptq: {bits: 4, group_size: 32, target: sparse}\n")
+    return root, model_dir, data, recipe
+
+
+def test_compress_eval_check_techniques(setup, capsys):
+    root, model_dir, data, recipe = setup
+    out = root / "out"
+    assert main(["compress", "--model", str(model_dir), "--recipe", str(recipe), "--out", str(out),
+                 "--data-dir", str(data), "--eval", "quick"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["total_bytes"] == file_tensor_bytes(out / "model.safetensors")
+    assert report["evaluation"]["protocol"]["name"] == "quick" and report["evaluation"]["ppl"] > 1
+    assert main(["eval", "--model", str(out), "--data-dir", str(data), "--protocol", "quick",
+                 "--json", str(root / "e.json")]) == 0
+    again = json.loads((root / "e.json").read_text())
+    assert again["ppl"] == pytest.approx(report["evaluation"]["ppl"], rel=1e-6)
+    assert main(["recipe", "check", str(recipe), "--model", str(model_dir)]) == 0
+    assert main(["techniques"]) == 0
+    printed = capsys.readouterr().out
+    assert "sparsegpt" in printed and "bits_per_weight" in printed
+
+
+def test_bad_input_fails_fast_and_writes_nothing(setup, capsys):
+    root, model_dir, data, _ = setup
+    bad = root / "bad.yaml"
+    bad.write_text("steps:\n  - gptq: {bits: 11}\n")
+    assert main(["compress", "--model", str(model_dir), "--recipe", str(bad), "--out", str(root / "nope"),
+                 "--data-dir", str(data)]) == 2
+    assert "steps[0].gptq.bits" in capsys.readouterr().err.replace("\n", "")
+    assert not (root / "nope").exists()
+    (root / "exists").mkdir()
+    assert main(["compress", "--model", str(model_dir), "--out", str(root / "exists"), "--data-dir", str(data)]) == 2
