@@ -1,6 +1,7 @@
-"""Text sources and calibration windows."""
+"""Text sources (local files first, the hub when online), calibration windows and evaluation tokens."""
 
 from .calibration import calibration_windows, eval_tokens
-from .text import load_documents, load_text, resolve_file
+from .text import NAMED, data_root, load_documents, load_text, read_rows, resolve_file
 
-__all__ = ["calibration_windows", "eval_tokens", "load_documents", "load_text", "resolve_file"]
+__all__ = ["NAMED", "calibration_windows", "data_root", "eval_tokens", "load_documents", "load_text",
+           "read_rows", "resolve_file"]

@@ -1,80 +1,138 @@
-"""Calibration windows: N windows of L tokens, sampled GPTQ/Wanda-style with a seeded generator.
+"""Calibration windows and evaluation tokens.
 
-For each window a random document long enough is drawn and a random window taken from it; if no
-document is long enough, documents are concatenated (separated by the tokenizer's EOS) and windows are
-drawn from the concatenation. The sampler owns its `torch.Generator`: no global seeding.
-Calibrating on the evaluation file is refused unless `force=True`.
+Calibration follows GPTQ/Wanda (``get_c4`` in IST-DASLab/gptq ``datautils.py``): for each of the `n`
+windows, draw documents at random until one has more than `seqlen` tokens, then take a random window
+of `seqlen` tokens from it. Tokenizations are cached for the call, so a document drawn twice is
+tokenized once. If no document at all is long enough (e.g. one-line rows of ``wiki.valid.tokens`` with
+a long `seqlen`), the documents are concatenated with the tokenizer's EOS between them and the windows
+are drawn from the concatenation. The sampler owns a `torch.Generator` seeded with `seed`: the same
+seed gives the same windows, and nothing global is seeded.
+
+Calibration never overlaps evaluation (DESIGN §6): a calibration source that resolves to the
+evaluation file (WikiText-2 test by default) is refused unless ``force=True``.
+
+Example::
+
+    windows = calibration_windows(tokenizer, "c4", n=128, seqlen=512, seed=0, data_dir="../shared/data")
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 
-from .text import load_documents, load_text, resolve_file
+from .text import NAMED, load_documents, load_text, resolve_file
 
 log = logging.getLogger(__name__)
 EVAL = ("wikitext2", "test")
-_TOKEN_CACHE: dict = {}
+_EVAL_CACHE: dict = {}
+_EVAL_CACHE_SIZE = 4
 
 
 def _tokens(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def calibration_windows(tokenizer, source: str = "c4", n: int = 128, seqlen: int = 512, seed: int = 0,
-                        data_dir: str | Path | None = None, split: str = "validation",
-                        eval_source: tuple[str, str] = EVAL, force: bool = False) -> torch.LongTensor:
-    """[n, seqlen] token ids for calibration."""
-    if n < 1 or seqlen < 2:
-        raise ValueError(f"n={n} and seqlen={seqlen} must be >= 1 and >= 2")
-    calib_file = resolve_file(source, split, data_dir)
+def _is_eval_data(source: str, split: str, calib_file: Path | None, eval_source: tuple[str, str],
+                  data_dir) -> bool:
+    if (source, split) == tuple(eval_source):
+        return True
     try:
         eval_file = resolve_file(*eval_source, data_dir)
     except (FileNotFoundError, ValueError):
         eval_file = None
-    same = (source, split) == tuple(eval_source) or (
-        calib_file is not None and eval_file is not None and calib_file.resolve() == eval_file.resolve())
-    if same and not force:
+    if calib_file is None:
+        return False
+    if eval_file is not None:
+        return calib_file.resolve() == eval_file.resolve()
+    # The evaluation file is not reachable here; still refuse a copy of it by name.
+    named = NAMED.get(tuple(eval_source))
+    return named is not None and calib_file.name == Path(named).name
+
+
+def calibration_windows(tokenizer, source: str | os.PathLike = "c4", n: int = 128, seqlen: int = 512,
+                        seed: int = 0, data_dir: str | os.PathLike | None = None, split: str = "validation",
+                        eval_source: tuple[str, str] = EVAL, force: bool = False) -> torch.LongTensor:
+    """Random token windows for calibration.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (called as ``tokenizer(text, add_special_tokens=False)``).
+        source: ``"c4"``, ``"wikitext2"`` or a local text file (see `lmcompose.data.text`).
+        n: number of windows.
+        seqlen: tokens per window.
+        seed: seed of the sampler's own generator.
+        data_dir: the data directory (default ``$LMCOMPOSE_DATA_DIR``).
+        split: the split of a named source.
+        eval_source: the ``(source, split)`` used for evaluation, which calibration must not use.
+        force: allow calibrating on the evaluation data anyway.
+
+    Returns:
+        int64 tensor ``[n, seqlen]``.
+
+    Raises:
+        ValueError: bad `n`/`seqlen`, calibration on the evaluation data without `force`, or a source
+            with fewer than ``seqlen + 1`` tokens in all.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} is not allowed; allowed: an integer >= 1")
+    if not isinstance(seqlen, int) or seqlen < 2:
+        raise ValueError(f"seqlen={seqlen!r} is not allowed; allowed: an integer >= 2")
+    source = str(source)
+    calib_file = resolve_file(source, split, data_dir)
+    if not force and _is_eval_data(source, split, calib_file, eval_source, data_dir):
         raise ValueError(f"calibration source {source}:{split} is the evaluation data {eval_source[0]}:"
                          f"{eval_source[1]}; calibrate on c4 or wikitext2:validation, or pass force=True "
                          "(CLI: --force-calibration)")
-    gen = torch.Generator().manual_seed(seed)
     docs = load_documents(source, split, data_dir)
-    windows = []
-    long_docs = None
-    # Tokenize lazily: drawing documents at random and caching their tokens avoids tokenizing all.
+    if not docs:
+        raise ValueError(f"calibration source {source}:{split} has no documents")
+    gen = torch.Generator().manual_seed(seed)
     cache: dict[int, list[int]] = {}
-    tries = 0
-    while len(windows) < n and tries < 50 * n:
-        tries += 1
+    n_long = 0  # documents known to be long enough
+    windows: list[list[int]] = []
+    while len(windows) < n:
+        if n_long == 0 and len(cache) == len(docs):
+            break  # every document tokenized, none long enough
         i = int(torch.randint(len(docs), (1,), generator=gen))
-        ids = cache.setdefault(i, _tokens(tokenizer, docs[i]))
+        if i not in cache:
+            cache[i] = _tokens(tokenizer, docs[i])
+            n_long += len(cache[i]) > seqlen
+        ids = cache[i]
         if len(ids) <= seqlen:
             continue
         start = int(torch.randint(len(ids) - seqlen, (1,), generator=gen))
         windows.append(ids[start:start + seqlen])
-    if len(windows) < n:  # too few long documents: sample from the concatenation
-        log.info("few documents of %d+ tokens in %s:%s; sampling from the concatenation", seqlen, source, split)
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        long_docs = []
-        for d in docs:
-            long_docs += _tokens(tokenizer, d) + eos
-        if len(long_docs) <= seqlen:
-            raise ValueError(f"{source}:{split} has only {len(long_docs)} tokens, fewer than seqlen={seqlen}")
-        while len(windows) < n:
-            start = int(torch.randint(len(long_docs) - seqlen, (1,), generator=gen))
-            windows.append(long_docs[start:start + seqlen])
+    if not windows:
+        log.info("no document of %s:%s has %d+ tokens; sampling windows from their concatenation",
+                 source, split, seqlen + 1)
+        eos = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
+        joined: list[int] = []
+        for i, doc in enumerate(docs):
+            joined += (cache[i] if i in cache else _tokens(tokenizer, doc)) + eos
+        if len(joined) <= seqlen:
+            raise ValueError(f"{source}:{split} has only {len(joined)} tokens in all; seqlen={seqlen} needs "
+                             f"at least {seqlen + 1}")
+        for _ in range(n):
+            start = int(torch.randint(len(joined) - seqlen, (1,), generator=gen))
+            windows.append(joined[start:start + seqlen])
+    log.debug("%d calibration windows of %d tokens from %s:%s (seed %d)", n, seqlen, source, split, seed)
     return torch.tensor(windows, dtype=torch.long)
 
 
-def eval_tokens(tokenizer, source: str = "wikitext2", split: str = "test",
-                data_dir: str | Path | None = None) -> torch.LongTensor:
-    """The whole evaluation text tokenized once: [1, T]. Cached per tokenizer and file."""
+def eval_tokens(tokenizer, source: str | os.PathLike = "wikitext2", split: str = "test",
+                data_dir: str | os.PathLike | None = None) -> torch.LongTensor:
+    """The whole evaluation text (see `load_text`) tokenized once, without special tokens: ``[1, T]``.
+
+    Cached in memory per (tokenizer, file); a changed file (size or mtime) is tokenized again.
+    """
     path = resolve_file(source, split, data_dir)
-    key = (getattr(tokenizer, "name_or_path", id(tokenizer)), len(tokenizer), str(path or (source, split)))
-    if key not in _TOKEN_CACHE:
-        _TOKEN_CACHE[key] = torch.tensor([_tokens(tokenizer, load_text(source, split, data_dir))], dtype=torch.long)
-    return _TOKEN_CACHE[key]
+    stamp = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) if path else (str(source), split)
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", id(tokenizer)), len(tokenizer), stamp)
+    if key not in _EVAL_CACHE:
+        if len(_EVAL_CACHE) >= _EVAL_CACHE_SIZE:
+            _EVAL_CACHE.pop(next(iter(_EVAL_CACHE)))
+        _EVAL_CACHE[key] = torch.tensor([_tokens(tokenizer, load_text(source, split, data_dir))], dtype=torch.long)
+    return _EVAL_CACHE[key].clone()

@@ -1,99 +1,144 @@
 """Text sources: named datasets found in a local data directory first, the Hugging Face hub second.
 
-Named sources (file layout of ``../shared/data``):
+Named sources (file layout of ``../shared/data``, see its README):
 
-| name | split | file |
+| name | split | file under the data directory |
 |---|---|---|
-| ``wikitext2`` | ``test`` (evaluation) | ``wikitext-2/wiki.test.raw`` |
+| ``wikitext2`` | ``test`` (evaluation only) | ``wikitext-2/wiki.test.raw`` |
 | ``wikitext2`` | ``validation`` (calibration) | ``wikitext-2/wiki.valid.tokens`` |
 | ``c4`` | ``validation`` (calibration) | ``c4/c4_validation_2k.parquet`` (column ``text``) |
 
 The data directory is the `data_dir` argument, else ``$LMCOMPOSE_DATA_DIR``. When the file is absent and
-the ``datasets`` package is installed and ``HF_HUB_OFFLINE`` is unset, the hub copy is used
-(``wikitext``/``wikitext-2-raw-v1``, ``allenai/c4`` en validation); otherwise the error names the path
-that was expected. Any local ``.txt``/``.raw``/``.tokens``/``.jsonl`` (field ``text``)/``.parquet``
-(column ``text``) file is a source too.
+the ``datasets`` package is importable and ``HF_HUB_OFFLINE`` is unset, the hub copy is used
+(``wikitext``/``wikitext-2-raw-v1``; for C4 the first ``allenai/c4`` ``en`` validation shard, the one the
+GPTQ code uses); otherwise a `FileNotFoundError` names the path that was expected. Any local
+``.txt``/``.raw``/``.tokens``/``.jsonl`` (field ``text``)/``.parquet`` (column ``text``) file is a source too.
 
-WikiText-2 follows the evaluation protocol (DESIGN §6): CRLF → LF; each line is one row, a
-whitespace-only line is an empty row, other rows keep their trailing newline (as the hub's
-``wikitext-2-raw-v1`` rows do); rows are joined with ``"\\n\\n"`` like the GPTQ/SparseGPT evaluation code.
+Rows of text files follow the hub's ``wikitext-2-raw-v1`` rows exactly, because the evaluation text
+(DESIGN §6) must be the string ``"\\n\\n".join(dataset["text"])`` that GPTQ/SparseGPT evaluate on. The
+hub rows were made by the dataset script ``for row in open(file, encoding="utf-8")``: one row per line
+of the raw file, read in universal-newline mode (so CRLF becomes LF), each row keeping its trailing
+``"\\n"``, and a whitespace-only line (``" \\n"`` in the raw file) becoming the empty row ``""``. We read
+local files the same way, so ``load_text("wikitext2", "test")`` starts
+``" = Robert Boulter = \\n\\n\\n Robert Boulter is ..."``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 NAMED = {
     ("wikitext2", "test"): "wikitext-2/wiki.test.raw",
     ("wikitext2", "validation"): "wikitext-2/wiki.valid.tokens",
     ("c4", "validation"): "c4/c4_validation_2k.parquet",
 }
+# (dataset, config, split, data_files) for the hub fallback.
 HUB = {
-    ("wikitext2", "test"): ("wikitext", "wikitext-2-raw-v1", "test"),
-    ("wikitext2", "validation"): ("wikitext", "wikitext-2-raw-v1", "validation"),
-    ("c4", "validation"): ("allenai/c4", "en", "validation"),
+    ("wikitext2", "test"): ("wikitext", "wikitext-2-raw-v1", "test", None),
+    ("wikitext2", "validation"): ("wikitext", "wikitext-2-raw-v1", "validation", None),
+    ("c4", "validation"): ("allenai/c4", None, "validation",
+                           {"validation": "en/c4-validation.00000-of-00008.json.gz"}),
 }
 LOCAL_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl", ".parquet")
 
 
-def data_dir(explicit: str | Path | None = None) -> Path | None:
-    value = explicit or os.environ.get("LMCOMPOSE_DATA_DIR")
-    return Path(value) if value else None
+def data_root(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The data directory: `explicit`, else ``$LMCOMPOSE_DATA_DIR``, else None."""
+    value = explicit if explicit is not None else os.environ.get("LMCOMPOSE_DATA_DIR")
+    return Path(value).expanduser() if value else None
 
 
-def resolve_file(source: str, split: str, explicit_dir: str | Path | None = None) -> Path | None:
-    """The local file a source names, or None if it must come from the hub. Raises when neither works."""
+def _hub_available() -> bool:
+    return importlib.util.find_spec("datasets") is not None and not os.environ.get("HF_HUB_OFFLINE")
+
+
+def resolve_file(source: str | os.PathLike, split: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local file a source names, or None when it will come from the hub.
+
+    Raises:
+        ValueError: an unknown source name or split.
+        FileNotFoundError: a missing local file, or a named source whose file is absent while the hub
+            cannot be used; the message gives the expected path and how to set the data directory.
+    """
+    source = str(source)
     if Path(source).suffix in LOCAL_SUFFIXES:
-        path = Path(source)
+        path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"text file {source!r} does not exist")
         return path
     if (source, split) not in NAMED:
-        allowed = sorted({f"{s}:{sp}" for s, sp in NAMED})
+        allowed = sorted(f"{s}:{sp}" for s, sp in NAMED)
         raise ValueError(f"source={source!r} split={split!r} is not known; allowed: {allowed} or a local "
                          f"{'/'.join(LOCAL_SUFFIXES)} file")
-    root = data_dir(explicit_dir)
-    if root is not None and (root / NAMED[(source, split)]).is_file():
-        return root / NAMED[(source, split)]
+    root = data_root(data_dir)
+    relative = NAMED[(source, split)]
+    if root is not None and (root / relative).is_file():
+        return root / relative
     if _hub_available():
+        log.info("%s:%s not found locally; using the Hugging Face hub copy", source, split)
         return None
-    where = str(root / NAMED[(source, split)]) if root else f"<data dir>/{NAMED[(source, split)]}"
-    raise FileNotFoundError(f"{source} ({split}) needs the file {where}; set the data directory with "
-                            "--data-dir or LMCOMPOSE_DATA_DIR (layout of ../shared/data), or install `datasets` "
-                            "and go online")
+    where = str(root / relative) if root is not None else f"<data dir>/{relative} (no data directory is set)"
+    raise FileNotFoundError(f"{source}:{split} needs the file {where}; set the data directory with --data-dir or "
+                            "LMCOMPOSE_DATA_DIR (same layout as ../shared/data), or install `datasets` and go "
+                            "online (HF_HUB_OFFLINE unset)")
 
 
-def _hub_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("datasets") is not None and not os.environ.get("HF_HUB_OFFLINE")
-
-
-def _wikitext_rows(text: str) -> list[str]:
-    text = text.replace("\r\n", "\n")
-    return ["" if not line.strip() else line + "\n" for line in text.split("\n")[:-1 if text.endswith("\n") else None]]
+def read_rows(path: str | os.PathLike) -> list[str]:
+    """Rows of a text file exactly as the hub's wikitext rows: see the module docstring."""
+    with open(path, encoding="utf-8") as f:  # universal newlines: CRLF (and a lone CR) become LF
+        return [row if row.strip() else "" for row in f]
 
 
-def load_documents(source: str, split: str, data_dir: str | Path | None = None) -> list[str]:
-    """Documents (rows) of a source: one per parquet/jsonl record, one per line for text files."""
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}: line {number} has no string field 'text'; each line must be "
+                                 '{"text": "..."}')
+            docs.append(record["text"])
+    return docs
+
+
+def _read_parquet(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    if "text" not in names:
+        raise ValueError(f"{path}: parquet has no column 'text'; columns: {names}")
+    return [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t]
+
+
+def load_documents(source: str | os.PathLike, split: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Documents of a source: one per parquet/jsonl record (empty ones dropped), one per row for text files.
+
+    Args:
+        source: ``"wikitext2"``, ``"c4"`` or a local file path.
+        split: the split of a named source (ignored for a local file).
+        data_dir: the data directory (default ``$LMCOMPOSE_DATA_DIR``).
+    """
     path = resolve_file(source, split, data_dir)
     if path is None:
         import datasets
 
-        name, config, hub_split = HUB[(source, split)]
-        return list(datasets.load_dataset(name, config, split=hub_split)["text"])
+        name, config, hub_split, files = HUB[(str(source), split)]
+        return list(datasets.load_dataset(name, config, data_files=files, split=hub_split)["text"])
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t]
+        return _read_parquet(path)
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f if line.strip()]
-    return _wikitext_rows(path.read_text(encoding="utf-8"))
+        return _read_jsonl(path)
+    return read_rows(path)
 
 
-def load_text(source: str, split: str, data_dir: str | Path | None = None) -> str:
-    """One string: rows joined with blank lines (the WikiText-2 evaluation convention)."""
+def load_text(source: str | os.PathLike, split: str, data_dir: str | os.PathLike | None = None) -> str:
+    """One string: the documents joined with ``"\\n\\n"`` (the WikiText-2 evaluation convention)."""
     return "\n\n".join(load_documents(source, split, data_dir))

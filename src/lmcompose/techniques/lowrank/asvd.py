@@ -1,17 +1,33 @@
-"""ASVD: activation-aware SVD (Yuan et al., 2023; hahnyuan/ASVD4LLM).
+"""ASVD: activation-aware SVD (Yuan et al., 2023, arXiv 2312.05821; hahnyuan/ASVD4LLM).
 
-Input channels are scaled by their activation magnitude before the SVD, so directions that carry large
-activations are kept: S = diag(s^α + 1e-6) with s = E|x| ("abs_mean", the reference default), max|x|
-("abs_max") or sqrt(E[x²]) ("rms"); W S = U Σ Vᵀ truncated to rank r; V ← V S⁻¹; √Σ on both factors.
-The reference uses ``torch.svd_lowrank``; here `solver: exact` (default) is the full SVD and
-`solver: randomized` is ``torch.svd_lowrank`` with `oversample` and `niter`. ASVD's sensitivity-based
-per-layer rank allocation needs a perplexity sweep over the model per layer and ratio; it is not part
-of this technique (each Linear gets the same `ratio`).
+Idea: plain SVD treats every input channel alike, but a few channels carry most of the activation
+magnitude. ASVD scales input channel j by s_j = stat_j^α + 1e-6 before the SVD (the reference adds
+the 1e-6 after the power: ``scaling_diag_matrix ** alpha`` then ``+= 1e-6``, modules/svd_linear.py),
+truncates W·S = U Σ Vᵀ to rank r and maps back, V ← S⁻¹ V, with √Σ on both factors (the reference's
+``sigma_fuse="UV"``). stat is E|x| (``scaling: abs_mean``, the reference default), max|x|
+(``abs_max``) or √E[x²] (``rms``). Because S is diagonal this is the diagonal approximation of the
+layer objective tr(ΔW H ΔWᵀ); `svdllm` solves the full one. The mapped-back product is computed as
+U_k U_kᵀ W (equal to U_k Σ_k V_kᵀ S⁻¹, see ``common.py``).
+
+Solver: the reference calls ``torch.svd_lowrank(W S, q=rank)`` (randomized, niter=2, no
+oversampling). Here ``solver: exact`` (default) is the full ``torch.linalg.svd`` — the truncation
+the method intends, deterministic; ``solver: randomized`` is the same Halko et al. range finder as
+``torch.svd_lowrank`` (q = rank + `oversample`, `niter` power iterations with QR re-orthogonalisation)
+but drawing from its own ``torch.Generator`` seeded by `seed` (``torch.svd_lowrank`` can only use
+the global RNG). ``oversample: 0, niter: 2`` is the reference.
+
+The reference's rank statistic differs by a constant: it sums per-batch means (n_batches × E|x|);
+a uniform scale of S changes neither the truncation nor the factors, only where the 1e-6 lands.
+
+Not here: ASVD's sensitivity-based per-layer rank allocation (a calibration-perplexity sweep for every
+Linear × candidate ratio, then a binary search on the sorted list) needs full-model evaluations, not
+one Linear and its statistics; every targeted Linear gets the same `rank`/`ratio`.
 
 Example::
 
     steps:
-      - asvd: {ratio: 0.8, alpha: 0.5}
+      - asvd: {ratio: 0.8}                                  # alpha 0.5, abs_mean, exact SVD
+      - asvd: {ratio: 0.8, solver: randomized, oversample: 0, niter: 2}   # the reference's solver
 """
 
 from __future__ import annotations
@@ -22,27 +38,40 @@ import torch
 from pydantic import Field
 
 from ...registry import register
-from .common import LowRankConfig, split_sigma
+from .common import PRECISIONS, LowRankConfig, projected_factors
 
 
-def asvd_factors(w: torch.Tensor, scale: torch.Tensor, rank: int, alpha: float = 0.5, sigma_split: str = "sqrt",
-                 solver: str = "exact", oversample: int = 10, niter: int = 2, generator=None):
-    s = scale.to(w.device, torch.float64).clamp_min(0) ** alpha + 1e-6
-    ws = w.double() * s.unsqueeze(0)
+def randomized_svd(a: torch.Tensor, q: int, niter: int = 2, generator: torch.Generator | None = None):
+    """(U [m, q], S [q]) of the randomized SVD of `a` (Halko et al. 2011, alg. 4.4; torch.svd_lowrank's)."""
+    omega = torch.randn(a.shape[1], q, dtype=a.dtype, device=a.device, generator=generator)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a.T @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    u, s, _ = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    return basis @ u, s
+
+
+def asvd_scale(stat: torch.Tensor, alpha: float = 0.5, eps: float = 1e-6) -> torch.Tensor:
+    """The reference's diagonal s = stat^α + eps (stat ≥ 0)."""
+    return stat.clamp_min(0) ** alpha + eps
+
+
+def asvd_factors(w: torch.Tensor, stat: torch.Tensor, rank: int, alpha: float = 0.5, sigma_split: str = "sqrt",
+                 solver: str = "exact", oversample: int = 0, niter: int = 2,
+                 generator: torch.Generator | None = None, eps: float = 1e-6, dtype=torch.float32):
+    """(A [m, r], B [r, n]) with A B = the rank-r truncation of W·diag(s) mapped back by diag(s)⁻¹."""
+    w = w.to(dtype)
+    s = asvd_scale(stat.to(w.device, dtype), alpha, eps)
+    ws = w * s.unsqueeze(0)
     if solver == "exact":
-        u, sig, vh = torch.linalg.svd(ws, full_matrices=False)
-        u, sig, vh = u[:, :rank], sig[:rank], vh[:rank]
+        u, sig, _ = torch.linalg.svd(ws, full_matrices=False)
+    elif solver == "randomized":
+        u, sig = randomized_svd(ws, min(rank + oversample, *ws.shape), niter, generator)
     else:
-        q = min(rank + oversample, min(ws.shape))
-        if generator is not None:  # svd_lowrank draws from the global RNG: fork it to stay side-effect free
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
-                u, sig, v = torch.svd_lowrank(ws, q=q, niter=niter)
-        else:
-            u, sig, v = torch.svd_lowrank(ws, q=q, niter=niter)
-        u, sig, vh = u[:, :rank], sig[:rank], v[:, :rank].T
-    a, b = split_sigma(u, sig, vh / s.unsqueeze(0), sigma_split)
-    return a.float(), b.float()
+        raise ValueError(f"solver={solver!r} is not allowed; allowed: 'exact', 'randomized'")
+    a, b, _ = projected_factors(u[:, :rank], sig[:rank], w, sigma_split)
+    return a, b
 
 
 @register
@@ -50,16 +79,21 @@ class ASVD(LowRankConfig):
     name: ClassVar[str] = "asvd"
     summary: ClassVar[str] = "SVD of W·diag(s^α), s = activation magnitude per input channel"
 
-    alpha: float = Field(0.5, ge=0.0, description="exponent of the activation scale")
-    scaling: Literal["abs_mean", "abs_max", "rms"] = Field("abs_mean", description="per-channel activation statistic")
-    solver: Literal["exact", "randomized"] = Field("exact", description="full SVD, or torch.svd_lowrank as the reference")
-    oversample: int = Field(10, ge=0, description="randomized solver: extra columns")
-    niter: int = Field(2, ge=0, description="randomized solver: power iterations")
-    seed: int = Field(0, description="randomized solver: seed of its own generator")
+    alpha: float = Field(0.5, ge=0.0, description="exponent of the activation statistic (reference 0.5)")
+    scaling: Literal["abs_mean", "abs_max", "rms"] = Field(
+        "abs_mean", description="per-channel statistic: E|x| (reference default), max|x|, or sqrt(E[x²])")
+    eps: float = Field(1e-6, ge=0.0, description="added to stat^α (reference 1e-6)")
+    solver: Literal["exact", "randomized"] = Field(
+        "exact", description="full SVD, or randomized (torch.svd_lowrank's algorithm, as the reference)")
+    oversample: int = Field(0, ge=0, description="randomized: extra basis columns (reference 0)")
+    niter: int = Field(2, ge=0, description="randomized: power iterations (reference 2)")
+    seed: int = Field(0, description="randomized: seed of its own generator")
 
     def factorize(self, w, stats, rank):
-        scale = {"abs_mean": stats.abs_mean, "abs_max": stats.absmax, "rms": stats.sq_mean.sqrt()}[self.scaling]
-        gen = torch.Generator().manual_seed(self.seed)
-        a, b = asvd_factors(w, scale, rank, self.alpha, self.sigma_split, self.solver, self.oversample,
-                            self.niter, gen)
-        return a, b, {}
+        stat = {"abs_mean": stats.abs_mean, "abs_max": stats.absmax, "rms": stats.sq_mean.clamp_min(0).sqrt()}
+        gen = None
+        if self.solver == "randomized":
+            gen = torch.Generator(device=w.device).manual_seed(self.seed)
+        a, b = asvd_factors(w, stat[self.scaling], rank, self.alpha, self.sigma_split, self.solver,
+                            self.oversample, self.niter, gen, self.eps, PRECISIONS[self.precision])
+        return a, b, {"solver": self.solver, "scaling": self.scaling, "alpha": self.alpha}

@@ -1,9 +1,22 @@
-"""What every low-rank technique shares: the rank budget, the Σ split, and the typing rule.
+"""What every low-rank technique shares: the rank budget, the Σ split, the typing rule, and the factors.
 
-Rank r costs U (m×r) + V (r×n) in the float storage dtype; `ratio` picks the largest r whose bytes fit
-``ratio`` × the Linear's fp16 bytes, through the algebra's own byte count. A rank that would cost more
-than the dense matrix is refused at ``Recipe.check``. SVD of an already quantized matrix leaves the
-grid and is not deployable (DESIGN §2): it is refused unless `allow_offgrid: true` (analysis only).
+Budget. Rank r stores U (m×r) + V (r×n) in the float storage dtype of the input (fp16 by default);
+``ratio`` picks the largest r whose bytes, counted by the algebra's own ``LowRankSpec.nbytes``, fit
+``ratio`` × the Linear's fp16 bytes (bias included on both sides). This is the "fraction kept"
+convention (ASVD's ``param_ratio``; SVD-LLM's ``--ratio 0.2`` means remove 20%, i.e. ``ratio: 0.8``
+here); for fp16 factors it gives the references' ``r = ⌊ratio·mn/(m+n)⌋``. A ``rank`` whose factors
+would cost more than the dense matrix is refused at ``Recipe.check``: never silently larger than dense.
+
+Typing. The input must be one Dense float term. An SVD of an already quantized matrix leaves the
+quantization grid (the factors are not on any grid, and the product is not the quantized matrix), so
+a quantized input is refused unless ``allow_offgrid: true`` (analysis only; the factors are then
+stored in the quantizer's scale dtype).
+
+Factors. Every data-aware method here truncates the SVD of W·S for an invertible input transform S
+(ASVD: a diagonal; SVD-LLM: a Cholesky factor) and maps V back through S⁻¹. Because W S = U Σ Vᵀ
+implies Σ_k V_kᵀ S⁻¹ = U_kᵀ W, the mapped-back product is exactly the projection U_k U_kᵀ W, and the
+factors are built from U_kᵀ W: no inverse or solve with an ill-conditioned S, and ‖Ŵ‖₂ ≤ ‖W‖₂ always.
+``tests/test_lowrank.py`` checks that this equals the references' explicit ``V S⁻¹`` form.
 """
 
 from __future__ import annotations
@@ -19,72 +32,128 @@ from ...algebra.terms import LowRank, as_float
 from ...registry import IllegalStep, Technique
 from ..budget import budget_bytes, largest_within
 
+PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+
 
 def split_sigma(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, how: str = "sqrt"):
-    """Factors (A, B) with A B = U diag(s) Vᴴ: √Σ on both (ASVD/SVD-LLM), or Σ all in U or all in V."""
+    """Factors (A, B) with A B = U diag(s) Vᵀ: √Σ on both (ASVD/SVD-LLM), or Σ all in U or all in V."""
     if how == "sqrt":
         r = s.sqrt()
         return u * r.unsqueeze(0), r.unsqueeze(1) * vh
     if how == "u":
         return u * s.unsqueeze(0), vh
-    return u, s.unsqueeze(1) * vh
+    if how == "v":
+        return u, s.unsqueeze(1) * vh
+    raise ValueError(f"sigma_split={how!r} is not allowed; allowed: 'sqrt', 'u', 'v'")
+
+
+def null_tolerance(s: torch.Tensor, shape) -> float:
+    """Singular values at or below this are numerically zero (the usual σ₁·max(m, n)·ε rule)."""
+    if s.numel() == 0:
+        return 0.0
+    return float(s.max()) * max(shape) * torch.finfo(s.dtype).eps
+
+
+def projected_factors(u: torch.Tensor, s: torch.Tensor, w: torch.Tensor, how: str = "sqrt"):
+    """(A, B, n_null) with A B = U_k U_kᵀ W, split as U_k Σ_k^½ · Σ_k^-½ U_kᵀ W (or Σ into U / V).
+
+    ``u`` [m, k] are the kept left singular vectors of W·S and ``s`` [k] their singular values; then
+    U_kᵀ W = Σ_k V_kᵀ S⁻¹ for any invertible S, so these are the references' factors computed without
+    S⁻¹. Directions with σ numerically zero carry nothing through S; they are set to zero (as
+    σ·v·S⁻¹ is in the references) and counted in ``n_null``.
+    """
+    c = u.T @ w                                   # = Σ_k V_kᵀ S⁻¹
+    live = s > null_tolerance(s, w.shape)
+    inv = torch.where(live, 1.0 / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
+    if how == "sqrt":
+        a, b = u * s.sqrt().unsqueeze(0), inv.sqrt().unsqueeze(1) * c
+    elif how == "u":
+        a, b = u * s.unsqueeze(0), inv.unsqueeze(1) * c
+    elif how == "v":
+        a, b = u * live.to(u.dtype).unsqueeze(0), live.to(c.dtype).unsqueeze(1) * c
+    else:
+        raise ValueError(f"sigma_split={how!r} is not allowed; allowed: 'sqrt', 'u', 'v'")
+    return a, b, int((~live).sum())
 
 
 class LowRankConfig(Technique):
+    """Shared fields: give `rank` or `ratio`; `sigma_split`; `allow_offgrid`; `precision`."""
+
     family: ClassVar[str] = "lowrank"
 
     rank: int | None = Field(None, ge=1, description="rank r of U (m×r) V (r×n)")
     ratio: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the Linear's fp16 bytes to keep "
-                                "(U and V); picks the largest rank that fits")
-    sigma_split: Literal["sqrt", "u", "v"] = Field("sqrt", description="where Σ goes: √Σ on both factors, or all in U or V")
-    allow_offgrid: bool = Field(False, description="allow factorizing a quantized matrix (leaves the grid; analysis only)")
+                                "(U and V in the storage dtype); picks the largest rank that fits")
+    sigma_split: Literal["sqrt", "u", "v"] = Field("sqrt", description="where Σ goes: √Σ on both factors "
+                                                   "(references), or all in U, or all in V")
+    allow_offgrid: bool = Field(False, description="allow factorizing a quantized matrix (the factors leave "
+                                "the grid; analysis only)")
+    precision: Literal["fp32", "fp64"] = Field("fp32", description="dtype of the SVD")
 
     @model_validator(mode="after")
     def _one_budget(self):
         if (self.rank is None) == (self.ratio is None):
-            raise ValueError(f"give exactly one of rank={self.rank} and ratio={self.ratio}")
+            raise ValueError(f"give exactly one of rank, ratio (got rank={self.rank}, ratio={self.ratio})")
         return self
 
-    def _spec_for(self, spec: LinearSpec, r: int) -> LinearSpec:
-        dtype = spec.terms[0].a.dtype if not spec.terms[0].a.quantized else "fp16"
+    # -- typing and costing --------------------------------------------------------------------
+    def _input(self, spec: LinearSpec):
+        if spec.kinds() != ("dense",):
+            raise IllegalStep(f"low-rank factorization takes a single dense term, got {spec.describe()}")
+        a = spec.terms[0].a
+        if a.quantized and not self.allow_offgrid:
+            raise IllegalStep("SVD of a quantized matrix leaves the quantization grid (the factors are on no grid "
+                              "and their product is not the quantized matrix); factorize before quantizing, or "
+                              "set allow_offgrid: true for analysis only")
+        return a
+
+    def float_dtype(self, spec: LinearSpec) -> str:
+        """Storage dtype of U and V: the input's float dtype (a quantized input: its scale dtype)."""
+        a = self._input(spec)
+        return a.quant.scale_dtype if a.quantized else a.dtype
+
+    def spec_for(self, spec: LinearSpec, r: int) -> LinearSpec:
+        dtype = self.float_dtype(spec)
         return spec.with_terms([LowRankSpec(TensorSpec(spec.out_features, r, dtype),
                                             TensorSpec(r, spec.in_features, dtype))])
 
     def resolve_rank(self, spec: LinearSpec) -> int:
-        if spec.kinds() != ("dense",):
-            raise IllegalStep(f"low-rank factorization takes a single dense term, got {spec.describe()}")
-        if spec.terms[0].a.quantized and not self.allow_offgrid:
-            raise IllegalStep("SVD of a quantized matrix leaves the quantization grid (not deployable); factorize "
-                              "first and quantize the factors, use a residual method, or set allow_offgrid: true")
+        self._input(spec)
         full = min(spec.out_features, spec.in_features)
-        if self.rank is not None:
-            r = self.rank
-            if r > full:
-                raise IllegalStep(f"rank {r} exceeds min(m, n) = {full}")
-        else:
-            r = largest_within(budget_bytes(spec, self.ratio), 0, full,
-                               lambda k: self._spec_for(spec, k).nbytes(), "rank")
-            if r == 0:
-                raise IllegalStep(f"ratio={self.ratio} leaves no room for rank 1")
-        cost, dense = self._spec_for(spec, r).nbytes(), spec.nbytes()
+        if self.ratio is not None:
+            return largest_within(budget_bytes(spec, self.ratio), 1, full,
+                                  lambda k: self.spec_for(spec, k).nbytes(), "rank")
+        r = self.rank
+        cost, dense = self.spec_for(spec, r).nbytes(), spec.nbytes()
         if cost > dense:
-            raise IllegalStep(f"rank {r} costs {cost} bytes, more than the dense matrix's {dense} bytes")
+            raise IllegalStep(f"rank {r} costs {cost} bytes, more than the dense {dense} bytes "
+                              f"(break-even rank {self._break_even(spec)})")
+        if r > full:
+            raise IllegalStep(f"rank {r} exceeds min(out_features, in_features) = {full}")
         return r
 
-    def plan(self, spec: LinearSpec) -> LinearSpec:
-        return self._spec_for(spec, self.resolve_rank(spec))
+    def _break_even(self, spec: LinearSpec) -> int:
+        dense, full = spec.nbytes(), min(spec.out_features, spec.in_features)
+        if self.spec_for(spec, 1).nbytes() > dense:
+            return 0
+        return largest_within(dense, 1, full, lambda k: self.spec_for(spec, k).nbytes(), "rank")
 
+    def plan(self, spec: LinearSpec) -> LinearSpec:
+        return self.spec_for(spec, self.resolve_rank(spec))
+
+    # -- the work ------------------------------------------------------------------------------
     def factorize(self, w: torch.Tensor, stats, rank: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """(A [m, r], B [r, n], info) with A B ≈ W: the technique's math."""
+        """(A [m, r], B [r, n], info) with A B ≈ W: the technique's math, on W's device."""
         raise NotImplementedError
 
     def apply(self, layer: CompressedLinear, stats):
         spec = layer.spec()
         rank = self.resolve_rank(spec)
+        dtype = self.float_dtype(spec)
         (dense,) = layer.terms
-        dtype = "fp16" if spec.terms[0].a.quantized else spec.terms[0].a.dtype
-        a, b, info = self.factorize(dense.weight().to(stats.gram.device), stats, rank)
-        device = dense.weight().device
-        term = LowRank(as_float(a, dtype).to(device), as_float(b, dtype).to(device))
-        new = layer.with_terms([term])
+        w = dense.weight(torch.float32)
+        device = w.device
+        w = w.to(stats.gram.device)
+        a, b, info = self.factorize(w, stats, rank)
+        new = layer.with_terms([LowRank(as_float(a, dtype).to(device), as_float(b, dtype).to(device))])
         return new, {"rank": rank, "ratio": new.spec().nbytes() / spec.dense_fp16_nbytes(), **info}

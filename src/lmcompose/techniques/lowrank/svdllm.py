@@ -1,19 +1,41 @@
-"""SVD-LLM: truncation-aware data whitening (Wang et al., ICLR 2025; AIoT-MLSys-Lab/SVD-LLM).
+"""SVD-LLM: truncation-aware data whitening (Wang et al., ICLR 2025, arXiv 2403.07378; AIoT-MLSys-Lab/SVD-LLM).
 
-With G = E[x xᵀ] = L Lᵀ (Cholesky), the layer error ‖(W − Ŵ)X‖² equals ‖(W − Ŵ)L‖²_F, so truncating
-the SVD of W L discards exactly the squared singular values it drops: truncation becomes loss-optimal.
-Factors: W_u = U_k Σ_k^{1/2}, W_v = Σ_k^{1/2} V_kᵀ L⁻¹ (a triangular solve, not an inverse). The
-reference accumulates the unnormalized Σ XᵀX; G here is its mean, which scales L by a constant and
-changes neither the truncation nor the factors.
+Idea: the layer error of Ŵ is ‖(W − Ŵ)X‖²_F = tr(ΔW G ΔWᵀ) with G the input Gram. With G = S Sᵀ
+(S = chol(G), lower), that is ‖(W − Ŵ)S‖²_F, so truncating the SVD W S = U Σ Vᵀ to rank k discards
+exactly Σ_{i>k} σ_i² of output error: by Eckart–Young the truncation is optimal for the layer
+objective (ASVD's diagonal S and plain SVD are not). Factors (√Σ split, as the reference):
+W_u = U_k Σ_k^½, W_v = Σ_k^½ V_kᵀ S⁻¹. Since Σ_k V_kᵀ S⁻¹ = U_kᵀ W, W_v is computed as Σ_k^-½ U_kᵀ W
+(``common.projected_factors``): no inverse of S (the reference calls ``torch.linalg.inv``) and no
+solve with it, so an ill-conditioned S (near-dead channels) cannot blow the factors up. As in the
+reference, the Cholesky runs in fp64 and the SVD of W S in fp32 (`precision: fp64` on request; on
+synthetic layers with 300× outlier channels the layer error differs by ~1e-9 relative, while fp64
+costs 2–4× the time on CPU).
 
-A Gram that is not positive definite (dead input channels, fewer tokens than channels) gets an
-explicit, recorded regularisation: `eig_shift` (the reference: add (−λ_min + eps·mean diag G)·I only
-when Cholesky fails) or `damp` (always add damp·mean(diag G)·I). The amount added is in the report.
+Gram. G here is ``stats.gram`` = XᵀX / N (fp32 running mean), promoted to fp64 for the Cholesky;
+the reference accumulates the unnormalized XᵀX in fp64. Scaling G by N scales S by √N and every σ by
+√N with the same U: the same truncation and the same product W_u W_v (the √Σ split only moves a
+constant N^¼ from W_v to W_u, which per-row quantization grids absorb).
+
+Regularisation (explicit, recorded as ``regularization_added`` in G's units and ``_relative`` to
+mean(diag G)). A Gram that is not positive definite (dead input channels, fewer tokens than channels)
+has no Cholesky factor:
+
+* ``eig_shift`` (default, the reference's rule): only when the Cholesky fails, add
+  (−λ_min + eps·mean(diag G))·I. The reference adds an absolute 1e-6 to the *summed* Gram, a shift
+  that depends on N and on the activation scale; here `eps` is relative to mean(diag G), so the
+  regularisation is scale-free (the reference's amount is ``eps = 1e-6 / (N·mean diag G)``).
+* ``damp``: always add damp·mean(diag G)·I (GPTQ-style), whether or not G is positive definite.
+
+If the regularised G still has no Cholesky factor, a ValueError names the field to raise.
+
+Not here: SVD-LLM's optional parameter update (LoRA fine-tuning of W_u then W_v, or the closed-form
+local update), which needs training or block outputs beyond one Linear's statistics.
 
 Example::
 
     steps:
-      - svdllm: {ratio: 0.8}
+      - svdllm: {ratio: 0.8}             # SVD-LLM "20% compression" (their --ratio 0.2 = remove 20%)
+      - gptq: {bits: 4, group_size: 128, target: lowrank}   # SVD-LLM + GPTQ (L→Q)
 """
 
 from __future__ import annotations
@@ -24,51 +46,66 @@ import torch
 from pydantic import Field
 
 from ...registry import register
-from .common import LowRankConfig, split_sigma
+from .common import PRECISIONS, LowRankConfig, projected_factors
 
 
 def whitening_factor(gram: torch.Tensor, regularization: str = "eig_shift", eps: float = 1e-6,
                      damp: float = 0.01) -> tuple[torch.Tensor, float]:
-    """Lower Cholesky factor L of G (+ the recorded regularisation). Returns (L, amount added)."""
-    g = gram.double()
+    """(S, added): the lower Cholesky factor S of G + added·I in fp64, and the amount added (0 if none)."""
+    g = gram.to(torch.float64)
     g = (g + g.T) / 2
-    scale = float(g.diagonal().mean()) or 1.0
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    mean_diag = float(g.diagonal().mean())
+    unit = mean_diag if mean_diag > 0 else 1.0
     added = 0.0
     if regularization == "damp":
-        added = damp * scale
-        g = g + added * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+        added = damp * unit
+        g = g + added * eye
+    elif regularization != "eig_shift":
+        raise ValueError(f"regularization={regularization!r} is not allowed; allowed: 'eig_shift', 'damp'")
     chol, info = torch.linalg.cholesky_ex(g)
-    if info.item() != 0:
-        if regularization != "eig_shift":
-            raise ValueError(f"Gram matrix not positive definite after damp={damp}; raise damp")
+    if int(info) != 0 and regularization == "eig_shift":
         lam_min = float(torch.linalg.eigvalsh(g)[0])
-        shift = -lam_min + eps * scale
-        added += shift
-        chol = torch.linalg.cholesky(g + shift * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+        added = -lam_min + eps * unit
+        chol, info = torch.linalg.cholesky_ex(g + added * eye)
+    if int(info) != 0:
+        field = "eps" if regularization == "eig_shift" else "damp"
+        raise ValueError(f"the input Gram is not positive definite even after adding {added:.3g}·I "
+                         f"(regularization={regularization!r}); raise {field}")
     return chol, added
 
 
-def svdllm_factors(w: torch.Tensor, chol: torch.Tensor, rank: int, sigma_split: str = "sqrt"):
-    """(A, B, singular values of W L) with A B the rank-`rank` whitened truncation of W."""
-    u, s, vh = torch.linalg.svd(w.double() @ chol, full_matrices=False)
-    vh_unwhite = torch.linalg.solve_triangular(chol, vh[:rank], upper=False, left=False)  # Vᵀ L⁻¹
-    a, b = split_sigma(u[:, :rank], s[:rank], vh_unwhite, sigma_split)
-    return a.float(), b.float(), s
+def svdllm_factors(w: torch.Tensor, chol: torch.Tensor, rank: int, sigma_split: str = "sqrt",
+                   dtype=torch.float32):
+    """(A [m, k], B [k, n], singular values of W S) with A B the rank-k whitened truncation of W.
+
+    Layer error: tr((W − A B) S Sᵀ (W − A B)ᵀ) = Σ_{i>k} σ_i² exactly (in exact arithmetic).
+    """
+    w = w.to(dtype)
+    u, s, _ = torch.linalg.svd(w @ chol.to(w.device, dtype), full_matrices=False)
+    a, b, _ = projected_factors(u[:, :rank], s[:rank], w, sigma_split)
+    return a, b, s
 
 
 @register
 class SVDLLM(LowRankConfig):
     name: ClassVar[str] = "svdllm"
-    summary: ClassVar[str] = "SVD of W·chol(E[xxᵀ]) (whitened, truncation-aware), factors mapped back"
+    summary: ClassVar[str] = "SVD of W·chol(E[xxᵀ]) (whitened: truncation optimal for the layer error)"
 
+    precision: Literal["fp32", "fp64"] = Field("fp32", description="dtype of the SVD of W·S, as the reference "
+                                               "(the Cholesky is always fp64)")
     regularization: Literal["eig_shift", "damp"] = Field(
-        "eig_shift", description="for a Gram that is not positive definite: shift by −λ_min + eps·mean(diag) "
-        "when Cholesky fails (reference), or always add damp·mean(diag)")
+        "eig_shift", description="Gram not positive definite: add (−λ_min + eps·mean diag)·I only when the "
+        "Cholesky fails (reference), or always add damp·mean(diag)·I")
     eps: float = Field(1e-6, gt=0, description="eig_shift margin, relative to mean(diag G)")
     damp: float = Field(0.01, gt=0, description="damp amount, relative to mean(diag G)")
 
     def factorize(self, w, stats, rank):
         chol, added = whitening_factor(stats.gram, self.regularization, self.eps, self.damp)
-        a, b, s = svdllm_factors(w, chol, rank, self.sigma_split)
-        return a, b, {"regularization_added": added,
-                      "discarded_whitened_energy": float((s[rank:] ** 2).sum() / (s ** 2).sum())}
+        a, b, s = svdllm_factors(w, chol, rank, self.sigma_split, PRECISIONS[self.precision])
+        energy = s.double() ** 2
+        mean_diag = float(stats.gram.double().diagonal().mean())
+        return a, b, {
+            "regularization": self.regularization, "regularization_added": added,
+            "regularization_relative": added / mean_diag if mean_diag > 0 else added,
+            "discarded_whitened_energy": float(energy[rank:].sum() / energy.sum()) if energy.sum() > 0 else 0.0}

@@ -30,29 +30,36 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
+# Masks prune the lowest scores after a stable ascending sort, as the reference codes do (Wanda's
+# ``torch.sort(..., stable=True)``): among equal scores the lower index is pruned first.
+
+
 def row_topk_mask(score: torch.Tensor, keep_per_row: int) -> torch.Tensor:
-    """Keep the `keep_per_row` highest scores in each row."""
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if keep_per_row > 0:
-        idx = torch.topk(score, keep_per_row, dim=1, sorted=False).indices
-        mask.scatter_(1, idx, True)
+    """Keep-mask with the `keep_per_row` highest scores of each row."""
+    mask = torch.ones_like(score, dtype=torch.bool)
+    prune = score.shape[1] - keep_per_row
+    if prune > 0:
+        mask.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :prune], False)
     return mask
 
 
 def matrix_topk_mask(score: torch.Tensor, keep: int) -> torch.Tensor:
-    """Keep the `keep` highest scores of the whole matrix."""
-    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if keep > 0:
-        mask[torch.topk(score.flatten(), keep, sorted=False).indices] = True
+    """Keep-mask with the `keep` highest scores of the whole matrix (row-major order for ties)."""
+    mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    prune = score.numel() - keep
+    if prune > 0:
+        mask[torch.sort(score.flatten(), stable=True).indices[:prune]] = False
     return mask.reshape(score.shape)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the `n` highest scores in every group of `m` consecutive columns of each row."""
+    """Keep-mask with the `n` highest scores of every `m` consecutive columns of each row."""
     rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"N:M needs in_features divisible by M={m}, got {cols}")
     groups = score.reshape(rows, cols // m, m)
-    idx = torch.topk(groups, n, dim=2, sorted=False).indices
-    return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True).reshape(rows, cols)
+    idx = torch.sort(groups, dim=2, stable=True).indices[..., : m - n]
+    return torch.ones_like(groups, dtype=torch.bool).scatter_(2, idx, False).reshape(rows, cols)
 
 
 class PruneConfig(Technique):

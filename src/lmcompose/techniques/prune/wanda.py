@@ -1,51 +1,86 @@
 """Wanda: pruning by weights and activations (Sun, Liu, Bair, Kolter; ICLR 2024; locuslab/wanda).
 
-The score of weight W_ij is |W_ij| · ‖X_j‖₂, i.e. |W_ij| · sqrt(E[x_j²]) up to a constant per layer;
-weights are compared within each output row (the paper's choice; ``scope: matrix`` compares over the
-whole matrix) and the lowest scores are removed, with no weight update. N:M keeps the N best of every
-M consecutive inputs. Mask-only, so it may prune an already quantized matrix and keep its codes.
+The score of weight W_ij is |W_ij| · ‖X_j‖₂, i.e. |W_ij| · sqrt(E[x_j²]) up to a constant per layer
+(the reference's ``scaler_row`` is the same running mean E[x_j²] as ``stats.sq_mean``). Weights are
+compared within each output row (the paper's choice; ``scope: matrix`` compares over the whole
+matrix) and the ⌊s·n⌋ lowest scores of a row are removed, with no weight update. N:M keeps the N best
+of every M consecutive inputs of a row. Ties go as in the reference (a stable ascending sort: the
+lower column index is pruned first). Mask-only, so it may prune an already quantized matrix and keep
+its codes (the scores use the dequantized values).
 
-OWL (Yin et al., 2024) non-uniform layer sparsity needs every layer's outlier ratio before the first
-layer is pruned, i.e. a model-level prepass the sequential pipeline does not have yet;
-:func:`owl_sparsities` and :func:`outlier_ratio` implement its allocation rule for that prepass.
+OWL (Yin et al., "Outlier Weighed Layerwise sparsity", 2024) gives decoder blocks with more
+outliers (scores above ``owl_threshold`` × the block's mean score) a lower sparsity. It needs every
+block's outlier ratio before the first block is pruned, i.e. a model-level prepass that the sequential
+pipeline (one Linear at a time) does not have, and a per-Linear approximation cannot keep the global
+budget. So ``owl: true`` is refused at construction; :func:`outlier_ratio`, :func:`block_outlier_ratio`
+and :func:`owl_sparsities` implement the allocation rule (as in the OWL code) for that prepass.
 
 Example::
 
     steps:
-      - wanda: {sparsity: 0.5}
+      - wanda: {sparsity: 0.5}                # per output row, unstructured
       - wanda: {pattern: "2:4"}
+      - wanda: {ratio: 0.6, scope: matrix}    # 60% of the fp16 bytes, index included
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
+from pydantic import Field, model_validator
 
 from ...algebra.linear import CompressedLinear
 from ...algebra.terms import Sparse
 from ...registry import register
 from .common import ScopedPruneConfig
 
+OWL_UNAVAILABLE = "owl allocation needs a model-level prepass; not available yet"
+
+
+# -- pure functions ------------------------------------------------------------------------------
+
 
 def wanda_score(w: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
-    """|W| · sqrt(E[x²]) broadcast over rows (the reference's `|W| * sqrt(scaler_row)`)."""
-    return w.abs() * torch.sqrt(sq_mean.to(w.device, torch.float32)).unsqueeze(0)
+    """|W| · sqrt(E[x²]) broadcast over rows (the reference's ``|W| * sqrt(scaler_row)``), in fp32."""
+    return w.float().abs() * torch.sqrt(sq_mean.to(w.device, torch.float32)).unsqueeze(0)
 
 
 def outlier_ratio(w: torch.Tensor, sq_mean: torch.Tensor, threshold: float = 5.0) -> float:
-    """OWL's layer outlier ratio: fraction of Wanda scores above `threshold` × their mean."""
-    score = wanda_score(w, sq_mean)
-    return float((score > threshold * score.mean()).float().mean())
+    """OWL's outlier ratio of one Linear: fraction of Wanda scores above `threshold` × their mean."""
+    return block_outlier_ratio([(w, sq_mean)], threshold)
 
 
-def owl_sparsities(ratios: list[float], target: float, lam: float = 0.08) -> list[float]:
-    """OWL allocation: layers with more outliers get lower sparsity, within target ± lam, mean = target."""
-    r = torch.tensor(ratios, dtype=torch.float64)
+def block_outlier_ratio(linears: Sequence[tuple[torch.Tensor, torch.Tensor]], threshold: float = 5.0) -> float:
+    """OWL's outlier ratio of a decoder block: the scores of all its Linears pooled, one mean for all
+    (the reference concatenates the flattened scores before ``check_outlier_mean``)."""
+    scores = torch.cat([wanda_score(w, c).flatten().double() for w, c in linears])
+    return float((scores > threshold * scores.mean()).double().mean())
+
+
+def owl_sparsities(ratios: Sequence[float], target: float, lam: float = 0.08) -> list[float]:
+    """OWL allocation (Yin et al. 2024, as in their code): min-max normalise the outlier ratios to
+    [0, 2λ], centre them on their mean, and subtract from the target sparsity.
+
+    The mean sparsity equals `target`; the spread max − min is 2λ (0 when all ratios are equal); a
+    layer with more outliers gets a lower sparsity. Each value lies in [target − 2λ, target + 2λ], and
+    in [target − λ, target + λ] only when the normalised ratios are symmetric about their mean.
+    """
+    if not ratios:
+        return []
+    if lam < 0:
+        raise ValueError(f"owl_lambda={lam!r} is not allowed; allowed: >= 0")
+    r = torch.tensor(list(ratios), dtype=torch.float64)
     span = r.max() - r.min()
     scaled = (r - r.min()) / span * (2 * lam) if span > 0 else torch.zeros_like(r)
-    sparsity = 1.0 - (1.0 - target + scaled - scaled.mean())  # higher outlier ratio -> keep more
-    return sparsity.tolist()
+    out = target - (scaled - scaled.mean())
+    if out.min() < 0 or out.max() >= 1:
+        raise ValueError(f"OWL sparsities span [{out.min():.3f}, {out.max():.3f}], outside [0, 1); "
+                         f"lower owl_lambda={lam} or move the target sparsity={target} away from the edges")
+    return out.tolist()
+
+
+# -- handler -------------------------------------------------------------------------------------
 
 
 @register
@@ -53,9 +88,23 @@ class Wanda(ScopedPruneConfig):
     name: ClassVar[str] = "wanda"
     summary: ClassVar[str] = "prune by |W|·‖x‖ per output row (unstructured or N:M), no weight update"
 
+    owl: bool = Field(False, description="OWL non-uniform sparsity per decoder block (needs a model-level "
+                      "prepass; not available yet: true is refused)")
+    owl_threshold: float = Field(5.0, gt=0, description="OWL outlier threshold M: a score is an outlier above "
+                                 "M × the block's mean score")
+    owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="OWL spread: block sparsities span 2λ around "
+                              "the target")
+
+    @model_validator(mode="after")
+    def _owl_needs_prepass(self):
+        if self.owl:
+            raise ValueError(f"owl=True: {OWL_UNAVAILABLE}; use owl=false (uniform sparsity)")
+        return self
+
     def apply(self, layer: CompressedLinear, stats):
         spec = layer.spec()
         self._input(spec)
         (dense,) = layer.terms
         mask = self.select_mask(wanda_score(dense.weight(), stats.sq_mean), spec)
-        return layer.with_terms([Sparse(dense.a, mask, *self.nm)]), self.info(mask)
+        # mask-only: the stored float values or quantized codes stay as they are
+        return layer.with_terms([Sparse(dense.a, mask, *self.nm)]), {**self.info(mask), "scope": self.scope}
