@@ -65,3 +65,22 @@ def test_bad_input_fails_fast_and_writes_nothing(setup, capsys):
     assert not (root / "nope").exists()
     (root / "exists").mkdir()
     assert main(["compress", "--model", str(model_dir), "--out", str(root / "exists"), "--data-dir", str(data)]) == 2
+
+
+def test_analyze_writes_tables_and_plot_and_reports_illegal_orders(setup, capsys):
+    root, model_dir, data, _ = setup
+    out = root / "analysis"
+    assert main(["analyze", "--model", str(model_dir), "--data-dir", str(data), "--out", str(out),
+                 "--a", "svd: {ratio: 0.7}", "--b", "rtn: {bits: 4, group_size: 32}",
+                 "--calib-n", "4", "--calib-seqlen", "32", "--max-windows", "4"]) == 0
+    result = json.loads((out / "analysis.json").read_text())
+    v = result["variants"]
+    assert v["A→B"]["legal"] and not v["B→A"]["legal"] and "quantized" in v["B→A"]["reason"]
+    assert v["A→B"]["bits_per_weight"] < v["A"]["bits_per_weight"]
+    # the combined error of every layer is at least that of its first step, measured on the same model
+    assert all(v["A→B"]["layer_errors"][n] >= 0.5 * e for n, e in v["A"]["layer_errors"].items())
+    assert result["threshold_ppl"] == pytest.approx(v["A"]["ppl"] + v["B"]["ppl"] - result["dense_ppl"])
+    assert (out / "analysis.png").stat().st_size > 10_000 and "Orthogonality" in (out / "analysis.md").read_text()
+    assert main(["analyze", "--model", str(model_dir), "--out", str(root / "x"), "--a", "nope: {}",
+                 "--b", "rtn: {bits: 4}"]) == 2
+    assert not (root / "x").exists()

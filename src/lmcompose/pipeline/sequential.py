@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..algebra.invariants import check_step
 from ..algebra.linear import CompressedLinear
 from ..report import LayerRecord
 from .blocks import block_linears, find_blocks, set_module
@@ -163,6 +164,7 @@ class SequentialCompressor:
             t0 = time.perf_counter()
             new, info = step.apply(layer, stats[name])
             seconds = time.perf_counter() - t0
+            check_step(layer, new, step, name)
             err = relative_error(record.original, new.to_dense(torch.float32), stats[name].gram)
             record.add_step(step.name, info, err, seconds, new)
             set_module(self.model, name, new)

@@ -1,0 +1,1 @@
+"""Studies of how compression methods interact."""
