@@ -44,9 +44,16 @@ def section(path: Path) -> str:
     ok = [r for r in rows if not r.get("error")]
     meta = ok[0] if ok else rows[0]
     protocol = json.dumps(meta.get("protocol"))
-    cmds = "\n".join(f"    {r['row']}: {r['command']}" for r in ok)
-    return (f"Model `{meta.get('model')}`, machine: {meta.get('machine')}, date {meta.get('date')}.\n"
-            f"Evaluation protocol: `{protocol}`.\n\n{table(rows)}\n\nCommands (run by `benchmarks/bench.py`):\n\n{cmds}\n")
+    dates = sorted({r.get("date") for r in ok if r.get("date")})
+    steps = "\n".join(f"    {r['row']}: {json.dumps(r['recipe']['steps'])}" for r in ok if r.get("recipe"))
+    cal = next((r["recipe"]["calibration"] for r in ok if r.get("recipe")), None)
+    return (f"Model `{meta.get('model')}`, machine: {meta.get('machine')}, dates {', '.join(dates)}.\n"
+            f"Evaluation protocol: `{protocol}`.\n\n{table(rows)}\n\n"
+            f"Reproduce: `python benchmarks/bench.py --table {meta.get('table')} --model {meta.get('model')} "
+            f"--calib-n {cal['n'] if cal else 128} --only \"<row>\"`, which writes each row's recipe (steps below, "
+            f"calibration `{json.dumps(cal)}`) to a file and runs `lmcompose compress --model {meta.get('model')} "
+            f"--recipe FILE --eval {meta.get('protocol_name')}` (dense: `lmcompose eval --protocol "
+            f"{meta.get('protocol_name')}`).\n\n{steps}\n")
 
 
 def main() -> int:
