@@ -147,10 +147,30 @@ def test_pipeline_bytes_match_the_check_and_nm_holds_in_the_model():
 # -- OWL ---------------------------------------------------------------------------------------
 
 
-def test_owl_is_refused_until_a_model_level_prepass_exists():
-    with pytest.raises(ValidationError, match="owl allocation needs a model-level prepass; not available yet"):
-        Wanda(sparsity=0.5, owl=True)
-    assert Wanda(sparsity=0.5, owl_threshold=3, owl_lambda=0.1).owl is False
+def test_owl_needs_an_unstructured_target_sparsity():
+    for bad in (dict(ratio=0.5, owl=True), dict(pattern="2:4", owl=True)):
+        with pytest.raises(ValidationError, match="owl=True allocates a target"):
+            Wanda(**bad)
+
+
+def test_owl_prepass_gives_outlier_blocks_lower_sparsity_and_keeps_the_mean():
+    model = tiny_llama(layers=4)
+    with torch.no_grad():  # block 2 gets strong outlier weights: OWL must spare it
+        for name, p in model.model.layers[2].named_parameters():
+            if p.dim() == 2:
+                p[:, :3] *= 25
+    recipe = Recipe.from_dict({"calibration": {"batch_size": 2},
+                               "steps": [{"wanda": {"sparsity": 0.5, "owl": True, "owl_lambda": 0.1}}]})
+    planned = recipe.check(linear_shapes(model))
+    report = compress(model, recipe, windows(4, 16))
+    per_block = {}
+    for layer in report.layers:
+        per_block.setdefault(int(layer.name.split(".")[2]), []).append(layer.steps[0]["sparsity"])
+    block = {i: sum(v) / len(v) for i, v in per_block.items()}
+    assert min(block, key=block.get) == 2
+    assert max(block.values()) - min(block.values()) > 0.1
+    assert sum(block.values()) / len(block) == pytest.approx(0.5, abs=0.01)
+    assert report.linear_bytes == pytest.approx(planned.linear_bytes, rel=0.01)
 
 
 def test_owl_sparsities_follow_the_reference_formula():

@@ -53,6 +53,16 @@ class Technique(BaseModel):
     def apply(self, layer, stats):
         raise NotImplementedError
 
+    @property
+    def needs_prepass(self) -> bool:
+        """True when the step splits its budget across blocks from dense statistics (see `allocate`)."""
+        return False
+
+    def allocate(self, blocks: list[list[tuple]]) -> list["Technique"]:
+        """Per-block copies of this step, from a dense prepass: ``blocks[i]`` lists ``(weight, stats)`` of
+        block i's targeted Linears, computed on the uncompressed model. Only called if `needs_prepass`."""
+        raise NotImplementedError
+
     def params(self) -> dict:
         return self.model_dump(mode="json")
 

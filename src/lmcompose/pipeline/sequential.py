@@ -96,6 +96,10 @@ def capture_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, dev
     return BlockInputs(hidden, kwargs, args)
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    return module.to_dense(torch.float32) if isinstance(module, CompressedLinear) else module.weight.float()
+
+
 def run_block(block: nn.Module, inputs: BlockInputs, index: int) -> list[torch.Tensor]:
     return [_hidden(block(h, *inputs.args[b][index], **inputs.kwargs[b][index]))
             for b, h in enumerate(inputs.hidden)]
@@ -150,6 +154,7 @@ class SequentialCompressor:
         self.prefix, self.blocks = find_blocks(model)
         self.records: dict[str, LayerRecord] = {}
         self.block_seconds: list[float] = []
+        self.allocated: dict[int, dict[int, object]] = {}
 
     def _compress_group(self, step, names: list[str], stats: dict):
         for name in names:
@@ -171,10 +176,33 @@ class SequentialCompressor:
             log.info("%s %s: rel. error %.3e, %.2f bits/weight", name, step.name, err,
                      new.spec().bits_per_weight())
 
+    @torch.no_grad()
+    def _prepass(self, inputs: BlockInputs, device) -> dict[int, list]:
+        """Dense statistics of every block for the steps that allocate their budget across blocks (OWL).
+
+        Returns ``{id(step): [per-block copy of the step]}``; one extra observe + forward per block."""
+        needing = [s for s in self.steps if s.needs_prepass]
+        if not needing:
+            return {}
+        home = next(self.model.parameters()).device
+        seen: dict[int, list] = {id(s): [] for s in needing}
+        current = BlockInputs(list(inputs.hidden), inputs.kwargs, inputs.args)
+        for i, block in enumerate(self.blocks):
+            block.to(device)
+            linears = block_linears(block, f"{self.prefix}.{i}")
+            stats, _ = observe(block, current, i, linears)
+            for s in needing:
+                seen[id(s)].append([(_weight(m), stats[n]) for n, m in linears.items()
+                                    if s.targets(n) and n in stats])
+            current.hidden = run_block(block, current, i)
+            block.to(home)
+        return {id(s): s.allocate(seen[id(s)]) for s in needing}
+
     def _block(self, index: int, inputs: BlockInputs, steps):
         block = self.blocks[index]
         prefix = f"{self.prefix}.{index}"
         for step in steps:
+            step = self.allocated.get(id(step), {}).get(index, step) if self.allocated else step
             targets = {n: m for n, m in block_linears(block, prefix).items() if step.targets(n)}
             if not targets:
                 continue
@@ -197,6 +225,7 @@ class SequentialCompressor:
         inputs = capture_inputs(self.model, windows, batch_size, home)
         if device != home:  # blocks visit `device` one at a time; the rest of the model stays home
             inputs = BlockInputs(_to(inputs.hidden, device), _to(inputs.kwargs, device), _to(inputs.args, device))
+        self.allocated = {k: dict(enumerate(v)) for k, v in self._prepass(inputs, device).items()}
         passes = [self.steps] if schedule == "layer-major" else [[s] for s in self.steps]
         n = len(self.blocks)
         self.block_seconds = [0.0] * n

@@ -8,3 +8,5 @@ from .quant import gptq  # noqa: F401
 from .lowrank import svd  # noqa: F401
 from .lowrank import asvd  # noqa: F401
 from .lowrank import svdllm  # noqa: F401
+from .joint import qer  # noqa: F401
+from .joint import sslc  # noqa: F401

@@ -10,10 +10,13 @@ its codes (the scores use the dequantized values).
 
 OWL (Yin et al., "Outlier Weighed Layerwise sparsity", 2024) gives decoder blocks with more
 outliers (scores above ``owl_threshold`` × the block's mean score) a lower sparsity. It needs every
-block's outlier ratio before the first block is pruned, i.e. a model-level prepass that the sequential
-pipeline (one Linear at a time) does not have, and a per-Linear approximation cannot keep the global
-budget. So ``owl: true`` is refused at construction; :func:`outlier_ratio`, :func:`block_outlier_ratio`
-and :func:`owl_sparsities` implement the allocation rule (as in the OWL code) for that prepass.
+block's outlier ratio before the first block is pruned: with ``owl: true`` the pipeline runs a dense
+prepass (one observe + forward per block on the uncompressed model, as the OWL code does) and asks
+`Wanda.allocate` for one copy of the step per block, with sparsity ``target − (r_i − mean r)`` where
+r_i are the outlier ratios min-max scaled to [0, 2λ] (:func:`owl_sparsities`). The mean sparsity over
+blocks is the target; since every block of a decoder has the same Linear shapes, the global budget is
+kept up to the per-row rounding of each block. ``Recipe.check`` costs the uniform plan (the allocation
+needs data), so the saved bytes may differ from its estimate by that rounding.
 
 Example::
 
@@ -25,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar, Sequence
 
 import torch
@@ -35,7 +39,7 @@ from ...algebra.terms import Sparse
 from ...registry import register
 from .common import ScopedPruneConfig
 
-OWL_UNAVAILABLE = "owl allocation needs a model-level prepass; not available yet"
+log = logging.getLogger(__name__)
 
 
 # -- pure functions ------------------------------------------------------------------------------
@@ -88,18 +92,32 @@ class Wanda(ScopedPruneConfig):
     name: ClassVar[str] = "wanda"
     summary: ClassVar[str] = "prune by |W|·‖x‖ per output row (unstructured or N:M), no weight update"
 
-    owl: bool = Field(False, description="OWL non-uniform sparsity per decoder block (needs a model-level "
-                      "prepass; not available yet: true is refused)")
+    owl: bool = Field(False, description="OWL non-uniform sparsity per decoder block from a dense prepass "
+                      "(mean sparsity kept; needs `sparsity`, unstructured)")
     owl_threshold: float = Field(5.0, gt=0, description="OWL outlier threshold M: a score is an outlier above "
                                  "M × the block's mean score")
     owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="OWL spread: block sparsities span 2λ around "
                               "the target")
 
     @model_validator(mode="after")
-    def _owl_needs_prepass(self):
-        if self.owl:
-            raise ValueError(f"owl=True: {OWL_UNAVAILABLE}; use owl=false (uniform sparsity)")
+    def _owl_needs_a_sparsity(self):
+        if self.owl and (self.sparsity is None or self.pattern != "unstructured"):
+            raise ValueError(f"owl=True allocates a target `sparsity` across blocks for an unstructured pattern; got "
+                             f"sparsity={self.sparsity!r}, ratio={self.ratio!r}, pattern={self.pattern!r}")
         return self
+
+    @property
+    def needs_prepass(self) -> bool:
+        return self.owl
+
+    def allocate(self, blocks):
+        """OWL: block i gets ``sparsity - (normalised outlier ratio_i - mean)``; the mean stays `sparsity`."""
+        ratios = [block_outlier_ratio([(w, st.sq_mean) for w, st in linears], self.owl_threshold)
+                  for linears in blocks]
+        sparsities = owl_sparsities(ratios, self.sparsity, self.owl_lambda)
+        log.info("OWL outlier ratios %s -> sparsities %s", [round(r, 4) for r in ratios],
+                 [round(s, 4) for s in sparsities])
+        return [self.model_copy(update={"sparsity": s, "owl": False}) for s in sparsities]
 
     def apply(self, layer: CompressedLinear, stats):
         spec = layer.spec()

@@ -1,0 +1,1 @@
+"""Joint methods: several term types fitted together."""
