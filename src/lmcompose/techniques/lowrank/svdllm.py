@@ -12,7 +12,8 @@ synthetic layers with 300× outlier channels the layer error differs by ~1e-9 re
 costs 2–4× the time on CPU).
 
 Gram. G here is ``stats.gram`` = XᵀX / N (fp32 running mean), promoted to fp64 for the Cholesky;
-the reference accumulates the unnormalized XᵀX in fp64. Scaling G by N scales S by √N and every σ by
+the reference accumulates the unnormalized XᵀX in fp32 and promotes it to fp64 before its Cholesky.
+Scaling G by N scales S by √N and every σ by
 √N with the same U: the same truncation and the same product W_u W_v (the √Σ split only moves a
 constant N^¼ from W_v to W_u, which per-row quantization grids absorb).
 
