@@ -57,7 +57,29 @@ def rows_techniques():
     return rows
 
 
-TABLES = {"foundation": rows_foundation, "techniques": rows_techniques}
+def rows_joint():
+    """Issue 4: joint methods against single ones at equal bytes."""
+    g64 = {"bits": 4, "group_size": 64}
+    rows = {"dense": None}
+    for kept in (0.5, 0.6):  # fraction of fp16 bytes kept, all storage counted
+        for method in ("wanda", "sparsegpt", "svdllm", "sslc", "oats"):
+            rows[f"{method} {int(kept * 100)}% bytes"] = [step(method, ratio=kept)]
+    # about 4.3 bits per weight (the bytes of GPTQ w4 g64)
+    rows["gptq w4 g64"] = [step("gptq", **g64)]
+    rows["qera w3 g64 + rank (4.3 bpw)"] = [step("qera", bits=3, group_size=64, ratio=0.27)]
+    rows["dam w8 g64 (4.3 bpw)"] = [step("dam", bits=8, group_size=64, ratio=0.27)]
+    rows["L→Q w8 g64 (4.3 bpw)"] = [step("dam", bits=8, group_size=64, ratio=0.27, mode="l_then_q")]
+    rows["Q→L w8 g64 (analysis)"] = [step("dam", bits=8, group_size=64, ratio=0.27, mode="q_then_l")]
+    # 50% sparsity + 4 bits, three ways
+    rows["S→Q sparsegpt 50% → gptq w4"] = [step("sparsegpt", sparsity=0.5), step("gptq", **g64)]
+    rows["Q→S gptq w4 → wanda 50%"] = [step("gptq", **g64), step("wanda", sparsity=0.5)]
+    rows["joint sparsegpt 50% + w4"] = [step("sparsegpt", sparsity=0.5, **g64)]
+    # the triple S + L + Q
+    rows["triple sslc 60% → gptq w4"] = [step("sslc", ratio=0.6), step("gptq", **g64)]
+    return rows
+
+
+TABLES = {"foundation": rows_foundation, "techniques": rows_techniques, "joint": rows_joint}
 
 
 def machine() -> str:
@@ -132,6 +154,7 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="suffix for the results file (e.g. full)")
     p.add_argument("--out-root", default=str(Path(tempfile.gettempdir()) / "lmcompose-bench"))
     p.add_argument("--calib-n", type=int, default=128, help="calibration windows of 512 C4 tokens")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens only")
     p.add_argument("--list", action="store_true")
     p.add_argument("extra", nargs="*", help="extra CLI args after --")
     args = p.parse_args(argv)
@@ -142,6 +165,9 @@ def main(argv=None):
     RESULTS.mkdir(exist_ok=True)
     Path(args.out_root).mkdir(parents=True, exist_ok=True)
     model_tag = args.model.replace("/", "_")
+    if args.max_tokens:
+        args.extra = [*args.extra, "--max-tokens", str(args.max_tokens)]
+        args.tag = f"-t{args.max_tokens}{args.tag}"
     dest = RESULTS / f"{args.table}-{model_tag}-{args.protocol}-c4x{args.calib_n}{args.tag}.jsonl"
     for name, steps in rows.items():
         if args.only and name not in args.only:
