@@ -241,7 +241,8 @@ def test_sigma_split_keeps_the_product(split):
 BUDGETS = {"magnitude": ("sparsity", 0.7, 0.3), "wanda": ("sparsity", 0.7, 0.3), "sparsegpt": ("sparsity", 0.7, 0.3),
            "rtn": ("bits", 2, 4), "gptq": ("bits", 2, 4), "svd": ("ratio", 0.5, 0.9), "asvd": ("ratio", 0.5, 0.9),
            "svdllm": ("ratio", 0.5, 0.9), "qer": ("rank", 1, 8), "lqer": ("rank", 1, 8), "l2qer": ("rank", 1, 8),
-           "qera": ("rank", 1, 8), "sslc": ("ratio", 0.4, 0.8), "oats": ("ratio", 0.4, 0.8)}
+           "qera": ("rank", 1, 8), "sslc": ("ratio", 0.4, 0.8), "oats": ("ratio", 0.4, 0.8),
+           "dam": ("ratio", 0.2, 0.4)}
 
 
 def test_every_registered_technique_has_a_pipeline_case():

@@ -10,3 +10,4 @@ from .lowrank import asvd  # noqa: F401
 from .lowrank import svdllm  # noqa: F401
 from .joint import qer  # noqa: F401
 from .joint import sslc  # noqa: F401
+from .joint import dam  # noqa: F401

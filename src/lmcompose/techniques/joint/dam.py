@@ -1,0 +1,317 @@
+"""DAM, the Diagonal Adhesive Method: low rank, then quantization, with a learned diagonal between the
+factors (Huang, Wang, Wang, Zhao, Liu, "Break Through the Compression Bottleneck: From Theory to
+Practice", Findings of ACL 2026, arXiv 2607.20434; no public code). The paper argues that low rank (L)
+and quantization (Q) are not orthogonal and that L → Q beats Q → L; DAM adds a learnable rank-wise
+scaling between the two SVD factors. Only that much is known [S]; the algorithm below is the
+reconstruction of METHODS.md §1.4, and every ambiguity of §1.6 that matters here is a config field.
+
+Algorithm (``mode: dam``), per Linear with input Gram H = E[x xᵀ]:
+
+1. Rank-r factors A B ≈ W: plain truncated SVD (the paper [S]) or SVD-LLM's whitened SVD
+   (``decomposition``), Σ split by ``sigma_split`` (√Σ on both by default; the paper's split is unknown).
+2. Insert D = diag(d), d > 0: W ≈ (A D)(D⁻¹ B). Exact in full precision; after quantization d decides how
+   the range is shared between U = A D (whose quantization groups run along the rank dimension) and the
+   rank activations z = D⁻¹ B x (which feed U).
+3. Initialise d SmoothQuant-style on the rank dimension: d_i = rms(z_i)^α / max_j|A_ji|^(1−α) with
+   z = B x (``init: smoothquant``; ``init: ones`` starts from plain L → Q). SmoothQuant uses max|z_i|;
+   the statistics hold the Gram, not the tokens, so the exact rms √(B H Bᵀ)_ii takes its place.
+4. Learn log d with Adam (``steps``, ``lr``) on the layer output error of the fake-quantized factors,
+   tr((W − Ŵ(d)) H (W − Ŵ(d))ᵀ), Ŵ(d) = Q(A D) · Q(D⁻¹ B), Q the RTN grid of ``algebra/quant.py``
+   per group (``fake_quantize``: exact RTN values forward; straight-through rounding plus the
+   quantization-step gradient, as LSQ, backward). Pure straight-through would see Ŵ(d) = A B and give
+   d no gradient at all: d only acts through the grids. d is kept at geometric mean 1 (a common scale
+   changes nothing). The best d seen is kept, among the iterates, the initialisation and d = 1, so the
+   fit never ends worse than its start or than plain L → Q (in the fit's own loss).
+5. Quantize both factors with GPTQ (``quantizer: gptq``; ``rtn`` for the plain grid): V = D⁻¹ B with the
+   input Gram H, then U = A D with the Gram of its inputs V̂ H V̂ᵀ (``quant/common.slot_hessians``).
+
+Folding d (``fold_d``). V's quantization groups run along its input columns, row by row, so scaling row i
+by 1/d_i scales that row's scales and leaves its codes unchanged (RTN and GPTQ alike; only the fp16
+rounding of the scales differs): folding d into V is free, before or after quantization. Folding it into
+U's columns is free only *before* U is quantized; afterwards it would change U's grids. ``fold_d: true``
+(default) therefore stores U = Q(A D), V = Q(D⁻¹ B) and no d: zero inference cost. ``fold_d: false`` keeps
+the paper's picture of a diagonal between the factors, W ≈ Q(A D)·diag(d⁻¹)·Q(B): the same codes, and d⁻¹
+stored in the float dtype (r values, counted by ``LowRankSpec``).
+
+Activation quantization (``act_bits: 8``) is a fit-time option only. The layer's forward in the algebra
+(``CompressedLinear``) runs float activations, so nothing about activations is stored, costed or used
+after the fit, and the pipeline's reported error is weight-only. During the fit the objective becomes the
+sampled output error ‖W x − Q(A D)·Q_a(Q(D⁻¹ B)·Q_a(x))‖² with Q_a per-token 8-bit fake quantization (the
+shared symmetric grid, fp32 scale) of both factor inputs. The statistics hold no tokens, so the fit draws
+``act_tokens`` Gaussian surrogate tokens x = L ξ with L Lᵀ = H (the calibration second moments exactly,
+outlier channels included; the heavy tails of real per-token maxima are not reproduced).
+
+The other two orders run from the same code, so the three compare at one rank and one grid:
+
+* ``mode: l_then_q``: steps 1 and 5 with d = 1 (plain L → Q, the order the paper recommends).
+* ``mode: q_then_l``: quantize W with the same quantizer and grid, then factorize the dequantized matrix
+  and keep the factors in float (the paper's Eq. 6). Not deployable (the factors are on no grid):
+  ``info["analysis_only"] = True``. Its bytes are the float factors', planned exactly; with ``ratio`` it
+  takes the rank the deployable modes get at that ratio, so its bytes exceed the budget (analysis only).
+
+Cost per Linear: one SVD (or SVD-LLM's Cholesky + SVD), ``steps`` evaluations of the loss and its
+gradient at O(m·n² + m·n·r) each (the weight-only loss goes through H; the sampled one through the
+tokens), and GPTQ on the two thin factors.
+
+Budget: ``rank``, or ``ratio`` = the largest rank whose quantized U and V (codes, scales, zeros, a stored
+permutation, and a stored d) fit ratio × the Linear's fp16 bytes. The paper's own ratio convention is
+unknown (§1.6); this is the library's one currency.
+
+Example::
+
+    steps:
+      - dam: {ratio: 0.3, bits: 4, group_size: 64}
+      - dam: {rank: 256, bits: 3, mode: l_then_q, decomposition: svdllm}
+      - dam: {ratio: 0.25, bits: 4, act_bits: 8, steps: 300, lr: 0.01, fold_d: false}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ...algebra.quant import QuantSpec, quantize_rtn
+from ...algebra.spec import LinearSpec, LowRankSpec, TensorSpec
+from ...algebra.terms import LowRank, as_float, materialize
+from ...registry import register
+from ..lowrank.common import LowRankConfig
+from ..lowrank.svd import SVD
+from ..lowrank.svdllm import SVDLLM, whitening_factor
+from ..quant.common import slot_hessians
+from ..quant.gptq import gptq_quantize
+
+LOG_D_LIMIT = 8.0  # d stays within e^±8 of its geometric mean: finite in fp16 when stored
+FIT_ONLY = ("init", "alpha", "steps", "lr", "act_bits", "act_tokens", "seed", "fold_d")
+
+
+# -- pure functions ------------------------------------------------------------------------------
+
+def _grid_scale(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Differentiable scale per row and group ([rows, n_groups]); the value of ``grid_params`` before
+    its rounding to the scale dtype."""
+    g = spec.group_size or w.shape[1]
+    out = []
+    for k in range(spec.n_groups(w.shape[1])):
+        block = w[:, k * g:(k + 1) * g]
+        xmax, xmin = block.amax(1).clamp_min(0), block.amin(1).clamp_max(0)
+        if spec.symmetric:
+            xmax = torch.maximum(-xmin, xmax)
+            xmin = torch.where(xmin < 0, -xmax, xmin)
+        out.append((xmax - xmin) / spec.maxq)
+    return torch.stack(out, 1)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """RTN on the shared grid in the forward (bit-identical to ``quantize_rtn(w).dequantize()``); in the
+    backward, straight-through rounding plus the step's gradient (LSQ): ∂ŵ/∂w = 1 + (c − w/s)·∂s/∂w,
+    with c − w/s the detached rounding residual in code units."""
+    qt = quantize_rtn(w.detach(), spec)
+    wq = qt.dequantize()
+    gidx = qt.group_index()
+    step = qt.scale.float()[:, gidx]
+    resid = (wq - w.detach()) / step
+    s = _grid_scale(w, spec)[:, gidx]
+    return wq + (w - w.detach()) + (s - s.detach()) * resid
+
+
+def smoothquant_diagonal(a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """d_i = rms(z_i)^α / max_j|A_ji|^(1−α), z = B x, rms from the Gram; 1 on dead rank channels."""
+    rms = ((b @ gram) * b).sum(1).clamp_min(0).sqrt()
+    amax = a.abs().amax(0)
+    d = rms ** alpha / amax ** (1 - alpha)
+    live = (rms > 0) & (amax > 0) & torch.isfinite(d)
+    return torch.where(live, d, torch.ones_like(d))
+
+
+def surrogate_tokens(gram: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` Gaussian tokens [count, n] with second moment E[x xᵀ] = H (regularised if singular)."""
+    chol, _ = whitening_factor(gram)
+    xi = torch.randn(count, gram.shape[0], generator=generator, device=gram.device, dtype=torch.float64)
+    return (xi @ chol.T).float()
+
+
+def _diagonal(theta: torch.Tensor) -> torch.Tensor:
+    return torch.exp((theta - theta.mean()).clamp(-LOG_D_LIMIT, LOG_D_LIMIT))
+
+
+def dam_fit(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor, spec: QuantSpec,
+            d0: torch.Tensor, steps: int = 200, lr: float = 0.01, tokens: torch.Tensor | None = None,
+            act_bits: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Learn the diagonal d [r] between A [m, r] and B [r, n] (Adam on log d, from `d0`).
+
+    Loss: tr(ΔW H ΔWᵀ) with ΔW = W − Q(A D)·Q(D⁻¹ B), or, with `act_bits`, the mean over `tokens` of
+    ‖W x − Q(A D)·Q_a(Q(D⁻¹ B)·Q_a(x))‖², both relative to the same quantity for ΔW = W. Returns the
+    best d seen (iterates, `d0`, and d = 1) and info with the initial, identity and final losses.
+    """
+    w, a, b, gram = w.float(), a.float(), b.float(), gram.float()
+    act = None if act_bits is None else QuantSpec(act_bits, None, symmetric=True, scale_dtype="fp32")
+    if act is not None:
+        if tokens is None:
+            raise ValueError("dam_fit: act_bits needs `tokens` to quantize per token")
+        target, xq = tokens @ w.T, fake_quantize(tokens, act)
+        ref = float(target.double().pow(2).sum(1).mean())
+    else:
+        ref = float(((w @ gram) * w).double().sum())
+    ref = ref if ref > 0 else 1.0
+
+    def loss_of(theta):
+        d = _diagonal(theta)
+        u, v = fake_quantize(a * d, spec), fake_quantize(b / d.unsqueeze(1), spec)
+        if act is None:
+            dw = w - u @ v
+            return ((dw @ gram) * dw).sum() / ref
+        z = fake_quantize(xq @ v.T, act)
+        return (target - z @ u.T).pow(2).sum(1).mean() / ref
+
+    with torch.enable_grad():  # the pipeline runs under no_grad
+        theta = d0.float().log().clone().requires_grad_(True)
+        opt = torch.optim.Adam([theta], lr=lr)
+        best_loss, best_theta, best_step, initial = float("inf"), None, -1, None
+        for step in range(steps + 1):
+            opt.zero_grad()
+            loss = loss_of(theta)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ValueError(f"dam_fit: the fit loss is {value} at step {step}; check the weight and the "
+                                 "input Gram for non-finite entries")
+            initial = value if initial is None else initial
+            if value < best_loss:
+                best_loss, best_theta, best_step = value, theta.detach().clone(), step
+            if step < steps:
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            identity = float(loss_of(torch.zeros_like(theta)))
+    if identity < best_loss:
+        best_loss, best_theta, best_step = identity, torch.zeros_like(theta.detach()), -1
+    d = _diagonal(best_theta)
+    return d, {"fit_loss_initial": initial, "fit_loss_identity": identity, "fit_loss_final": best_loss,
+               "fit_best_step": best_step, "d_min": float(d.min()), "d_max": float(d.max())}
+
+
+# -- the technique -------------------------------------------------------------------------------
+
+DECOMPOSITIONS = {"svd": SVD, "svdllm": SVDLLM}
+
+
+@register
+class DAM(LowRankConfig):
+    name: ClassVar[str] = "dam"
+    family: ClassVar[str] = "joint"
+    summary: ClassVar[str] = ("SVD factors with a learned diagonal between them, then GPTQ on both (L→Q); "
+                              "also plain L→Q and Q→L (analysis) from the same code")
+
+    mode: Literal["dam", "l_then_q", "q_then_l"] = Field(
+        "dam", description="dam: learn d, then quantize the factors; l_then_q: quantize the SVD factors; "
+        "q_then_l: SVD of the quantized matrix, float factors (analysis only)")
+    decomposition: Literal["svd", "svdllm"] = Field("svd", description="plain truncated SVD (paper) or "
+                                                    "SVD-LLM's whitened SVD")
+    bits: int = Field(4, ge=2, le=8, description="bits per code of U and V")
+    group_size: int | None = Field(None, ge=1, description="input columns per scale (U: rank columns); None = per row")
+    symmetric: bool = Field(True, description="symmetric grid (the paper's Eq. 1) or asymmetric min-max")
+    quantizer: Literal["gptq", "rtn"] = Field("gptq", description="how the factors are quantized (the fit "
+                                              "always uses the RTN grid)")
+    act_order: bool = Field(False, description="gptq: columns by decreasing diag(H) (stores a permutation "
+                            "with a group size)")
+    percdamp: float = Field(0.01, ge=0, description="gptq: damping as a fraction of mean(diag H)")
+    blocksize: int = Field(128, ge=1, description="gptq: columns per lazy-update block")
+    init: Literal["smoothquant", "ones"] = Field("smoothquant", description="initial d: SmoothQuant on the rank "
+                                                 "dimension, or all ones (plain L→Q)")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="SmoothQuant migration strength")
+    steps: int = Field(200, ge=0, description="Adam steps on log d (0: keep the best of init and d = 1)")
+    lr: float = Field(0.01, gt=0, description="Adam learning rate on log d")
+    act_bits: Literal[8] | None = Field(None, description="8: per-token 8-bit fake quantization of both "
+                                        "factor inputs during the fit (fit-time only; not stored)")
+    act_tokens: int = Field(2048, ge=1, description="act_bits: Gaussian surrogate tokens drawn from the Gram")
+    seed: int = Field(0, description="act_bits: seed of the surrogate tokens' generator")
+    fold_d: bool = Field(True, description="fold d into the factors before quantization (free), or store "
+                                           "d⁻¹ between them in the float dtype (r values)")
+
+    @model_validator(mode="after")
+    def _fit_fields(self):
+        # A field that has no effect must keep its default (defaults pass, so recipes round-trip).
+        def changed(fields):
+            return sorted(f for f in fields if getattr(self, f) != type(self).model_fields[f].default)
+        for fields, applies, when in ((FIT_ONLY, self.mode == "dam", f"mode='dam' (got mode={self.mode!r})"),
+                                      (("act_tokens", "seed"), self.act_bits is not None, "act_bits=8"),
+                                      (("act_order", "percdamp", "blocksize"), self.quantizer == "gptq",
+                                       "quantizer='gptq'")):
+            if not applies and changed(fields):
+                raise ValueError(f"{', '.join(changed(fields))} only apply with {when}")
+        return self
+
+    def qspec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+    @property
+    def stores_perm(self) -> bool:
+        return self.quantizer == "gptq" and self.act_order and self.group_size is not None
+
+    # -- typing and costing --------------------------------------------------------------------
+    def spec_for(self, spec: LinearSpec, r: int) -> LinearSpec:
+        """The deployable layer at rank r: quantized U and V (+ d when not folded). Sets the rank."""
+        q, perm = self.qspec(), self.stores_perm
+        d = None if self.fold_d else TensorSpec(r, 1, self.float_dtype(spec))
+        return spec.with_terms([LowRankSpec(TensorSpec(spec.out_features, r, quant=q, perm=perm),
+                                            TensorSpec(r, spec.in_features, quant=q, perm=perm), d)])
+
+    def plan(self, spec: LinearSpec) -> LinearSpec:
+        r = self.resolve_rank(spec)
+        return super().spec_for(spec, r) if self.mode == "q_then_l" else self.spec_for(spec, r)
+
+    # -- the work ------------------------------------------------------------------------------
+    def _quantize(self, w: torch.Tensor, hessian: torch.Tensor):
+        if self.quantizer == "rtn":
+            return quantize_rtn(w, self.qspec())
+        qt, _ = gptq_quantize(w, hessian, self.qspec(), act_order=self.act_order, percdamp=self.percdamp,
+                              blocksize=self.blocksize)
+        return qt
+
+    def _factorize(self, w: torch.Tensor, stats, rank: int):
+        method = DECOMPOSITIONS[self.decomposition](rank=rank, sigma_split=self.sigma_split, precision=self.precision)
+        a, b, info = method.factorize(w, stats, rank)
+        return a.float(), b.float(), info
+
+    def _fit(self, w, a, b, gram):
+        d0 = smoothquant_diagonal(a, b, gram, self.alpha) if self.init == "smoothquant" else torch.ones_like(a[0])
+        tokens = None
+        if self.act_bits is not None:
+            gen = torch.Generator(device=gram.device).manual_seed(self.seed)
+            tokens = surrogate_tokens(gram, self.act_tokens, gen)
+        return dam_fit(w, a, b, gram, self.qspec(), d0, self.steps, self.lr, tokens, self.act_bits)
+
+    def apply(self, layer, stats):
+        spec = layer.spec()
+        rank, dtype = self.resolve_rank(spec), self.float_dtype(spec)
+        w = layer.terms[0].weight(torch.float32)
+        device, gram = w.device, stats.gram.float()
+        w = w.to(gram.device)
+        info = {"mode": self.mode, "rank": rank, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric, "quantizer": self.quantizer, "decomposition": self.decomposition}
+        if self.mode == "q_then_l":
+            w_q = self._quantize(w, gram).dequantize()
+            a, b, extra = self._factorize(w_q, stats, rank)
+            term = LowRank(as_float(a, dtype), as_float(b, dtype))
+            info["analysis_only"] = True
+        else:
+            a, b, extra = self._factorize(w, stats, rank)
+            if self.mode == "dam":
+                d, fit = self._fit(w, a, b, gram)
+                info.update(fit, init=self.init, act_bits=self.act_bits, fold_d=self.fold_d)
+            else:
+                d = torch.ones(rank, device=a.device)
+            if self.fold_d:
+                floats = LowRank(a * d, b / d.unsqueeze(1))
+            else:  # the stored diagonal is d⁻¹ as rounded to the float dtype; U absorbs its rounding
+                between = as_float(1 / d, dtype)
+                floats = LowRank(a / between.float(), b, between)
+            quantized = {}
+            for slot, hessian in slot_hessians(floats, gram):
+                quantized[slot] = self._quantize(materialize(floats.slots()[slot]), hessian(quantized))
+            term = floats.replace(**quantized)
+        new = layer.with_terms([term.to(device)])
+        info.update(extra, ratio=new.spec().nbytes() / spec.dense_fp16_nbytes())
+        return new, info
