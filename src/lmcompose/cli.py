@@ -4,6 +4,7 @@
     lmcompose eval --model NAME|PATH|CHECKPOINT --protocol quick
     lmcompose recipe check R.yaml --model NAME
     lmcompose techniques
+    lmcompose export RUN_DIR --format dense|compressed-tensors|gguf --out PATH
     lmcompose analyze --a "wanda: {sparsity: 0.5}" --b "gptq: {bits: 4, group_size: 64}" --out DIR
 """
 
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--calib-seqlen", type=int, default=512)
     an.add_argument("--seed", type=int, default=0)
     an.set_defaults(func=cmd_analyze)
+
+    from .models import export
+    export.add_parser(sub)
 
     t = sub.add_parser("techniques", help="list registered techniques with their parameters")
     t.set_defaults(func=cmd_techniques)

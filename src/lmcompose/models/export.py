@@ -1,0 +1,409 @@
+"""Exports of a compressed model for other engines: compressed-tensors and GGUF.
+
+Both need a *quantization-only* result: every CompressedLinear holds one Dense term whose tensor is a
+:class:`QTensor` (RTN, GPTQ, ...). Anything else (sparse, low-rank, a float dense term) is refused
+with the first offending layer and its structure; such results go out as a merged dense checkpoint
+(:func:`lmcompose.models.checkpoint.export_dense`). Codes are written bit-exactly: nothing is
+re-quantized.
+
+**compressed-tensors** (``pack-quantized``, what vLLM and transformers load; format read from the
+``compressed-tensors`` package, ``compressors/pack_quantized``). Per Linear ``name``:
+``name.weight_packed`` int32 [rows, cols·bits/32], value i of a row at bits ``i·bits`` of word
+``i·bits // 32``, each value the *unsigned* code ``q + 2^(b-1)``; ``name.weight_scale`` [rows, groups]
+in our scale dtype; ``name.weight_shape`` int64 [2]; asymmetric grids add ``name.weight_zero_point``
+(signed zero points, packed the same way along the row axis: int32 [rows·bits/32, groups]).
+compressed-tensors dequantizes ``scale · (q - zp)`` with signed ``q`` in [-2^(b-1), 2^(b-1) - 1], so our
+unsigned ``code`` and ``zero`` map exactly: ``q = code - 2^(b-1)``, ``zp = zero - 2^(b-1)``, and a
+symmetric grid (fixed ``zero = 2^(b-1)``) is ``q = code - 2^(b-1)`` with no zero point. Limits, each
+refused with the reason: bits must divide 32 (2, 4, 8: the packing of other widths changed between
+compressed-tensors versions and vLLM reads 4 and 8); ``group_size`` must divide in_features
+(compressed-tensors has no shorter last group); a stored act-order permutation has no representation
+(``actorder="group"``/``g_idx`` was removed from compressed-tensors; use GPTQ ``static_groups: true``).
+``group_size=None`` (one scale per row) is the ``channel`` strategy. Load it in transformers with
+``quantization_config=CompressedTensorsConfig(dequantize=True)``: with ``dequantize=False``, transformers
+5.23 + compressed-tensors 0.20 allocate an *unpacked* ``weight_zero_point`` and reject asymmetric files,
+even though the package's own ``compress()`` and vLLM use the packed layout written here.
+
+**GGUF** (llama architecture only; ``gguf.GGUFWriter``; tensor names from ``gguf.TensorNameMap``, q/k
+rows permuted as llama.cpp's ``convert_hf_to_gguf.py`` does). A grid maps onto a GGML block type when
+blocks of 32 columns never straddle two of our groups (``cols % 32 == 0`` and ``group_size`` a multiple
+of 32, or per row) and the scales are fp16 values:
+
+    symmetric 4-bit → Q4_0 (d·(q-8)),  symmetric 5-bit → Q5_0 (d·(q-16)),  symmetric 8-bit → Q8_0 (d·q)
+    asymmetric 4-bit → Q4_1 (d·q + m), asymmetric 5-bit → Q5_1 (d·q + m)
+
+Codes and d are bit-exact. For Q4_1/Q5_1 the offset ``m = -scale·zero`` is stored as fp16, so it is
+rounded (relative error ≤ 2⁻¹¹ of m; the only inexact value in the file). Other grids are refused unless
+``allow_requant=True``, which writes those Linears as F16 dense weights (logged, and listed in the
+``lmcompose.requantized`` metadata key). The tokenizer is written the way ``convert_hf_to_gguf`` writes a
+byte-level BPE (``tokenizer.ggml.model = "gpt2"``: tokens, token types, merges, special ids); other
+tokenizer types are refused (pass ``tokenizer=None`` to write weights only).
+
+Example::
+
+    model, tok, _ = load_compressed("runs/smollm2-gptq4")
+    export_compressed_tensors(model, "out/ct", tok)          # vLLM: LLM("out/ct")
+    export_gguf(model, "out/model.gguf", tok)                 # llama.cpp / from_pretrained(gguf_file=...)
+
+CLI: ``lmcompose export RUN_DIR --format dense|compressed-tensors|gguf --out PATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from ..algebra.linear import CompressedLinear
+from ..algebra.quant import FLOAT_DTYPES, QTensor
+from ..algebra.terms import Dense
+from .checkpoint import atomic_dir, compressed_modules, other_tensors
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("dense", "compressed-tensors", "gguf")
+
+
+def quantized_weights(model, fmt: str) -> dict[str, QTensor]:
+    """The QTensor of every CompressedLinear; refuse anything that is not quantization-only."""
+    out = {}
+    for name, mod in compressed_modules(model).items():
+        terms = mod.terms
+        if len(terms) != 1 or not isinstance(terms[0], Dense) or not isinstance(terms[0].a, QTensor):
+            raise ValueError(f"the {fmt} export needs quantization-only layers (one dense term holding a quantized "
+                             f"tensor); {name} is {mod.spec().describe()}. Use --format dense for other results")
+        out[name] = terms[0].a.to("cpu")
+    return out
+
+
+# -- compressed-tensors ------------------------------------------------------------------------------
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned `bits`-bit values [rows, n] along the last axis into int32 words, low bits first."""
+    per_word = 32 // bits
+    rows, n = values.shape
+    padded = torch.zeros(rows, -(-n // per_word) * per_word, dtype=torch.int64)
+    padded[:, :n] = values.to(torch.int64)
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (padded.reshape(rows, -1, per_word) << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's-complement wrap
+
+
+def _ct_check(name: str, q: QTensor) -> None:
+    spec, cols = q.spec, q.shape[1]
+    if 32 % spec.bits:
+        raise ValueError(f"{name}: bits={spec.bits} cannot be written as compressed-tensors pack-quantized; "
+                         "allowed: 2, 4, 8 (widths that divide 32)")
+    if q.perm is not None:
+        raise ValueError(f"{name}: the grid stores an act-order permutation, which compressed-tensors cannot "
+                         "represent (actorder='group' / g_idx was removed); quantize with GPTQ "
+                         "static_groups: true, or act_order: false")
+    if spec.group_size is not None and cols % spec.group_size:
+        raise ValueError(f"{name}: group_size={spec.group_size} does not divide in_features={cols}, and "
+                         "compressed-tensors has no shorter last group; pick a group size that divides it")
+
+
+def _ct_scheme(spec) -> dict:
+    grouped = spec.group_size is not None
+    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
+            "group_size": spec.group_size, "strategy": "group" if grouped else "channel",
+            "dynamic": False}
+
+
+def ct_tensors(name: str, q: QTensor) -> dict[str, torch.Tensor]:
+    """One Linear's tensors in compressed-tensors pack-quantized layout (see the module docstring)."""
+    out = {f"{name}.weight_packed": pack_int32(q.codes, q.spec.bits),
+           f"{name}.weight_scale": q.scale.contiguous(),
+           f"{name}.weight_shape": torch.tensor(q.shape, dtype=torch.int64)}
+    if q.zero is not None:  # packed along rows: transpose, pack, transpose back
+        out[f"{name}.weight_zero_point"] = pack_int32(q.zero.T, q.spec.bits).T.contiguous()
+    return out
+
+
+def export_compressed_tensors(model, out_dir: str | Path, tokenizer=None, float_dtype: str = "fp16",
+                              overwrite: bool = False) -> Path:
+    """Write a Hugging Face checkpoint in compressed-tensors ``pack-quantized`` format.
+
+    Args:
+        model: a model whose CompressedLinears are quantization-only.
+        out_dir: output directory (written atomically).
+        tokenizer: saved beside the weights when given.
+        float_dtype: dtype of every other tensor (embeddings, norms, unquantized Linears) and of config ``dtype``.
+        overwrite: replace an existing `out_dir`.
+    """
+    weights = quantized_weights(model, "compressed-tensors")
+    for name, q in weights.items():
+        _ct_check(name, q)
+    layers = compressed_modules(model)
+    tensors = other_tensors(model, float_dtype)
+    groups: dict[tuple, list[str]] = {}
+    for name, q in weights.items():
+        tensors.update(ct_tensors(name, q))
+        bias = layers[name].bias_value
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.to(FLOAT_DTYPES[float_dtype]).cpu().contiguous()
+        groups.setdefault((q.spec.bits, q.spec.group_size, q.spec.symmetric), []).append(name)
+    config_groups = {f"group_{i}": {"targets": names, "weights": _ct_scheme(weights[names[0]].spec),
+                                    "input_activations": None, "output_activations": None,
+                                    "format": "pack-quantized"}
+                     for i, names in enumerate(groups.values())}
+    qconfig = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+               "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None,
+               "global_compression_ratio": None}
+    with atomic_dir(out_dir, overwrite) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config["quantization_config"] = qconfig
+        config["dtype"] = str(FLOAT_DTYPES[float_dtype]).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+# -- GGUF ----------------------------------------------------------------------------------------------
+GGUF_BLOCK = 32
+# (symmetric, bits) -> GGML type name; the dequantization each type applies is in the module docstring
+GGUF_TYPES = {(True, 4): "Q4_0", (False, 4): "Q4_1", (True, 5): "Q5_0", (False, 5): "Q5_1", (True, 8): "Q8_0"}
+
+
+def gguf_type(q: QTensor) -> tuple[str | None, str]:
+    """(GGML type name, "") when the grid maps onto one exactly, else (None, reason)."""
+    spec, cols = q.spec, q.shape[1]
+    name = GGUF_TYPES.get((spec.symmetric, spec.bits))
+    if name is None:
+        allowed = ", ".join(f"{'sym' if s else 'asym'} {b}-bit" for s, b in GGUF_TYPES)
+        return None, f"{'symmetric' if spec.symmetric else 'asymmetric'} {spec.bits}-bit has no GGML type ({allowed})"
+    if q.perm is not None:
+        return None, "the grid stores an act-order permutation (GGUF blocks follow the column order)"
+    if cols % GGUF_BLOCK or (spec.group_size is not None and spec.group_size % GGUF_BLOCK):
+        return None, (f"GGML blocks are {GGUF_BLOCK} columns: in_features={cols} and group_size={spec.group_size} "
+                      f"must be multiples of {GGUF_BLOCK}")
+    if not torch.equal(q.scale.to(torch.float16).to(q.scale.dtype), q.scale):
+        return None, f"scale_dtype={spec.scale_dtype} scales are not all fp16 values (GGML stores fp16 d)"
+    return name, ""
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """GGML 4-bit layout of [n, 32] codes: byte j holds element j (low) and element j+16 (high)."""
+    return (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)
+
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).reshape(-1, 1).view(torch.uint8)
+
+
+def gguf_blocks(q: QTensor, type_name: str) -> np.ndarray:
+    """The GGML block bytes [rows, blocks·type_size] of `q` (codes and d bit-exact)."""
+    rows, cols = q.shape
+    g = q.spec.group_size or cols
+    block_group = torch.arange(0, cols, GGUF_BLOCK) // g
+    d = q.scale[:, block_group].reshape(-1)  # fp16 values (checked), one per 32-column block
+    codes = q.codes.to(torch.int32).reshape(-1, GGUF_BLOCK)
+    parts = [_f16_bytes(d)]
+    if q.zero is not None:  # asymmetric: d·q + m with m = -d·zero (rounded to fp16)
+        zero = q.zero.float()[:, block_group].reshape(-1)
+        parts.append(_f16_bytes(-d.float() * zero))
+    if type_name == "Q8_0":
+        parts.append((codes - 128).to(torch.int8).view(torch.uint8))
+    else:
+        if type_name in ("Q5_0", "Q5_1"):  # 5th bits as one little-endian uint32 per block
+            high = ((codes >> 4) & 1).to(torch.int64) << torch.arange(GGUF_BLOCK, dtype=torch.int64)
+            parts.append(high.sum(1).to(torch.int32).reshape(-1, 1).view(torch.uint8))
+        parts.append(_nibbles(codes).to(torch.uint8))
+    blocks = torch.cat(parts, dim=1)
+    return blocks.reshape(rows, -1).numpy()
+
+
+def _rope_rows(rows: int, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row permutation (``convert_hf_to_gguf.py`` LlamaModel.permute) as a row index."""
+    return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
+
+
+def _permute_rows(t, idx):
+    if isinstance(t, QTensor):
+        return QTensor(t.codes[idx], t.scale[idx], None if t.zero is None else t.zero[idx], t.spec, t.perm)
+    return t[idx]
+
+
+def _gguf_hparams(writer, config) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"rope type {rope.get('rope_type', rope.get('type'))!r} is not written by this GGUF "
+                         "export (only the default RoPE); use --format dense or compressed-tensors")
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _gguf_tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> None:
+    """Byte-level BPE vocabulary as ``convert_hf_to_gguf`` writes it (``tokenizer.ggml.model = gpt2``)."""
+    import gguf
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+    model = backend.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
+        raise ValueError(f"the GGUF export writes byte-level BPE tokenizers only; this one is "
+                         f"{model.get('type')!r} with pre-tokenizer {(backend.get('pre_tokenizer') or {}).get('type')!r}. "
+                         "Pass tokenizer=None (CLI: --no-tokenizer) to write the weights only")
+    vocab = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(vocab) >= vocab_size:
+        raise ValueError(f"tokenizer has token id {max(vocab)} but the model's vocab_size is {vocab_size}")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in vocab:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(vocab[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(vocab[i])
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for kind, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if token_id is not None:
+            add(token_id)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def export_gguf(model, out_path: str | Path, tokenizer=None, *, allow_requant: bool = False,
+                float_dtype: str = "fp16", pre_tokenizer: str = "gpt-2", overwrite: bool = False) -> Path:
+    """Write a llama-architecture GGUF file whose quantized Linears keep their codes bit-exactly.
+
+    Args:
+        model: a quantization-only result of a ``llama`` model (config ``model_type``).
+        out_path: the ``.gguf`` file (written to a temporary sibling, then renamed).
+        tokenizer: byte-level BPE tokenizer written as GGUF metadata; None writes weights only.
+        allow_requant: write Linears whose grid has no GGML type as F16 dense instead of refusing.
+        float_dtype: ``fp16`` or ``fp32`` for the other 2-D tensors (1-D tensors are F32, as in llama.cpp).
+        pre_tokenizer: ``tokenizer.ggml.pre`` (llama.cpp's pre-tokenizer name; ``gpt-2`` is GPT-2's regex).
+        overwrite: replace an existing file.
+    """
+    import gguf
+
+    config = model.config
+    if config.model_type != "llama":
+        raise ValueError(f"the GGUF export writes the llama architecture only; model_type={config.model_type!r}. "
+                         "Use --format compressed-tensors or dense")
+    if float_dtype not in ("fp16", "fp32"):
+        raise ValueError(f"float_dtype={float_dtype!r} is not allowed for GGUF; allowed: fp16, fp32")
+    out = Path(out_path)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{str(out)!r} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    weights = quantized_weights(model, "GGUF")
+    layers = compressed_modules(model)
+    tensors: dict[str, torch.Tensor | QTensor] = dict(other_tensors(model, "fp32"))
+    requant = []
+    for name, q in weights.items():
+        type_name, reason = gguf_type(q)
+        if type_name is None and not allow_requant:
+            raise ValueError(f"{name}: {reason}; pass allow_requant=True (CLI: --allow-requant) to write such "
+                             "Linears as F16 dense weights instead")
+        if type_name is None:
+            log.warning("GGUF export: %s written as F16 dense (%s)", name, reason)
+            requant.append(name)
+        tensors[f"{name}.weight"] = q if type_name else q.dequantize(torch.float32)
+        if layers[name].bias_value is not None:
+            tensors[f"{name}.bias"] = layers[name].bias_value.float().cpu()
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer.add_name(getattr(config, "_name_or_path", "") or "lmcompose export")
+        _gguf_hparams(writer, config)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_string("lmcompose.requantized", json.dumps(requant))
+        if tokenizer is not None:
+            _gguf_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
+        for hf_name, t in tensors.items():
+            base, _, suffix = hf_name.rpartition(".")
+            mapped = names.get_name(base)
+            if mapped is None:
+                raise ValueError(f"tensor {hf_name!r} has no llama.cpp name in gguf.TensorNameMap")
+            n_head = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(
+                mapped.rpartition(".")[2])
+            if n_head is not None:
+                rows = t.shape[0]
+                t = _permute_rows(t, _rope_rows(rows, n_head))
+            gguf_name = f"{mapped}.{suffix}"
+            if isinstance(t, QTensor):
+                type_name, _ = gguf_type(t)
+                writer.add_tensor(gguf_name, gguf_blocks(t, type_name),
+                                  raw_dtype=gguf.GGMLQuantizationType[type_name])
+            elif t.ndim == 1 or float_dtype == "fp32":
+                writer.add_tensor(gguf_name, t.float().numpy())
+            else:
+                writer.add_tensor(gguf_name, t.to(torch.float16).numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+# -- command line -------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from rich.console import Console
+
+    from .checkpoint import export_dense, load_compressed
+
+    model, tokenizer, meta = load_compressed(args.run_dir)
+    if args.no_tokenizer:
+        tokenizer = None
+    if args.format == "dense":
+        out = export_dense(model, args.out, tokenizer, dtype=args.dtype, overwrite=args.overwrite)
+    elif args.format == "compressed-tensors":
+        out = export_compressed_tensors(model, args.out, tokenizer, float_dtype=args.dtype, overwrite=args.overwrite)
+    else:
+        out = export_gguf(model, args.out, tokenizer, allow_requant=args.allow_requant, float_dtype=args.dtype,
+                          overwrite=args.overwrite)
+    Console().print(f"wrote {args.format} export of {args.run_dir} ({meta.get('base_model') or 'model'}) to {out}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """``lmcompose export RUN_DIR --format dense|compressed-tensors|gguf --out PATH``."""
+    p = sub.add_parser("export", help="write a compressed checkpoint for other engines: merged dense HF, "
+                                      "compressed-tensors (vLLM) or GGUF (llama.cpp)")
+    p.add_argument("run_dir", help="an lmcompose checkpoint directory (from `lmcompose compress`)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="output directory (dense, compressed-tensors) or .gguf file")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="dtype of the float tensors written (GGUF: fp16 or fp32)")
+    p.add_argument("--allow-requant", action="store_true",
+                   help="GGUF: write Linears whose grid has no GGML type as F16 dense instead of refusing")
+    p.add_argument("--no-tokenizer", action="store_true", help="write the weights without the tokenizer")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
