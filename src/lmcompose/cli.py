@@ -4,6 +4,8 @@
     lmcompose eval --model NAME|PATH|CHECKPOINT --protocol quick
     lmcompose recipe check R.yaml --model NAME
     lmcompose techniques
+    lmcompose zeroshot --model NAME|CHECKPOINT --tasks boolq,rte,piqa,winogrande,openbookqa,lambada --limit 100
+    lmcompose fidelity --compressed CHECKPOINT [--dense NAME]
     lmcompose export RUN_DIR --format dense|compressed-tensors|gguf --out PATH
     lmcompose analyze --a "wanda: {sparsity: 0.5}" --b "gptq: {bits: 4, group_size: 64}" --out DIR
 """
@@ -289,8 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--seed", type=int, default=0)
     an.set_defaults(func=cmd_analyze)
 
+    from .eval import fidelity, zeroshot
     from .models import export
-    export.add_parser(sub)
+    for module in (export, zeroshot, fidelity):
+        module.add_parser(sub)
 
     t = sub.add_parser("techniques", help="list registered techniques with their parameters")
     t.set_defaults(func=cmd_techniques)
