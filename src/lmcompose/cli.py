@@ -3,6 +3,7 @@
     lmcompose compress [--model smollm2-135m] [--recipe R.yaml | --preset NAME] [--out DIR] [--eval quick]
     lmcompose eval --model NAME|PATH|CHECKPOINT --protocol quick
     lmcompose recipe check R.yaml --model NAME
+    lmcompose recipe explain R.yaml --model NAME
     lmcompose techniques
     lmcompose zeroshot --model NAME|CHECKPOINT --tasks boolq,rte,piqa,winogrande,openbookqa,lambada --limit 100
     lmcompose fidelity --compressed CHECKPOINT [--dense NAME]
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -66,7 +68,7 @@ def _plan_table(result, title: str) -> Table:
     for role, specs in roles.items():
         nbytes = sum(s.nbytes() for s in specs)
         weights = sum(s.out_features * s.in_features for s in specs)
-        table.add_row(role, str(len(specs)), specs[0].describe(), f"{8 * nbytes / weights:.3f}", _mib(nbytes))
+        table.add_row(role, str(len(specs)), escape(specs[0].describe()), f"{8 * nbytes / weights:.3f}", _mib(nbytes))
     return table
 
 
@@ -105,6 +107,36 @@ def cmd_recipe_check(args) -> int:
     console.print(_plan_table(result, f"{args.recipe} on {args.model} (recipe {recipe.hash()})"))
     _print_totals({k: (_mib(v) if k.endswith("bytes") else f"{v:.4f}" if isinstance(v, float) else v)
                    for k, v in result.to_dict().items()})
+    return 0
+
+
+def cmd_recipe_explain(args) -> int:
+    from .api import as_recipe
+    from .models.load import model_linear_shapes
+    from .rules import RULES, explain
+
+    recipe = as_recipe(args.recipe)
+    shapes, _ = model_linear_shapes(args.model, args.trust_remote_code, recipe.float_dtype)
+    steps = explain(recipe, shapes)
+    table = Table(title=f"{args.recipe} on {args.model}: what each step does")
+    for col in ("#", "step", "Linears", "in", "out", "bytes after", "bits/w", "of fp16", "rules"):
+        table.add_column(col, justify="left" if col in ("step", "in", "out", "rules") else "right")
+    for s in steps:
+        params = ", ".join(f"{k}={v}" for k, v in s.params.items())
+        table.add_row(str(s.index), f"{s.name}({params})", str(s.targets),
+                      escape("\n".join(s.structure_in)), escape("\n".join(s.structure_out)), _mib(s.linear_bytes),
+                      f"{s.bits_per_weight:.3f}", f"{s.ratio_of_fp16:.3f}", ", ".join(s.applies))
+    console.print(table)
+    used = sorted({r for s in steps for r in s.applies})
+    for rid in used:
+        rule = RULES[rid]
+        console.print(f"[bold]{rid}[/] ({rule.kind}) {rule.statement}. [dim]Source: {rule.source}[/]")
+    warnings = [w for s in steps for w in s.warnings]
+    for w in warnings:
+        console.print(f"[bold yellow]warning[/] step {w.step}: {w.message} "
+                      f"(contradicts {w.rule.id}: {w.rule.statement}; {w.rule.source})")
+    if not warnings:
+        console.print("no rule is contradicted")
     return 0
 
 
@@ -227,7 +259,7 @@ def _report_table(report) -> Table:
         if not layer.steps:
             table.add_row(layer.name, f"skipped: {layer.skipped}", "", "", "")
             continue
-        table.add_row(layer.name, layer.structure, f"{layer.bits_per_weight:.3f}", f"{layer.rel_error:.3e}",
+        table.add_row(layer.name, escape(layer.structure), f"{layer.bits_per_weight:.3f}", f"{layer.rel_error:.3e}",
                       f"{sum(s['seconds'] for s in layer.steps):.2f}")
     return table
 
@@ -295,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import export
     for module in (export, zeroshot, fidelity):
         module.add_parser(sub)
+
+    rx = rsub.add_parser("explain", help="per step: types in and out, bytes, and the rules that apply or are "
+                                          "contradicted (loads no weights)")
+    rx.add_argument("recipe")
+    rx.add_argument("--model", default=DEFAULT_MODEL)
+    rx.add_argument("--trust-remote-code", action="store_true")
+    rx.set_defaults(func=cmd_recipe_explain)
 
     t = sub.add_parser("techniques", help="list registered techniques with their parameters")
     t.set_defaults(func=cmd_techniques)
