@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .kernels import Executor, default_paths, path_error
 from .spec import LinearSpec, TensorSpec
 from .quant import dtype_name
-from .terms import TERM_TYPES, Dense, LowRank, as_float
+from .terms import TERM_TYPES, Dense, as_float
 
 
 class CompressedLinear(nn.Module):
@@ -16,6 +16,10 @@ class CompressedLinear(nn.Module):
     LowRank terms run as two thin matmuls. Dequantized weights are cached in the compute dtype (the
     dtype the module was last cast to); the stored tensors keep their storage dtype whatever
     ``model.to(dtype)`` does, so a cast never loses stored precision.
+
+    ``paths`` records, per term, how the forward multiplies by it (see `algebra.kernels`: dense,
+    lowrank, csr, int8, int4, dequant); `set_paths` changes it (``lmcompose.inference.prepare_inference``
+    chooses them for a whole model). The default is the forward described above.
     """
 
     def __init__(self, in_features: int, out_features: int, terms, bias: torch.Tensor | None = None,
@@ -27,6 +31,8 @@ class CompressedLinear(nn.Module):
         # A zero-size buffer follows .to()/.cuda()/.half(): it tells us the device and compute dtype.
         self.register_buffer("_probe", torch.empty(0, dtype=compute_dtype,
                                                    device=self._term_device()), persistent=False)
+        self.paths = default_paths(self.terms)
+        self.kernel_max_rows = 4
         self._cache = None
 
     def _term_device(self):
@@ -41,6 +47,33 @@ class CompressedLinear(nn.Module):
         return cls(linear.in_features, linear.out_features, [Dense(as_float(linear.weight, float_dtype))],
                    bias, compute_dtype=linear.weight.dtype)
 
+    def set_paths(self, paths, kernel_max_rows: int | None = None) -> "CompressedLinear":
+        """Choose the execution path of every term (one per term); checked against the current
+        device and compute dtype. `kernel_max_rows`: the most input rows the int8/int4 kernels take
+        before the forward dequantizes on the fly instead."""
+        paths = tuple(paths)
+        if len(paths) != len(self.terms):
+            raise ValueError(f"paths={paths!r} has {len(paths)} entries; the layer has {len(self.terms)} terms")
+        for term, path in zip(self.terms, paths):
+            err = path_error(term, path, self._probe.dtype, self._probe.device)
+            if err:
+                raise ValueError(err)
+        self.paths = paths
+        if kernel_max_rows is not None:
+            self.kernel_max_rows = kernel_max_rows
+        self._cache = None
+        return self
+
+    @property
+    def mode(self) -> str:
+        """The distinct execution paths of this layer, e.g. ``"int4"`` or ``"csr+lowrank"``."""
+        return "+".join(sorted(set(self.paths))) or "dense"
+
+    def cached_nbytes(self) -> int:
+        """Bytes the forward holds beyond the stored terms (float copies, packed kernels); 0 until
+        the first forward builds them."""
+        return 0 if self._cache is None else self._cache.nbytes()
+
     def with_terms(self, terms) -> "CompressedLinear":
         new = CompressedLinear(self.in_features, self.out_features, terms, self.bias_value, self._probe.dtype)
         return new.to(self._probe.device)
@@ -52,30 +85,20 @@ class CompressedLinear(nn.Module):
         self.terms = tuple(t.to(device) for t in self.terms)
         if self.bias_value is not None:
             self.bias_value = self.bias_value.to(device)
+        dtype = self._probe.dtype
+        if any(path_error(t, p, dtype, device) for t, p in zip(self.terms, self.paths)):
+            self.paths = default_paths(self.terms)  # the new device/dtype has no kernel for a chosen path
         self._cache = None
         return self
 
-    def _compute_tensors(self):
+    def _executor(self) -> Executor:
         if self._cache is None:
-            dtype = self._probe.dtype
-            dense = [t.weight(torch.float32) for t in self.terms if not isinstance(t, LowRank)]
-            weight = torch.stack(dense).sum(0).to(dtype) if dense else None
-            lowrank = [t.factors(dtype) for t in self.terms if isinstance(t, LowRank)]
-            bias = None if self.bias_value is None else self.bias_value.to(dtype)
-            self._cache = (weight, lowrank, bias)
+            self._cache = Executor(self.terms, self.paths, self.bias_value, self._probe.dtype, self.out_features,
+                                   self.kernel_max_rows)
         return self._cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, lowrank, bias = self._compute_tensors()
-        if weight is not None:
-            y = F.linear(x, weight, bias)
-        else:
-            y = x.new_zeros(*x.shape[:-1], self.out_features)
-            if bias is not None:
-                y = y + bias
-        for u, v in lowrank:
-            y = y + F.linear(F.linear(x, v), u)
-        return y
+        return self._executor()(x)
 
     # -- the algebra -----------------------------------------------------------------------------
     def to_dense(self, dtype=torch.float32) -> torch.Tensor:
