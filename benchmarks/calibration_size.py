@@ -1,36 +1,65 @@
-"""Held-out (WikiText-2) layer error of GPTQ vs RTN on one SmolLM2 layer, calibrated on 32 or 128 C4 windows.
+"""Does GPTQ overfit a small calibration set? Held-out layer error of GPTQ vs RTN on one SmolLM2 layer.
 
-    OMP_NUM_THREADS=1 python benchmarks/calibration_size.py
+The layer's inputs are captured on C4 calibration windows (32 or 128 of 512 tokens) and on held-out
+WikiText-2 test text (16 windows); the error ‖(W − Ŵ)X‖² / ‖WX‖² is measured on the held-out inputs.
+
+    OMP_NUM_THREADS=1 LMCOMPOSE_DATA_DIR=../shared/data python benchmarks/calibration_size.py
 """
-import torch, time
-from lmcompose.models.load import load_model
-from lmcompose.data import calibration_windows, eval_tokens
-from lmcompose.pipeline.stats import StatsAccumulator
-from lmcompose.algebra.quant import QuantSpec, quantize_rtn
-from lmcompose.techniques.quant.gptq import gptq_quantize
-torch.set_num_threads(1)
+
+from __future__ import annotations
+
 import os
-D = os.environ.get("LMCOMPOSE_DATA_DIR", "../shared/data")
-model, tok = load_model("smollm2-135m")
-layer = model.model.layers[5].mlp.down_proj
-def acts(windows):
-    xs=[]
-    h=layer.register_forward_pre_hook(lambda m,a: xs.append(a[0].reshape(-1,a[0].shape[-1]).detach()))
-    with torch.no_grad():
-        for w in windows: model(w[None])
-    h.remove(); return torch.cat(xs)
-cal128 = calibration_windows(tok,"c4",n=128,seqlen=512,seed=0,data_dir=D)
-held = eval_tokens(tok,"wikitext2","test",D)[0,:16*512].reshape(16,512)
-Xh = acts(held); Xc = acts(cal128)
-def gram(X):
-    a=StatsAccumulator(X.shape[1]); a.update(X); return a.result().gram
-Gh = gram(Xh).double()
-W = layer.weight.detach().float()
-def err(Wq): d=(W-Wq).double(); return float(((d@Gh)*d).sum()/((W.double()@Gh)*W.double()).sum())
-for bits in (3,4):
-    spec=QuantSpec(bits,64)
-    print("bits",bits,"RTN held-out", err(quantize_rtn(W,spec).dequantize()))
-    for n in (32,128):
-        G = gram(Xc[:n*512])
-        q,_ = gptq_quantize(W,G,spec)
-        print(f"  GPTQ n={n} held-out", err(q.dequantize()), "calib", float((((W-q.dequantize()).double()@gram(Xc[:n*512]).double())*(W-q.dequantize()).double()).sum()/(((W.double()@gram(Xc[:n*512]).double())*W.double()).sum())))
+
+import torch
+
+from lmcompose.algebra.quant import QuantSpec, quantize_rtn
+from lmcompose.data import calibration_windows, eval_tokens
+from lmcompose.models.load import load_model
+from lmcompose.pipeline.stats import StatsAccumulator
+from lmcompose.techniques.quant.gptq import gptq_quantize
+
+DATA = os.environ.get("LMCOMPOSE_DATA_DIR", "../shared/data")
+LAYER = "model.layers.5.mlp.down_proj"
+
+
+@torch.no_grad()
+def inputs_of(model, layer, windows) -> torch.Tensor:
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    try:
+        for w in windows:
+            model(w[None])
+    finally:
+        hook.remove()
+    return torch.cat(seen)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    acc = StatsAccumulator(x.shape[1])
+    acc.update(x)
+    return acc.result().gram.double()
+
+
+def rel_error(w, w_hat, g) -> float:
+    d = (w - w_hat).double()
+    return float(((d @ g) * d).sum() / ((w.double() @ g) * w.double()).sum())
+
+
+def main() -> None:
+    model, tok = load_model("smollm2-135m")
+    layer = model.get_submodule(LAYER)
+    calib = inputs_of(model, layer, calibration_windows(tok, "c4", n=128, seqlen=512, seed=0, data_dir=DATA))
+    held = inputs_of(model, layer, eval_tokens(tok, "wikitext2", "test", DATA)[0, : 16 * 512].reshape(16, 512))
+    g_held, w = gram(held), layer.weight.detach().float()
+    for bits in (3, 4):
+        spec = QuantSpec(bits, 64)
+        print(f"{bits} bits g64, RTN: held-out {rel_error(w, quantize_rtn(w, spec).dequantize(), g_held):.5f}")
+        for n in (32, 128):
+            g_cal = gram(calib[: n * 512])
+            q, _ = gptq_quantize(w, g_cal.float(), spec)
+            print(f"  GPTQ on {n} windows: held-out {rel_error(w, q.dequantize(), g_held):.5f}, "
+                  f"calibration {rel_error(w, q.dequantize(), g_cal):.5f}")
+
+
+if __name__ == "__main__":
+    main()
