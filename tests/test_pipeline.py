@@ -124,3 +124,9 @@ def test_true_sequential_observes_each_group_after_the_previous():
     # because they were measured on inputs from the already quantized groups.
     torch.testing.assert_close(logits(plain, x), logits(seq, x))
     assert len(rep.layers) == 14
+
+
+def test_layer_records_default_to_not_skipped():
+    from lmcompose.report import LayerRecord
+
+    assert LayerRecord("x").skipped is None and LayerRecord.left_unchanged("x", "why").skipped == "why"

@@ -7,6 +7,7 @@
     lmcompose techniques
     lmcompose zeroshot --model NAME|CHECKPOINT --tasks boolq,rte,piqa,winogrande,openbookqa,lambada --limit 100
     lmcompose fidelity --compressed CHECKPOINT [--dense NAME]
+    lmcompose report RUN_DIR [RUN_DIR ...] --out DIR
     lmcompose bench-speed --model RUN_DIR [--dense NAME] --prompt-len 256 --new-tokens 64
     lmcompose export RUN_DIR --format dense|compressed-tensors|gguf --out PATH
     lmcompose analyze --a "wanda: {sparsity: 0.5}" --b "gptq: {bits: 4, group_size: 64}" --out DIR
@@ -324,10 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--seed", type=int, default=0)
     an.set_defaults(func=cmd_analyze)
 
-    from . import benchspeed
+    from . import benchspeed, reporting
     from .eval import fidelity, zeroshot
     from .models import export
-    for module in (export, zeroshot, fidelity, benchspeed):
+    for module in (reporting, export, zeroshot, fidelity, benchspeed):
         module.add_parser(sub)
 
     rx = rsub.add_parser("explain", help="per step: types in and out, bytes, and the rules that apply or are "

@@ -36,7 +36,7 @@ class LayerRecord:
                    spec.describe(), original=layer.to_dense(torch.float32).cpu())
 
     @classmethod
-    def skipped(cls, name: str, reason: str) -> "LayerRecord":
+    def left_unchanged(cls, name: str, reason: str) -> "LayerRecord":
         return cls(name, skipped=reason)
 
     def add_step(self, technique: str, info: dict, rel_error: float, seconds: float, layer) -> None:

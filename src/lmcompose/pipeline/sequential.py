@@ -159,7 +159,7 @@ class SequentialCompressor:
     def _compress_group(self, step, names: list[str], stats: dict):
         for name in names:
             if name not in stats:
-                self.records.setdefault(name, LayerRecord.skipped(name, "never called in calibration"))
+                self.records.setdefault(name, LayerRecord.left_unchanged(name, "never called in calibration"))
                 log.warning("%s received no calibration input; left unchanged", name)
                 continue
             layer = self.model.get_submodule(name)

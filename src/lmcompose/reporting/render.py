@@ -1,0 +1,218 @@
+"""Markdown and self-contained HTML from loaded runs, written atomically; the `lmcompose report` command.
+
+Both formats are built from the same blocks (:func:`sections`) and the same PNG bytes: markdown links
+``figures/*.png`` beside it, the HTML embeds them as ``data:image/png;base64`` and carries its CSS
+inline, so the one file can be mailed or archived and opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+from pathlib import Path
+
+from ..models.checkpoint import atomic_dir
+from .figures import byte_unit, bytes_figure, heatmap_figure, pareto_figure, png, protocol_groups
+from .runs import CATEGORIES, Run, protocol_key, protocol_label
+
+MIB = 2**20
+NUMERIC = re.compile(r"—|[-+]?[\d.,]+(e[-+]?\d+)?( \([\d.,]+ [KMG]?i?B\))?")  # right-aligned table cells
+CAPTIONS = {
+    "pareto": "Perplexity against total stored bytes and against bits/weight of the compressed Linears. "
+              "Red: the Pareto front (no other run is both smaller and better).",
+    "errors": "Relative output error ‖ΔW X‖² / ‖W X‖² of every compressed Linear after its last step "
+              "(log colour scale, shared by all panels; grey: not compressed or lossless).",
+    "bytes": "Stored bytes by term type, counted from each checkpoint's tensor table; every bar sums to the "
+             "run's total bytes.",
+}
+
+
+def _num(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def caveats(runs: list[Run]) -> list[str]:
+    """Sentences the reader must see before comparing numbers."""
+    out = []
+    groups = protocol_groups(runs)
+    if len(groups) > 1:
+        labels = "; ".join(f"{protocol_label(g[0].protocol)} ({len(g)} runs)" for g in groups)
+        out.append(f"Caveat: the runs were evaluated under {len(groups)} different protocols ({labels}). "
+                   "Perplexities under different protocols are not comparable, so the Pareto figure has one "
+                   "row of panels per protocol.")
+    unevaluated = [r.name for r in runs if r.ppl is None]
+    if unevaluated:
+        out.append(f"Not evaluated (no perplexity, left out of the Pareto figure): {', '.join(unevaluated)}.")
+    for r in runs:
+        if not r.bytes_match:
+            out.append(f"Warning: {r.name}: the file stores {r.file_bytes:,} tensor bytes but report.json says "
+                       f"total_bytes={r.total_bytes:,}.")
+    return out
+
+
+def _summary_rows(runs: list[Run]) -> list[list[str]]:
+    rows = []
+    for r in runs:
+        rep = r.report
+        ppl = f"{r.ppl:.3f} ({protocol_label(r.protocol)})" if r.ppl is not None else "— (not evaluated)"
+        errs = list(r.layer_errors.values())
+        unit, size = byte_unit(r.total_bytes)
+        rows.append([r.name, r.label, _num(r.bits_per_weight, ".3f"),
+                     f"{r.total_bytes:,} ({r.total_bytes / size:,.1f} {unit})", ppl,
+                     _num(sum(errs) / len(errs) if errs else None, ".2e"), _num(rep.get("wall_seconds"), ".1f"),
+                     _num(rep["peak_rss_bytes"] / MIB if rep.get("peak_rss_bytes") else None, ",.0f")])
+    return rows
+
+
+def _provenance_rows(runs: list[Run]) -> list[list[str]]:
+    rows = []
+    for r in runs:
+        env = r.report.get("environment") or {}
+        cal = r.report.get("calibration") or {}
+        device = f"cuda ({env['cuda']})" if env.get("cuda") else "cpu"
+        rows.append([r.name, r.report.get("model", ""), r.report.get("recipe_hash", ""),
+                     f"{cal.get('source', '?')} {cal.get('n', '?')}×{cal.get('seqlen', '?')}, "
+                     f"seed {cal.get('seed', '?')}",
+                     f"torch {env.get('torch', '?')}, {device}, {env.get('threads', '?')} threads", str(r.path)])
+    return rows
+
+
+def protocols_note(runs: list[Run]) -> str:
+    seen = {protocol_key(r.protocol): r.protocol for r in runs if r.protocol}
+    return "Evaluation protocols, in full: " + "; ".join(json.dumps(p) for p in seen.values())
+
+
+def sections(runs: list[Run], pngs: dict[str, bytes]) -> list[tuple]:
+    """The report body as blocks, rendered by both formats: ("h2", text), ("table", header, rows),
+    ("note", text), ("figure", name). Figures come right after the table they illustrate."""
+    unit, size = byte_unit(max(r.file_bytes for r in runs))
+    breakdown = [[r.name] + [f"{r.bytes_by_category[c] / size:,.2f}" for c in CATEGORIES]
+                 + [f"{r.file_bytes:,}", "yes" if r.bytes_match else f"NO (report: {r.total_bytes:,})"]
+                 for r in runs]
+    blocks = [("h2", "Runs"),
+              ("table", ["run", "recipe", "bits/weight", "total bytes", "perplexity (protocol)",
+                         "mean layer rel. error", "compress s", "peak RSS MiB"], _summary_rows(runs)),
+              ("note", protocols_note(runs))]
+    if "pareto" in pngs:
+        blocks += [("h2", "Perplexity against size: the Pareto view"), ("figure", "pareto")]
+    blocks += [("h2", "Bytes by term type"), ("figure", "bytes"),
+               ("table", ["run", *(f"{c} {unit}" for c in CATEGORIES), "sum (bytes)", "= report total"], breakdown)]
+    if "errors" in pngs:
+        blocks += [("h2", "Per-layer relative error"), ("figure", "errors")]
+    blocks += [("h2", "Provenance"),
+               ("table", ["run", "model", "recipe hash", "calibration", "environment", "directory"],
+                _provenance_rows(runs))]
+    return blocks
+
+
+def figures(runs: list[Run]) -> dict[str, bytes]:
+    """name -> PNG bytes of every figure there is something to draw for."""
+    drawn = {"pareto": pareto_figure(runs), "errors": heatmap_figure(runs), "bytes": bytes_figure(runs)}
+    return {name: png(fig) for name, fig in drawn.items() if fig is not None}
+
+
+def to_markdown(runs: list[Run], title: str, pngs: dict[str, bytes]) -> str:
+    lines = [f"# {title}", ""] + [f"> {c}\n" for c in caveats(runs)]
+    for kind, *body in sections(runs, pngs):
+        if kind == "h2":
+            lines += [f"## {body[0]}", ""]
+        elif kind == "table":
+            header, rows = body
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows] + [""]
+        elif kind == "note":
+            lines += [body[0], ""]
+        else:
+            lines += [f"![{body[0]}](figures/{body[0]}.png)", "", f"*{CAPTIONS[body[0]]}*", ""]
+    return "\n".join(lines)
+
+
+CSS = """
+body{font:15px/1.45 -apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#222;
+  background:#fafafa;margin:0}
+main{max-width:1240px;margin:0 auto;padding:24px 32px 48px;background:#fff;box-shadow:0 0 12px #0001}
+h1{font-size:26px;margin:0 0 4px}
+h2{font-size:19px;margin:32px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.sub{color:#666;margin:0 0 16px}
+.caveat{background:#fff4d6;border-left:4px solid #e0a800;padding:8px 12px;margin:10px 0}
+table{border-collapse:collapse;width:100%;font-size:13px;margin:6px 0 4px}
+th,td{border:1px solid #ddd;padding:5px 8px;vertical-align:top} th{background:#f0f2f5;text-align:left}
+tr:nth-child(even) td{background:#fafbfc}
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+figure{margin:8px 0 0} figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{color:#555;font-size:13px}
+code{font-size:12px;background:#f3f3f3;padding:1px 3px;border-radius:3px} .note{font-size:13px;color:#444}
+"""
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    def cell(text: str) -> str:
+        numeric = NUMERIC.fullmatch(text) is not None
+        return f"<td class=\"n\">{html.escape(text)}</td>" if numeric else f"<td>{html.escape(text)}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def to_html(runs: list[Run], title: str, pngs: dict[str, bytes]) -> str:
+    """One self-contained page: inline CSS, figures as base64 PNG, no external reference."""
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f"<p class=\"sub\">{len(runs)} runs · generated by <code>lmcompose report</code></p>"]
+    parts += [f"<div class=\"caveat\">{html.escape(c)}</div>" for c in caveats(runs)]
+    for kind, *body in sections(runs, pngs):
+        if kind == "h2":
+            parts.append(f"<h2>{html.escape(body[0])}</h2>")
+        elif kind == "table":
+            parts.append(_html_table(*body))
+        elif kind == "note":
+            parts.append(f"<p class=\"note\">{html.escape(body[0])}</p>")
+        else:
+            src = "data:image/png;base64," + base64.b64encode(pngs[body[0]]).decode("ascii")
+            parts.append(f"<figure><img alt=\"{body[0]}\" src=\"{src}\"><figcaption>"
+                         f"{html.escape(CAPTIONS[body[0]])}</figcaption></figure>")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{CSS}</style></head>"
+            f"<body><main>{''.join(parts)}</main></body></html>\n")
+
+
+def write_report(runs: list[Run], out: str | Path, title: str = "lmcompose report", overwrite: bool = False) -> Path:
+    """Write report.md, figures/*.png and report.html into `out`; the directory appears whole or not at all."""
+    pngs = figures(runs)
+    with atomic_dir(out, overwrite) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a report is meant to be shared
+        (tmp / "figures").mkdir()
+        for name, data in pngs.items():
+            (tmp / "figures" / f"{name}.png").write_bytes(data)
+        (tmp / "report.md").write_text(to_markdown(runs, title, pngs))
+        (tmp / "report.html").write_text(to_html(runs, title, pngs))
+    return Path(out)
+
+
+def cmd_report(args) -> int:
+    from rich.console import Console
+
+    from .runs import load_runs
+
+    runs = load_runs(args.runs)
+    out = write_report(runs, args.out, args.title, overwrite=args.overwrite)
+    console = Console()
+    for c in caveats(runs):
+        console.print(f"[yellow]{c}[/]")
+    console.print(f"wrote {out}/report.html, {out}/report.md and {out}/figures/ ({len(runs)} runs)")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Add `report RUN_DIR [RUN_DIR ...] --out DIR [--title T] [--overwrite]` to argparse subparsers."""
+    p = sub.add_parser("report", help="markdown + self-contained HTML report with figures from run directories")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories written by `lmcompose compress --out`")
+    p.add_argument("--out", required=True, help="output directory for report.html, report.md, figures/")
+    p.add_argument("--title", default="lmcompose report")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_report)
