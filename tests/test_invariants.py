@@ -84,7 +84,8 @@ def test_legal_orders_run_in_the_pipeline_and_illegal_ones_are_refused_before_lo
     shapes = linear_shapes(tiny_llama(layers=1))
     for steps in ([{"wanda": {"sparsity": 0.5}}, {"gptq": {"bits": 4, "group_size": 32}}],
                   [{"rtn": {"bits": 4, "group_size": 32}}, {"wanda": {"sparsity": 0.5}}],
-                  [{"svdllm": {"ratio": 0.6}}, {"gptq": {"bits": 4, "target": "lowrank"}}]):
+                  [{"svdllm": {"ratio": 0.6}}, {"gptq": {"bits": 4, "target": "lowrank"}}],
+                  [{"rtn": {"bits": 4}}, {"svdllm": {"ratio": 0.6, "allow_offgrid": True}}]):  # Q→L, analysis only
         recipe = Recipe.from_dict({"calibration": {"batch_size": 2}, "steps": steps})
         planned = recipe.check(shapes)
         report = compress(tiny_llama(layers=1), recipe, windows(4, 16))

@@ -6,7 +6,9 @@ A chain composes only if every step keeps what earlier steps made:
   afterwards with the same mask, bit for bit; a later step may quantize its values, never move its zeros;
 * **codes survive** (quantize → prune): every quantized tensor before the step is still stored
   afterwards with the same codes, scales and zeros (a mask-only pruner wraps the codes in a sparse
-  term; only the kept entries are then stored, so codes are compared where the new mask keeps them);
+  term; only the kept entries are then stored, so codes are compared where the new mask keeps them).
+  The one exception is a step that says it leaves the grid (``allow_offgrid: true``, the analysis-only
+  SVD of a quantized matrix), which is meant to replace the codes;
 * **bytes as planned**: the layer the step made stores exactly what ``plan`` said it would, so the
   bytes ``Recipe.check`` reported before loading any weights are the bytes in the file.
 
@@ -60,6 +62,8 @@ def check_step(before, after, step, layer_name: str = "") -> None:
             if not any(m.shape == mask.shape and torch.equal(m.to(mask.device), mask) for m in new_masks):
                 raise InvariantError(f"{what} changed the mask of an earlier sparse term "
                                      f"({int(mask.sum())} kept weights): a mask must survive later steps bit-exactly")
+    if getattr(step, "allow_offgrid", False):
+        return
     after_q = list(_quantized_slots(after))
     for _, _, slot, q in _quantized_slots(before):
         if not any(_same_codes(q, q2, getattr(t2, "mask", None)) for _, t2, _, q2 in after_q):

@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..algebra.invariants import InvariantError
 from ..recipe import Calibration, Recipe
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,12 @@ def analyze(model_name: str, a: dict, b: dict, joint: dict | None = None, *, cal
             continue
         model = copy.deepcopy(dense)
         recipe = Recipe.from_dict({"calibration": cal.model_dump(), "steps": v.steps})
-        report = compress(model, recipe, windows, model_name=model_name)
+        try:
+            report = compress(model, recipe, windows, model_name=model_name)
+        except (InvariantError, ValueError) as err:  # one broken variant must not lose the others
+            log.error("%s failed: %s", v.name, err)
+            v.legal, v.reason = False, f"failed while running: {err}"
+            continue
         v.ppl = perplexity(model, tokenizer, protocol, data_dir=data_dir).ppl
         v.compress_seconds = report.wall_seconds
         v.bits_per_weight, v.total_bytes = report.bits_per_weight, report.total_bytes
@@ -188,7 +194,7 @@ def to_markdown(an: Analysis) -> str:
     for v in an.variants.values():
         steps = " → ".join(f"`{_name(s)}`" for s in v.steps)
         if not v.legal:
-            lines.append(f"| {v.name} | {steps} | — | illegal: {v.reason.splitlines()[0][:160]} | — | — |")
+            lines.append(f"| {v.name} | {steps} | — | not run: {v.reason.splitlines()[0][:160]} | — | — |")
             continue
         lines.append(f"| {v.name} | {steps} | {_fmt(v.bits_per_weight)} | {_fmt(v.ppl)} | "
                      f"{_fmt(v.mean_error, '.3e')} | {_fmt(v.compress_seconds, '.0f')} |")
@@ -196,7 +202,7 @@ def to_markdown(an: Analysis) -> str:
               " mean error / mean e_A + e_B |", "|---|---:|---:|---:|---|---:|---:|"]
     for r in an.combinations():
         if not r["legal"]:
-            lines.append(f"| {r['variant']} | illegal | | | | | |")
+            lines.append(f"| {r['variant']} | not run | | | | | |")
             continue
         ratio = (r["mean_error"] / r["mean_additive_error"]) if r.get("mean_additive_error") else None
         lines.append(f"| {r['variant']} | {_fmt(r['ppl'])} | {_fmt(r['threshold_ppl'])} | "
