@@ -7,6 +7,7 @@
     lmcompose techniques
     lmcompose zeroshot --model NAME|CHECKPOINT --tasks boolq,rte,piqa,winogrande,openbookqa,lambada --limit 100
     lmcompose fidelity --compressed CHECKPOINT [--dense NAME]
+    lmcompose search --model NAME --budget 0.5 | --bits-per-weight 4.2 --trials N --out DIR
     lmcompose report RUN_DIR [RUN_DIR ...] --out DIR
     lmcompose bench-speed --model RUN_DIR [--dense NAME] --prompt-len 256 --new-tokens 64
     lmcompose export RUN_DIR --format dense|compressed-tensors|gguf --out PATH
@@ -328,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import benchspeed, reporting
     from .eval import fidelity, zeroshot
     from .models import export
-    for module in (reporting, export, zeroshot, fidelity, benchspeed):
+    from .search import study
+    for module in (reporting, export, zeroshot, fidelity, benchspeed, study):
         module.add_parser(sub)
 
     rx = rsub.add_parser("explain", help="per step: types in and out, bytes, and the rules that apply or are "

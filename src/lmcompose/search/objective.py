@@ -1,0 +1,265 @@
+"""The search objective at three levels of cost: proxy, quick perplexity, full protocol.
+
+* **Level 1, the proxy ("independent" mode).** The dense model's block statistics (one ``Stats`` per
+  Linear input: Gram, E|x|, max|x|) are computed once by a dense forward over the calibration windows and
+  cached on disk as safetensors (`DenseStats`; never a pickle). Each trial then applies its recipe to
+  every targeted Linear *from the dense inputs*: no sequential propagation, so a step sees the statistics
+  of the uncompressed model even where the real pipeline would show it inputs already changed by earlier
+  blocks (and the schedule, layer- or step-major, makes no difference at this level). Steps that split
+  their budget across blocks (OWL) get ``allocate`` on the same dense statistics, as the pipeline's
+  prepass does. The proxy is ``Σ_l w_l e_l / Σ_l w_l`` with ``e_l = tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)`` the relative
+  output error of Linear l (``pipeline.stats.relative_error``) and ``w_l = out·in`` its parameter count,
+  so a large MLP matrix weighs more than a small k/v projection, as its share of the compute and bytes.
+* **Level 2, quick perplexity.** ``compress`` (the real sequential pipeline) on a copy of the dense model,
+  then perplexity on a few *held-out* calibration windows (token windows not used to calibrate).
+* **Level 3, the full protocol**, only for finalists (`full_protocol`): calibrate as the recipe says and
+  measure WikiText-2 perplexity under the ``full`` protocol. It loads the model again; tests never run it.
+
+`rank_correlation` (Spearman, scipy when present, else average ranks for ties) reports how well a cheaper
+level ranks the candidates that were also measured at a dearer one.
+
+Example::
+
+    stats = DenseStats.load_or_compute(model, windows, cache_dir="runs/search/cache")
+    ev = Evaluator(model, stats, calib=windows, heldout=heldout)
+    ev.proxy(recipe).value, ev.quick(recipe)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..algebra.linear import CompressedLinear
+from ..api import compress
+from ..eval.perplexity import window_nll
+from ..pipeline.blocks import block_linears, find_blocks
+from ..pipeline.sequential import capture_inputs, observe, run_block
+from ..pipeline.stats import Stats, relative_error
+from ..recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(model: nn.Module, windows: torch.Tensor) -> str:
+    """sha256 of the block Linears' weights and the calibration windows: the cache key of `DenseStats`."""
+    h = hashlib.sha256()
+    prefix, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        for name, lin in block_linears(block, f"{prefix}.{i}").items():
+            h.update(name.encode())
+            h.update(lin.weight.detach().float().cpu().numpy().tobytes())
+    h.update(windows.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class DenseStats:
+    """Per-Linear input statistics of the dense model; Linears fed the same tensor share one entry."""
+
+    stats: dict[str, Stats]           # by canonical name
+    alias: dict[str, str]             # Linear name -> canonical name
+    blocks: list[list[str]]           # Linear names per block, in block order
+    key: str = ""
+
+    def __getitem__(self, name: str) -> Stats:
+        return self.stats[self.alias[name]]
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> "DenseStats":
+        """One dense forward on the model's device, block by block, observing every Linear (the
+        pipeline's `observe`); the statistics are kept on the CPU."""
+        prefix, blocks = find_blocks(model)
+        inputs = capture_inputs(model, windows, batch_size, next(model.parameters()).device)
+        stats, alias, names = {}, {}, []
+        for i, block in enumerate(blocks):
+            linears = block_linears(block, f"{prefix}.{i}")
+            got, groups = observe(block, inputs, i, linears)
+            for group in groups:
+                stats[group[0]] = got[group[0]].to("cpu")
+                alias.update({n: group[0] for n in group})
+            names.append([n for n in linears if n in alias])
+            inputs.hidden = run_block(block, inputs, i)
+        return cls(stats, alias, names, fingerprint(model, windows))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temporary file + os.replace) so concurrent workers never read half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, s in self.stats.items():
+            tensors[f"{name}/gram"] = s.gram.contiguous()
+            tensors[f"{name}/abs_mean"] = s.abs_mean.contiguous()
+            tensors[f"{name}/absmax"] = s.absmax.contiguous()
+        meta = {"alias": json.dumps(self.alias), "blocks": json.dumps(self.blocks), "key": self.key,
+                "n_tokens": json.dumps({n: s.n_tokens for n, s in self.stats.items()})}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DenseStats":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        n_tokens = json.loads(meta["n_tokens"])
+        stats = {n: Stats(k, tensors[f"{n}/gram"], tensors[f"{n}/abs_mean"], tensors[f"{n}/absmax"])
+                 for n, k in n_tokens.items()}
+        return cls(stats, json.loads(meta["alias"]), json.loads(meta["blocks"]), meta["key"])
+
+    @classmethod
+    def load_or_compute(cls, model: nn.Module, windows: torch.Tensor, cache_dir: str | os.PathLike,
+                        batch_size: int = 8) -> "DenseStats":
+        path = Path(cache_dir) / f"dense-stats-{fingerprint(model, windows)}.safetensors"
+        if path.is_file():
+            log.info("dense statistics from cache %s", path)
+            return cls.load(path)
+        stats = cls.compute(model, windows, batch_size)
+        stats.save(path)
+        log.info("dense statistics cached in %s", path)
+        return stats
+
+
+@dataclass
+class ProxyResult:
+    value: float                                   # parameter-weighted mean relative output error
+    errors: dict[str, float] = field(default_factory=dict)
+
+
+class Evaluator:
+    """Scores recipes against one dense model; holds its dense statistics and evaluation windows.
+
+    Args:
+        model: the dense model (never modified: `quick` compresses a deep copy).
+        stats: its `DenseStats` on the calibration windows.
+        calib: calibration windows ``[n, seqlen]`` for `quick` (level 2).
+        heldout: held-out windows ``[n, seqlen]`` scored by `quick`.
+        device: where layers are compressed (default: the model's device).
+    """
+
+    def __init__(self, model: nn.Module, stats: DenseStats, calib: torch.Tensor | None = None,
+                 heldout: torch.Tensor | None = None, device=None):
+        self.model, self.stats, self.calib, self.heldout = model, stats, calib, heldout
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    @torch.no_grad()
+    def proxy(self, recipe: Recipe) -> ProxyResult:
+        """Level 1: every Linear compressed independently from the dense statistics (module docstring)."""
+        steps = list(recipe.steps)
+        per_block = {}  # step index -> [per-block step] for steps that allocate across blocks
+        for j, step in enumerate(steps):
+            if step.needs_prepass:
+                per_block[j] = step.allocate([
+                    [(self._weight(n), self.stats[n]) for n in names if step.targets(n)]
+                    for names in self.stats.blocks])
+        errors, weights = {}, {}
+        for b, names in enumerate(self.stats.blocks):
+            for name in names:
+                hits = [per_block[j][b] if j in per_block else s for j, s in enumerate(steps) if s.targets(name)]
+                if not hits:
+                    continue
+                dense = self.model.get_submodule(name)
+                st = self.stats[name].to(self.device)
+                layer = CompressedLinear.from_linear(dense, recipe.float_dtype).to(self.device)
+                original = layer.to_dense(torch.float32)
+                for step in hits:
+                    layer, _ = step.apply(layer, st)
+                errors[name] = relative_error(original, layer.to_dense(torch.float32), st.gram)
+                weights[name] = dense.out_features * dense.in_features
+        if not errors:
+            raise ValueError(f"recipe {recipe.hash()} targets no Linear of the model")
+        value = sum(weights[n] * errors[n] for n in errors) / sum(weights.values())
+        return ProxyResult(value, errors)
+
+    def _weight(self, name: str) -> torch.Tensor:
+        return self.model.get_submodule(name).weight.detach().float().to(self.device)
+
+    @torch.no_grad()
+    def quick(self, recipe: Recipe, batch_size: int = 4) -> float:
+        """Level 2: compress a copy with the real pipeline on `calib`, perplexity on `heldout`."""
+        if self.calib is None or self.heldout is None:
+            raise ValueError("quick perplexity needs calib and heldout windows")
+        model = copy.deepcopy(self.model)
+        compress(model, recipe, self.calib, device=self.device)
+        return heldout_perplexity(model, self.heldout, batch_size)
+
+
+@torch.no_grad()
+def heldout_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) over `windows` (each predicts its last seqlen-1 tokens), the eval convention."""
+    device = next(model.parameters()).device
+    nll = sum(float(window_nll(model, windows[s:s + batch_size].to(device)).sum())
+              for s in range(0, windows.shape[0], batch_size))
+    return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+def full_protocol(model_name: str, recipe: Recipe, *, dtype: str = "fp32", device: str = "cpu",
+                  data_dir=None, protocol: str = "full") -> dict:
+    """Level 3 for one finalist: load, calibrate as the recipe says, compress, WikiText-2 perplexity."""
+    from ..data import calibration_windows
+    from ..eval.perplexity import perplexity
+    from ..models.load import load_model
+
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    cal = recipe.calibration
+    windows = calibration_windows(tokenizer, source=cal.source, split=cal.split, n=cal.n, seqlen=cal.seqlen,
+                                  seed=cal.seed, data_dir=data_dir)
+    report = compress(model, recipe, windows, model_name=model_name)
+    result = perplexity(model, tokenizer, protocol, data_dir=data_dir)
+    return {"ppl": result.ppl, "ratio": report.ratio, "bits_per_weight": report.bits_per_weight,
+            "protocol": result.protocol}
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks; tied values share the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Pearson correlation of the tie-averaged ranks (NaN when either side is constant or n < 2)."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman: {len(a)} values against {len(b)}")
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = _ranks(list(a)), _ranks(list(b))
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's ρ: scipy's when installed, else `spearman` (same definition, ties averaged)."""
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:
+        return spearman(a, b)
+    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)

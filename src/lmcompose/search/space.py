@@ -1,0 +1,348 @@
+"""A declarative search space over recipes, cut by the hard rules and the byte budget before any work.
+
+A space names a pool of techniques with the range of each hyperparameter, the longest chain `max_steps`
+(k), and the schedules to try. A **chain** is an ordered choice of distinct pool entries with at most one
+member of each family (one pruner, one low-rank, one quantizer); a joint method (family ``joint``) is a
+chain on its own unless ``joint_alone: false``. Every concrete recipe is type-checked and costed with
+``Recipe.check`` on the model's Linear shapes (``lmcompose.models.load.model_linear_shapes``, no weights):
+a chain that raises ``IllegalStep`` (a hard rule: R3 "never SVD a quantized matrix", a pruner that would
+leave the quantization grid, ...) or whose bytes exceed the budget is *cut* and never evaluated.
+
+**Budget.** ``Budget(ratio=0.5)`` keeps at most 50% of the fp16 bytes of the compressed Linears
+(``CheckResult.linear_bytes / linear_dense_bytes``, what ``Report.ratio`` measures after compressing);
+``Budget(bits_per_weight=4.2)`` bounds ``CheckResult.bits_per_weight``.
+
+**How the budget is split between steps (``fit: last``, the default).** Every step but the last keeps its
+searched knob: its own share of the budget in that step's currency (a pruner's `sparsity`, a low-rank
+step's `ratio` or `rank`, a quantizer's `bits`). The last step of the chain is given ``ratio = budget``
+(for a bits budget: ``bits·weights / (8·fp16 bytes)``, which is ``bits/16`` for Linears without bias)
+in place of its native knob (``ratio_replaces``: sparsity for pruners, rank for low-rank and joint
+methods, bits for quantizers), so it spends whatever the earlier steps left, down to the budget: its
+technique picks the largest sparsity-kept count, rank or bit width whose exact bytes fit (budgets.py
+``largest_within``). When the earlier steps already exceed the budget the last step cannot fit and the
+chain is cut. With ``fit: none`` every knob is searched and over-budget recipes are cut. For the
+bytes-versus-quality front (NSGA-II) the last step's ratio is itself a searched knob in
+``[front_floor·budget, budget]`` (``suggest(..., front=True)``).
+
+**Discrete or continuous.** A knob given as a list is a categorical choice; ``{low, high}`` (with
+optional ``log`` and ``step``; integers when both bounds are integers) is a range. A space whose knobs
+are all lists and whose product has at most ``max_grid`` recipes is enumerated exhaustively
+(`enumerate`); otherwise Optuna samples it define-by-run (`suggest`), and a sampled recipe that breaks
+a rule or the budget is cut the same way, before any work.
+
+Example (YAML, ``lmcompose search --space space.yaml``)::
+
+    max_steps: 2
+    schedules: [layer-major, step-major]
+    techniques:
+      wanda: {sparsity: [0.2, 0.3, 0.5], owl: [false, true]}
+      svdllm: {ratio: [0.7, 0.8, 0.9]}
+      gptq: {bits: [3, 4], group_size: [64, 128]}
+      qer: {bits: [3, 4], group_size: [128]}
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..algebra.spec import LinearSpec
+from ..recipe import CheckResult, Recipe
+from ..registry import IllegalStep, get_technique
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("layer-major", "step-major")
+RATIO_REPLACES = {"prune": ("sparsity",), "lowrank": ("rank",), "quantize": ("bits",), "joint": ("rank", "sparsity")}
+
+
+class Range(BaseModel):
+    """A continuous (or integer, when both bounds are integers) range for Optuna."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _order(self):
+        if not self.low < self.high:
+            raise ValueError(f"range low={self.low} must be below high={self.high}")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int) and float(self.low).is_integer()
+
+
+Knob = Union[list, Range]
+
+
+def _knob(where: str, value) -> Knob:
+    if isinstance(value, dict):
+        return Range(**value)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{where}: an empty list of choices")
+        return list(value)
+    return [value]  # a fixed value is a choice of one
+
+
+class StepSpace(BaseModel):
+    """One technique of the pool and the ranges of its hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    technique: str
+    knobs: dict[str, Knob] = Field(default_factory=dict)
+    ratio_replaces: tuple[str, ...] | None = Field(None, description="knobs dropped when the step is given "
+                                                   "ratio=budget (default by family, see RATIO_REPLACES)")
+
+    @model_validator(mode="after")
+    def _known(self):
+        cls = get_technique(self.technique)
+        for name in self.knobs:
+            if name not in cls.model_fields:
+                raise ValueError(f"techniques.{self.technique}.{name}: unknown key; allowed: {sorted(cls.model_fields)}")
+        return self
+
+    @property
+    def family(self) -> str:
+        return get_technique(self.technique).family
+
+    def replaced(self) -> tuple[str, ...]:
+        return self.ratio_replaces if self.ratio_replaces is not None else RATIO_REPLACES.get(self.family, ())
+
+    def can_fit(self) -> bool:
+        return "ratio" in get_technique(self.technique).model_fields
+
+    def searched(self, fitted: bool) -> dict[str, Knob]:
+        """The knobs searched for this step; a fitted step loses `ratio` and the knobs ratio replaces."""
+        if not fitted:
+            return dict(self.knobs)
+        return {k: v for k, v in self.knobs.items() if k != "ratio" and k not in self.replaced()}
+
+
+class Budget(BaseModel):
+    """At most `ratio` of the fp16 bytes of the compressed Linears, or at most `bits_per_weight`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ratio: float | None = Field(None, gt=0.0, le=1.0)
+    bits_per_weight: float | None = Field(None, gt=0.0, le=16.0)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.ratio is None) == (self.bits_per_weight is None):
+            raise ValueError(f"give exactly one of ratio ({self.ratio}) and bits_per_weight ({self.bits_per_weight})")
+        return self
+
+    def step_ratio(self, shapes: dict[str, tuple[int, int]]) -> float:
+        """The `ratio` a last step is given so that the chain meets this budget (see the module docstring)."""
+        if self.ratio is not None:
+            return self.ratio
+        weights = sum(o * i for o, i in shapes.values())
+        fp16 = sum(LinearSpec.dense(*s).dense_fp16_nbytes() for s in shapes.values())
+        return min(1.0, self.bits_per_weight * weights / (8 * fp16))
+
+    def value(self, check: CheckResult) -> float:
+        """The budgeted quantity of a costed recipe."""
+        return check.to_dict()["ratio"] if self.ratio is not None else check.bits_per_weight
+
+    def meets(self, check: CheckResult) -> bool:
+        return self.value(check) <= (self.ratio if self.ratio is not None else self.bits_per_weight) + 1e-9
+
+    def describe(self) -> str:
+        return f"ratio ≤ {self.ratio}" if self.ratio is not None else f"bits/weight ≤ {self.bits_per_weight}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    recipe: Recipe
+    check: CheckResult
+    chain: str
+
+    @property
+    def key(self) -> str:
+        return self.recipe.hash()
+
+
+@dataclass(frozen=True)
+class Cut:
+    chain: str
+    params: dict
+    reason: str
+
+
+class SearchSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    techniques: dict[str, dict] = Field(description="{technique: {knob: [choices] | {low, high, log, step}}}")
+    max_steps: int = Field(2, ge=1, le=4, description="longest chain k")
+    schedules: tuple[Literal["layer-major", "step-major"], ...] = ("layer-major",)
+    fit: Literal["last", "none"] = "last"
+    joint_alone: bool = True
+    one_per_family: bool = True
+    max_grid: int = Field(5000, ge=1, description="largest product enumerated exhaustively")
+    front_floor: float = Field(0.5, gt=0.0, le=1.0, description="NSGA-II: lowest last-step ratio, × budget")
+    calibration: dict = Field(default_factory=dict, description="the recipes' calibration block")
+    float_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+    @field_validator("techniques")
+    @classmethod
+    def _steps(cls, v):
+        if not v:
+            raise ValueError("techniques: give at least one technique")
+        out = {}
+        for name, knobs in v.items():
+            knobs = knobs or {}
+            if isinstance(knobs, StepSpace):
+                out[name] = knobs
+                continue
+            knobs = dict(knobs)
+            replaces = knobs.pop("ratio_replaces", None)
+            out[name] = StepSpace(technique=name, knobs={k: _knob(f"techniques.{name}.{k}", x) for k, x in knobs.items()},
+                                  ratio_replaces=tuple(replaces) if replaces is not None else None)
+        return out
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "SearchSpace":
+        return cls(**yaml.safe_load(text))
+
+    @property
+    def pool(self) -> list[StepSpace]:
+        return list(self.techniques.values())
+
+    # -- chains --------------------------------------------------------------------------------
+    def chains(self) -> list[tuple[StepSpace, ...]]:
+        """Ordered chains of distinct pool entries, at most `max_steps` long, obeying the family rules."""
+        out = []
+        for k in range(1, self.max_steps + 1):
+            for chain in itertools.permutations(self.pool, k):
+                families = [s.family for s in chain]
+                if self.joint_alone and k > 1 and "joint" in families:
+                    continue
+                if self.one_per_family and len(set(families)) < k:
+                    continue
+                out.append(chain)
+        return out
+
+    def _fitted(self, chain) -> bool:
+        return self.fit == "last" and chain[-1].can_fit()
+
+    def is_discrete(self) -> bool:
+        return all(isinstance(k, list) for c in self.chains() for i, s in enumerate(c)
+                   for k in s.searched(self._fitted(c) and i == len(c) - 1).values())
+
+    def grid_size(self) -> int:
+        total = 0
+        for chain in self.chains():
+            n = len(self.schedules) if len(chain) > 1 else 1
+            for i, s in enumerate(chain):
+                for k in s.searched(self._fitted(chain) and i == len(chain) - 1).values():
+                    n *= len(k) if isinstance(k, list) else 10**9
+            total += n
+        return total
+
+    # -- building and cutting ------------------------------------------------------------------
+    def build(self, chain, params: list[dict], schedule: str, last_ratio: float | None) -> Recipe:
+        steps = []
+        for i, (s, p) in enumerate(zip(chain, params)):
+            p = dict(p)
+            if last_ratio is not None and i == len(chain) - 1:
+                p["ratio"] = last_ratio
+            steps.append({s.technique: p})
+        data = {"schedule": schedule, "float_dtype": self.float_dtype, "steps": steps}
+        if self.calibration:
+            data["calibration"] = self.calibration
+        return Recipe.from_dict(data)
+
+    def admit(self, recipe: Recipe, shapes, budget: Budget) -> CheckResult:
+        """Cost `recipe` on `shapes`; raise IllegalStep for a broken hard rule or a missed budget."""
+        check = recipe.check(shapes)
+        if not budget.meets(check):
+            raise IllegalStep(f"over budget: {budget.value(check):.4f} > {budget.describe()}")
+        return check
+
+    def enumerate(self, shapes, budget: Budget) -> tuple[list[Candidate], list[Cut]]:
+        """Every recipe of a discrete space, split into admitted candidates and cut ones (with reasons)."""
+        if not self.is_discrete():
+            raise ValueError("the space has continuous ranges: sample it with Optuna (suggest) instead")
+        if self.grid_size() > self.max_grid:
+            raise ValueError(f"the space holds {self.grid_size()} recipes, more than max_grid={self.max_grid}")
+        fit = budget.step_ratio(shapes)
+        kept, cut, seen = [], [], set()
+        for chain in self.chains():
+            fitted = self._fitted(chain)
+            names = " → ".join(s.technique for s in chain)
+            per_step = []
+            for i, s in enumerate(chain):
+                knobs = s.searched(fitted and i == len(chain) - 1)
+                per_step.append([dict(zip(knobs, vals)) for vals in itertools.product(*knobs.values())])
+            schedules = self.schedules if len(chain) > 1 else self.schedules[:1]
+            for params in itertools.product(*per_step):
+                for schedule in schedules:
+                    try:
+                        recipe = self.build(chain, list(params), schedule, fit if fitted else None)
+                        check = self.admit(recipe, shapes, budget)
+                    except (IllegalStep, ValueError) as err:  # a config the technique refuses is cut too
+                        cut.append(Cut(names, {"schedule": schedule, "steps": list(params)}, str(err)))
+                        continue
+                    if recipe.hash() not in seen:
+                        seen.add(recipe.hash())
+                        kept.append(Candidate(recipe, check, names))
+        log.info("search space: %d candidates admitted, %d cut", len(kept), len(cut))
+        return kept, cut
+
+    def suggest(self, trial, shapes, budget: Budget, front: bool = False) -> Candidate:
+        """Sample one recipe define-by-run from an Optuna trial; raise IllegalStep if it must be cut."""
+        chains = {" → ".join(s.technique for s in c): c for c in self.chains()}
+        names = trial.suggest_categorical("chain", list(chains))
+        chain = chains[names]
+        fitted = self._fitted(chain)
+        params = []
+        for i, s in enumerate(chain):
+            p = {}
+            for k, knob in s.searched(fitted and i == len(chain) - 1).items():
+                key = f"{names}/{i}.{s.technique}.{k}"
+                if isinstance(knob, list):
+                    p[k] = knob[0] if len(knob) == 1 else trial.suggest_categorical(key, knob)
+                elif knob.is_int:
+                    p[k] = trial.suggest_int(key, int(knob.low), int(knob.high), log=knob.log,
+                                             step=int(knob.step or 1))
+                else:
+                    p[k] = trial.suggest_float(key, knob.low, knob.high, log=knob.log, step=knob.step)
+            params.append(p)
+        schedule = (trial.suggest_categorical(f"{names}/schedule", list(self.schedules))
+                    if len(chain) > 1 and len(self.schedules) > 1 else self.schedules[0])
+        ratio = None
+        if fitted:
+            ratio = budget.step_ratio(shapes)
+            if front:
+                ratio = trial.suggest_float(f"{names}/fit_ratio", self.front_floor * ratio, ratio)
+        try:
+            recipe = self.build(chain, params, schedule, ratio)
+        except ValueError as err:
+            raise IllegalStep(str(err)) from None
+        return Candidate(recipe, self.admit(recipe, shapes, budget), names)
+
+
+DEFAULT_SPACE = {
+    "max_steps": 2,
+    "schedules": ["layer-major"],
+    "techniques": {
+        "wanda": {"sparsity": [0.2, 0.3, 0.4, 0.5], "owl": [False, True]},
+        "svdllm": {"ratio": [0.7, 0.8, 0.9]},
+        "gptq": {"bits": [3, 4, 8], "group_size": [64, 128]},
+        "qer": {"bits": [2, 3, 4], "group_size": [128]},
+    },
+}
+
+
+def default_space(**overrides) -> SearchSpace:
+    """One pruner (Wanda, OWL on/off), one low-rank (SVD-LLM), one quantizer (GPTQ), one joint (QER)."""
+    return SearchSpace(**{**DEFAULT_SPACE, **overrides})

@@ -1,0 +1,498 @@
+"""The study: Optuna trials over a `SearchSpace`, on shared database storage or as Ray tasks.
+
+Scheduling is Optuna's and Ray's, never ours:
+
+* **Storage.** Every worker opens the same study (``load_if_exists=True``) in an RDB storage: SQLite by
+  default (``sqlite:///<out>/study.db``) or any SQLAlchemy URL (``postgresql://...``) for many machines.
+  Several processes (``--workers W`` starts W−1 more beside this one) or machines run ``study.optimize``
+  on it; Optuna's ``MaxTrialsCallback`` stops all of them at ``--trials`` finished trials. A killed study
+  resumes by running the same command again. Trials left RUNNING by a killed process are found by the
+  storage's heartbeat (``heartbeat`` seconds, grace 2×) and re-queued once (``RetryHeartbeatStaleTrialCallback``).
+* **Ray** (``--backend ray``, the optional extra ``lmcompose[search]``): the driver asks the study for
+  trials (Optuna's ask-and-tell) and runs each evaluation as a Ray task on a local or remote cluster
+  (``ray.init(address=...)``), keeping `workers` tasks in flight; Ray places them. Each Ray worker process
+  builds its `Evaluator` once (model, cached dense statistics) and reuses it for later tasks.
+
+**Samplers.** ``auto``: a discrete space small enough (``max_grid``) is enumerated exhaustively: the
+admitted recipes (cut ones never become trials) are one categorical parameter ``recipe`` (their hashes)
+under Optuna's ``GridSampler``; otherwise TPE (single objective: the level's score at the budget) or, with
+``front=True``, NSGA-II on (bytes ratio or bits/weight, score). ``random`` is a seeded RandomSampler.
+
+**What "the same" means after a kill.** ``GridSampler`` assigns grid point i to trial i and re-queues
+failed points, so a killed and resumed grid study, with any number of workers, ends with the same set of
+COMPLETE trials (one per admitted recipe) and the same objective values, hence the same front, as an
+uninterrupted one. TPE and NSGA-II are seeded but adaptive: with parallel workers (or after a resume,
+which restarts the sampler's random stream) the trials they propose depend on the order in which earlier
+trials finished, so only the trial count is reproducible, not the front; compare fronts with the grid.
+
+Outputs (`write_results`): ``front.json`` / ``front.md`` (non-dominated trials on bytes vs score),
+``best.yaml`` (the best recipe, for ``lmcompose compress --recipe``), ``front.png``, ``trials.json``
+and ``summary.json`` (rank correlations between levels).
+
+Example::
+
+    lmcompose search --model smollm2-135m --budget 0.5 --trials 200 --out runs/search --workers 2
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..recipe import Recipe
+from ..registry import IllegalStep
+from .objective import DenseStats, Evaluator, rank_correlation
+from .space import Budget, Candidate, SearchSpace
+
+log = logging.getLogger(__name__)
+LEVELS = ("proxy", "quick")
+SAMPLERS = ("auto", "grid", "tpe", "nsga2", "random")
+
+
+@dataclass
+class EvaluatorSpec:
+    """Everything a worker process (local or Ray) needs to build its `Evaluator`; picklable.
+
+    `model` is a zero-argument callable returning the dense model (e.g. ``functools.partial(load_dense,
+    "smollm2-135m")``); `cache_dir` holds the dense statistics computed once by the first worker.
+    """
+
+    model: Callable
+    calib: torch.Tensor
+    heldout: torch.Tensor | None
+    cache_dir: str
+    device: str | None = None
+    name: str = "default"
+
+    def build(self) -> Evaluator:
+        model = self.model()
+        stats = DenseStats.load_or_compute(model, self.calib, self.cache_dir)
+        return Evaluator(model, stats, calib=self.calib, heldout=self.heldout, device=self.device)
+
+
+@dataclass
+class StudySettings:
+    storage: str
+    study_name: str = "lmcompose"
+    sampler: str = "auto"
+    seed: int = 0
+    level: str = "proxy"
+    front: bool = False
+    heartbeat: int | None = 60
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler={self.sampler!r} is not allowed; allowed: {list(SAMPLERS)}")
+        if self.level not in LEVELS:
+            raise ValueError(f"level={self.level!r} is not allowed; allowed: {list(LEVELS)}")
+
+
+@dataclass
+class Problem:
+    """The space, the model's shapes and the budget, with the admitted grid when the space is enumerated."""
+
+    space: SearchSpace
+    shapes: dict[str, tuple[int, int]]
+    budget: Budget
+    grid: dict[str, Candidate] | None = None
+    cut: list = field(default_factory=list)
+
+    @classmethod
+    def make(cls, space: SearchSpace, shapes, budget: Budget, sampler: str = "auto") -> "Problem":
+        enumerate_it = sampler == "grid" or (sampler == "auto" and space.is_discrete()
+                                              and space.grid_size() <= space.max_grid)
+        if not enumerate_it:
+            return cls(space, shapes, budget)
+        kept, cut = space.enumerate(shapes, budget)
+        if not kept:
+            raise ValueError(f"every recipe of the space breaks a hard rule or the budget ({budget.describe()}); "
+                             f"first reasons: {[c.reason for c in cut[:3]]}")
+        return cls(space, shapes, budget, {c.key: c for c in kept}, cut)
+
+    def candidate(self, trial, front: bool) -> Candidate:
+        """The trial's recipe; raises IllegalStep for a sampled recipe that must be cut (grid ones never are)."""
+        if self.grid is not None:
+            return self.grid[trial.suggest_categorical("recipe", list(self.grid))]
+        return self.space.suggest(trial, self.shapes, self.budget, front=front)
+
+
+def sampler_for(settings: StudySettings, problem: Problem):
+    import optuna
+
+    name = settings.sampler
+    if problem.grid is not None:
+        return optuna.samplers.GridSampler({"recipe": list(problem.grid)}, seed=settings.seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    if name == "nsga2" or (name == "auto" and settings.front):
+        return optuna.samplers.NSGAIISampler(seed=settings.seed)
+    return optuna.samplers.TPESampler(seed=settings.seed)
+
+
+def open_study(settings: StudySettings, problem: Problem):
+    """Create the study in the storage, or load it (another worker, or a resumed run)."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    engine = {"connect_args": {"timeout": 120}} if settings.storage.startswith("sqlite") else None
+    if settings.storage.startswith("sqlite:///"):
+        Path(settings.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    hb = settings.heartbeat
+    with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(settings.storage, engine_kwargs=engine, heartbeat_interval=hb,
+                             grace_period=2 * hb if hb else None,
+                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1) if hb
+                             else None)
+    directions = ["minimize", "minimize"] if settings.front else ["minimize"]
+    return optuna.create_study(storage=storage, study_name=settings.study_name, directions=directions,
+                               sampler=sampler_for(settings, problem), load_if_exists=True)
+
+
+def score(evaluator: Evaluator, recipe: Recipe, level: str) -> float:
+    return evaluator.proxy(recipe).value if level == "proxy" else evaluator.quick(recipe)
+
+
+def _record(trial, cand: Candidate, budget: Budget) -> float:
+    trial.set_user_attr("recipe", cand.recipe.to_dict())
+    trial.set_user_attr("chain", cand.chain)
+    trial.set_user_attr("ratio", cand.check.to_dict()["ratio"])
+    trial.set_user_attr("bits_per_weight", cand.check.bits_per_weight)
+    trial.set_user_attr("worker", os.getpid())
+    return budget.value(cand.check)
+
+
+def make_objective(problem: Problem, evaluator: Evaluator, settings: StudySettings):
+    """The Optuna objective: pick (and cost) a recipe, cut it before any work if illegal, then score it."""
+    import optuna
+
+    def objective(trial):
+        try:
+            cand = problem.candidate(trial, settings.front)
+        except IllegalStep as err:
+            trial.set_user_attr("cut", str(err))
+            raise optuna.TrialPruned(f"cut before any work: {err}") from None
+        size = _record(trial, cand, problem.budget)
+        value = score(evaluator, cand.recipe, settings.level)
+        return (size, value) if settings.front else value
+
+    return objective
+
+
+def run_local(problem: Problem, evaluator: Evaluator, settings: StudySettings, n_trials: int | None,
+              callbacks=(), stop_after: int | None = None):
+    """Run trials in this process on the shared study until `n_trials` trials are finished in the study
+    (all workers together; grid: until the grid is exhausted). `stop_after` bounds this worker alone."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    study = open_study(settings, problem)
+    cbs = list(callbacks)
+    if n_trials is not None:
+        cbs.append(MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(make_objective(problem, evaluator, settings), n_trials=stop_after, callbacks=cbs,
+                   catch=())
+    return study
+
+
+def worker_main(spec: EvaluatorSpec, problem: Problem, settings: StudySettings, n_trials: int | None,
+                barrier=None) -> None:
+    """Entry point of an extra local worker process (multiprocessing, spawn)."""
+    evaluator = spec.build()
+    if barrier is not None:
+        barrier.wait()
+    run_local(problem, evaluator, settings, n_trials)
+
+
+def start_workers(n: int, spec: EvaluatorSpec, problem: Problem, settings: StudySettings,
+                  n_trials: int | None, barrier=None) -> list:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # fork after torch threads start is unsafe
+    procs = [ctx.Process(target=worker_main, args=(spec, problem, settings, n_trials, barrier), daemon=False)
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+# -- Ray ---------------------------------------------------------------------------------------------
+_RAY_EVALUATORS: dict[str, Evaluator] = {}  # per Ray worker process: built once, reused by later tasks
+
+
+def _ray_score(spec: EvaluatorSpec, recipe: dict, level: str) -> float:
+    if spec.name not in _RAY_EVALUATORS:
+        _RAY_EVALUATORS[spec.name] = spec.build()
+    return score(_RAY_EVALUATORS[spec.name], Recipe.from_dict(recipe), level)
+
+
+def run_ray(problem: Problem, spec: EvaluatorSpec, settings: StudySettings, n_trials: int, workers: int = 2,
+            address: str | None = None, on_trial=None):
+    """Ask-and-tell with the study in this process; every evaluation is a Ray task placed by Ray."""
+    import optuna
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    task = ray.remote(_ray_score)
+    study = open_study(settings, problem)
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    finished = len(study.get_trials(deepcopy=False, states=done_states))
+    if problem.grid is not None:
+        n_trials = min(n_trials, len(problem.grid))
+    pending, spec_ref = {}, ray.put(spec)
+    while finished + len(pending) < n_trials or pending:
+        while len(pending) < workers and finished + len(pending) < n_trials:
+            trial = study.ask()
+            try:
+                cand = problem.candidate(trial, settings.front)
+            except IllegalStep as err:
+                trial.set_user_attr("cut", str(err))
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                finished += 1
+                continue
+            size = _record(trial, cand, problem.budget)
+            pending[task.remote(spec_ref, cand.recipe.to_dict(), settings.level)] = (trial, size)
+        if not pending:
+            break
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        trial, size = pending.pop(ready[0])
+        value = ray.get(ready[0])
+        study.tell(trial, (size, value) if settings.front else value)
+        finished += 1
+        if on_trial:
+            on_trial(study)
+    return study
+
+
+# -- results -------------------------------------------------------------------------------------------
+def completed(study) -> list:
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def _row(t, budget: Budget, levels: dict) -> dict:
+    return {"number": t.number, "score": t.values[-1], "chain": t.user_attrs["chain"],
+            "ratio": t.user_attrs["ratio"], "bits_per_weight": t.user_attrs["bits_per_weight"],
+            "size": t.user_attrs["ratio"] if budget.ratio is not None else t.user_attrs["bits_per_weight"],
+            **{f"{k}_ppl": v for k, v in levels.get(t.number, {}).items()}, "recipe": t.user_attrs["recipe"]}
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows not dominated on (size, score), both minimised; sorted by size. Equal rows are all kept."""
+    front = [r for r in rows if not any(o["size"] <= r["size"] and o["score"] <= r["score"]
+                                        and (o["size"] < r["size"] or o["score"] < r["score"]) for o in rows)]
+    return sorted(front, key=lambda r: (r["size"], r["score"]))
+
+
+def summarize(study, budget: Budget) -> dict:
+    levels = finalist_levels(study)
+    rows = [_row(t, budget, levels) for t in completed(study)]
+    if not rows:
+        raise ValueError("the study has no completed trial")
+    best = min(rows, key=lambda r: (r["score"], r["number"]))
+    return {"rows": rows, "front": pareto_front(rows), "best": best}
+
+
+def finalist_levels(study) -> dict[int, dict]:
+    """``{trial number: {"quick": ppl, "full": ppl}}`` measured for finalists (study user attributes,
+    since a finished trial cannot be updated)."""
+    return {int(k.split("/")[1]): v for k, v in study.user_attrs.items() if k.startswith("finalist/")}
+
+
+def evaluate_finalists(study, evaluator: Evaluator, k: int, level: str = "proxy",
+                       full: Callable | None = None, n_full: int = 0) -> dict:
+    """Quick perplexity of the k best trials (and `full(recipe) -> ppl` of the n_full best), stored in the
+    study; returns Spearman's ρ between every pair of levels over the trials measured at both
+    (``{"proxy~quick": {"spearman": ρ, "n": n}, ...}``)."""
+    trials = sorted(completed(study), key=lambda t: t.values[-1])[:k]
+    known = finalist_levels(study)
+    for i, t in enumerate(trials):
+        recipe = Recipe.from_dict(t.user_attrs["recipe"])
+        got = dict(known.get(t.number, {}))
+        if level == "proxy" and "quick" not in got and evaluator.heldout is not None:
+            got["quick"] = evaluator.quick(recipe)
+        if full is not None and i < n_full and "full" not in got:
+            got["full"] = full(recipe)
+        study.set_user_attr(f"finalist/{t.number}", got)
+        known[t.number] = got
+    columns = {level: [t.values[-1] for t in trials]}
+    for name in ("quick", "full"):
+        if name != level:
+            columns[name] = [known[t.number].get(name) for t in trials]
+    out, names = {}, list(columns)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pairs = [(x, y) for x, y in zip(columns[a], columns[b]) if x is not None and y is not None]
+            if len(pairs) >= 2:
+                rho = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
+                out[f"{a}~{b}"] = {"spearman": None if math.isnan(rho) else rho, "n": len(pairs)}
+    return out
+
+
+def to_markdown(summary: dict, budget: Budget) -> str:
+    size = "ratio" if budget.ratio is not None else "bits/weight"
+    lines = [f"# Search front ({budget.describe()})", "", f"best: trial {summary['best']['number']}, "
+             f"{summary['best']['chain']}, score {summary['best']['score']:.6g}", "",
+             f"| trial | chain | {size} | score | quick ppl | full ppl |", "|---|---|---|---|---|---|"]
+    for r in summary["front"]:
+        lines.append(f"| {r['number']} | {r['chain']} | {r['size']:.4f} | {r['score']:.6g} | "
+                     f"{r.get('quick_ppl', '')} | {r.get('full_ppl', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(study, budget: Budget, out: str | os.PathLike, extra: dict | None = None) -> dict:
+    """front.json, front.md, best.yaml, front.png, trials.json, summary.json under `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(study, budget)
+    (out / "trials.json").write_text(json.dumps(summary["rows"], indent=1))
+    (out / "front.json").write_text(json.dumps(summary["front"], indent=1))
+    (out / "front.md").write_text(to_markdown(summary, budget))
+    (out / "best.yaml").write_text(Recipe.from_dict(summary["best"]["recipe"]).to_yaml())
+    info = {"best": {k: v for k, v in summary["best"].items() if k != "recipe"}, "trials": len(summary["rows"]),
+            "front": len(summary["front"]), "budget": budget.model_dump(), **(extra or {})}
+    (out / "summary.json").write_text(json.dumps(info, indent=1))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r["size"] for r in summary["rows"]], [r["score"] for r in summary["rows"]], s=10, alpha=0.5,
+               label="trials")
+    front = summary["front"]
+    ax.plot([r["size"] for r in front], [r["score"] for r in front], "r.-", label="Pareto front")
+    ax.set_xlabel("fraction of fp16 bytes" if budget.ratio is not None else "bits per weight")
+    ax.set_ylabel("score (lower is better)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "front.png", dpi=120)
+    plt.close(fig)
+    return summary
+
+
+# -- command line ----------------------------------------------------------------------------------------
+def load_dense(name: str, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
+    """The model alone (a picklable factory for `EvaluatorSpec` via functools.partial)."""
+    from ..models.load import load_model
+
+    return load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)[0]
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("search", help="search recipes (order, techniques, knobs) under a byte budget")
+    s.add_argument("--model", default="smollm2-135m")
+    b = s.add_mutually_exclusive_group(required=True)
+    b.add_argument("--budget", type=float, help="fraction of the compressed Linears' fp16 bytes, e.g. 0.5")
+    b.add_argument("--bits-per-weight", type=float, help="bits per weight of the compressed Linears, e.g. 4.2")
+    s.add_argument("--trials", type=int, default=100, help="finished trials, all workers together")
+    s.add_argument("--out", required=True)
+    s.add_argument("--workers", type=int, default=1, help="local worker processes (or Ray tasks in flight)")
+    s.add_argument("--backend", default="local", choices=["local", "ray"])
+    s.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local one)")
+    s.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///<out>/study.db)")
+    s.add_argument("--study-name", default="lmcompose")
+    s.add_argument("--space", default=None, help="search space YAML (default: lmcompose.search.space.DEFAULT_SPACE)")
+    s.add_argument("--sampler", default="auto", choices=list(SAMPLERS))
+    s.add_argument("--front", action="store_true", help="two objectives (bytes, score): NSGA-II front")
+    s.add_argument("--level", default="proxy", choices=list(LEVELS), help="what each trial scores")
+    s.add_argument("--finalists", type=int, default=10, help="best trials measured by quick perplexity")
+    s.add_argument("--full-finalists", type=int, default=0, help="of those, how many get the full protocol")
+    s.add_argument("--calib-n", type=int, default=32)
+    s.add_argument("--calib-seqlen", type=int, default=512)
+    s.add_argument("--heldout-n", type=int, default=8, help="held-out calibration windows for quick perplexity")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..data import calibration_windows
+    from ..models.load import load_model, model_linear_shapes
+    from .space import default_space
+
+    console = Console(stderr=True)
+    out = Path(args.out)
+    budget = Budget(ratio=args.budget) if args.budget is not None else Budget(bits_per_weight=args.bits_per_weight)
+    calibration = {"n": args.calib_n, "seqlen": args.calib_seqlen, "seed": args.seed}
+    if args.space:
+        space = SearchSpace.from_yaml(Path(args.space).read_text())
+        space = space.model_copy(update={"calibration": space.calibration or calibration})
+    else:
+        space = default_space(calibration=calibration)
+    shapes, _ = model_linear_shapes(args.model, args.trust_remote_code)
+    settings = StudySettings(storage=args.storage or f"sqlite:///{(out / 'study.db').resolve()}",
+                             study_name=args.study_name, sampler=args.sampler, seed=args.seed, level=args.level,
+                             front=args.front)
+    problem = Problem.make(space, shapes, budget, args.sampler)
+    if problem.grid is not None:
+        console.print(f"grid: {len(problem.grid)} recipes admitted, {len(problem.cut)} cut before any work")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
+                                  trust_remote_code=args.trust_remote_code)
+    windows = calibration_windows(tokenizer, n=args.calib_n + args.heldout_n, seqlen=args.calib_seqlen,
+                                  seed=args.seed, data_dir=args.data_dir)
+    calib, heldout = windows[:args.calib_n], windows[args.calib_n:]
+    factory = functools.partial(load_dense, args.model, args.dtype, args.device, args.trust_remote_code)
+    spec = EvaluatorSpec(factory, calib, heldout, str(out / "cache"), args.device, name=args.model)
+    evaluator = Evaluator(model, DenseStats.load_or_compute(model, calib, spec.cache_dir), calib, heldout)
+    total = min(args.trials, len(problem.grid)) if problem.grid is not None else args.trials
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as prog:
+        task = prog.add_task("search", total=total)
+
+        def show(study, _trial=None):
+            rows = completed(study)
+            best = min((t.values[-1] for t in rows), default=float("nan"))
+            prog.update(task, completed=len(study.get_trials(deepcopy=False, states=_done())),
+                        description=f"search (best {best:.4g})")
+
+        if args.backend == "ray":
+            study = run_ray(problem, spec, settings, total, args.workers, args.ray_address, on_trial=show)
+        else:
+            procs = start_workers(args.workers - 1, spec, problem, settings, total)
+            study = run_local(problem, evaluator, settings, total, callbacks=[show])
+            for p in procs:
+                p.join()
+    correlations = evaluate_finalists(study, evaluator, args.finalists, args.level,
+                                      functools.partial(full_ppl, args), args.full_finalists)
+    summary = write_results(study, budget, out, {"correlations": correlations,
+                                                  "wall_seconds": time.perf_counter() - t0,
+                                                  "cut_before_work": len(problem.cut)})
+    console.print(to_markdown(summary, budget))
+    console.print(f"rank correlations: {json.dumps(correlations)}")
+    console.print(f"wrote {out}/front.json, front.md, front.png, best.yaml, trials.json, summary.json")
+    return 0
+
+
+def full_ppl(args, recipe: Recipe) -> float:
+    from .objective import full_protocol
+
+    return full_protocol(args.model, recipe, dtype=args.dtype, device=args.device, data_dir=args.data_dir)["ppl"]
+
+
+def _done():
+    from optuna.trial import TrialState
+
+    return (TrialState.COMPLETE, TrialState.PRUNED)
