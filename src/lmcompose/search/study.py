@@ -300,7 +300,13 @@ def pareto_front(rows: list[dict]) -> list[dict]:
 
 def summarize(study, budget: Budget) -> dict:
     levels = finalist_levels(study)
-    rows = [_row(t, budget, levels) for t in completed(study)]
+    rows, seen = [], set()
+    for t in sorted(completed(study), key=lambda t: t.number):
+        # Parallel workers may evaluate one grid point twice (Optuna's GridSampler allows it): count it once.
+        key = json.dumps(t.user_attrs["recipe"], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            rows.append(_row(t, budget, levels))
     if not rows:
         raise ValueError("the study has no completed trial")
     best = min(rows, key=lambda r: (r["score"], r["number"]))
