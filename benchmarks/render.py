@@ -44,13 +44,15 @@ def section(path: Path) -> str:
     ok = [r for r in rows if not r.get("error")]
     meta = ok[0] if ok else rows[0]
     protocol = json.dumps(meta.get("protocol"))
+    limit = (meta.get("protocol") or {}).get("max_tokens")
+    max_tokens = f" --max-tokens {limit}" if limit else ""
     dates = sorted({r.get("date") for r in ok if r.get("date")})
     steps = "\n".join(f"    {r['row']}: {json.dumps(r['recipe']['steps'])}" for r in ok if r.get("recipe"))
     cal = next((r["recipe"]["calibration"] for r in ok if r.get("recipe")), None)
     return (f"Model `{meta.get('model')}`, machine: {meta.get('machine')}, dates {', '.join(dates)}.\n"
             f"Evaluation protocol: `{protocol}`.\n\n{table(rows)}\n\n"
             f"Reproduce: `python benchmarks/bench.py --table {meta.get('table')} --model {meta.get('model')} "
-            f"--calib-n {cal['n'] if cal else 128} --only \"<row>\"`, which writes each row's recipe (steps below, "
+            f"--calib-n {cal['n'] if cal else 128}{max_tokens} --only \"<row>\"`, which writes each row's recipe (steps below, "
             f"calibration `{json.dumps(cal)}`) to a file and runs `lmcompose compress --model {meta.get('model')} "
             f"--recipe FILE --eval {meta.get('protocol_name')}` (dense: `lmcompose eval --protocol "
             f"{meta.get('protocol_name')}`).\n\n{steps}\n")
