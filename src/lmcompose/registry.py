@@ -47,6 +47,12 @@ class Technique(BaseModel):
         return (any(fnmatchcase(linear_name, p) for p in self.include)
                 and not any(fnmatchcase(linear_name, p) for p in self.exclude))
 
+    def single_dense(self, spec: LinearSpec):
+        """The one Dense term of `spec`; `IllegalStep` for any other structure."""
+        if spec.kinds() != ("dense",):
+            raise IllegalStep(f"{self.name} takes a single dense term, got {spec.describe()}")
+        return spec.terms[0]
+
     def plan(self, spec: LinearSpec) -> LinearSpec:
         raise NotImplementedError
 

@@ -60,7 +60,6 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..algebra.linear import CompressedLinear
 from ..algebra.quant import FLOAT_DTYPES, QTensor
 from ..algebra.terms import Dense
 from .checkpoint import atomic_dir, compressed_modules, other_tensors

@@ -179,9 +179,7 @@ class QER(Technique):
 
     # -- typing and costing --------------------------------------------------------------------
     def _float_dtype(self, spec: LinearSpec) -> str:
-        if spec.kinds() != ("dense",):
-            raise IllegalStep(f"{self.name} takes a single dense term, got {spec.describe()}")
-        a = spec.terms[0].a
+        a = self.single_dense(spec).a
         if a.quantized:
             raise IllegalStep(f"{self.name} quantizes a float matrix; the dense term is already quantized "
                               f"({a.describe()})")

@@ -245,9 +245,7 @@ class SSLC(Technique):
 
     # -- typing and costing --------------------------------------------------------------------
     def _dtype(self, spec: LinearSpec) -> str:
-        if spec.kinds() != ("dense",):
-            raise IllegalStep(f"{self.name} takes a single dense term, got {spec.describe()}")
-        a = spec.terms[0].a
+        a = self.single_dense(spec).a
         if a.quantized:
             raise IllegalStep(f"{self.name} rewrites the weights, which would leave the quantization grid; "
                               "run it before quantizing (then quantize with target: all)")

@@ -98,9 +98,7 @@ class LowRankConfig(Technique):
 
     # -- typing and costing --------------------------------------------------------------------
     def _input(self, spec: LinearSpec):
-        if spec.kinds() != ("dense",):
-            raise IllegalStep(f"low-rank factorization takes a single dense term, got {spec.describe()}")
-        a = spec.terms[0].a
+        a = self.single_dense(spec).a
         if a.quantized and not self.allow_offgrid:
             raise IllegalStep("SVD of a quantized matrix leaves the quantization grid (the factors are on no grid "
                               "and their product is not the quantized matrix); factorize before quantizing, or "

@@ -100,9 +100,7 @@ class PruneConfig(Technique):
 
     # -- typing and costing --------------------------------------------------------------------
     def _input(self, spec: LinearSpec) -> DenseSpec:
-        if spec.kinds() != ("dense",):
-            raise IllegalStep(f"pruning takes a single dense term, got {spec.describe()}")
-        dense = spec.terms[0]
+        dense = self.single_dense(spec)
         if dense.a.quantized and not self.accepts_quantized:
             raise IllegalStep("this pruner updates weights, which would leave the quantization grid; "
                               "prune before quantizing, or use a mask-only pruner (magnitude, wanda)")

@@ -81,7 +81,7 @@ class QuantConfig(Technique):
 
     def apply(self, layer, stats):
         bits = self.resolve_bits(layer.spec())
-        terms, errors = [], []
+        terms = []
         for term in layer.terms:
             if not self._matches(term.kind):
                 terms.append(term)
