@@ -85,6 +85,11 @@ def rows_joint():
     return rows
 
 
+# Rows measured on the full protocol too (issue 3: the 50% and 4-bit rows; issue 4: the headline rows).
+HEADLINE = {"dense", "magnitude 50%", "wanda 50%", "sparsegpt 50%", "rtn w4 g64", "gptq w4 g64",
+            "wanda 50% bytes", "sparsegpt 50% bytes", "sslc 50% bytes", "svdllm 50% bytes", "joint sparsegpt 50% + w4",
+            "S→Q sparsegpt 50% → gptq w4", "dam w8 g64 (4.3 bpw)"}
+
 TABLES = {"foundation": rows_foundation, "techniques": rows_techniques, "joint": rows_joint}
 
 
@@ -100,7 +105,21 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
-def run_row(table, name, steps, model, protocol, out_root, extra, calib):
+def full_eval(model: str, out: Path, env: dict) -> dict:
+    """The full protocol (WikiText-2 test, seqlen 2048) of a saved checkpoint or a dense model."""
+    dest = Path(str(out) + ".full.json")
+    cmd = [sys.executable, "-m", "lmcompose.cli", "eval", "--model", model, "--protocol", "full", "--json", str(dest)]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stderr[-3000:])
+        return {"full_error": proc.stderr[-500:]}
+    res = json.loads(dest.read_text())
+    return {"ppl_full": res["ppl"], "protocol_full": res["protocol"], "full_seconds": round(res["seconds"], 1),
+            "command_full": " ".join(["lmcompose", *cmd[3:]])}
+
+
+def run_row(table, name, steps, model, protocol, out_root, extra, calib, with_full=False):
     out = out_root / f"{table}-{name.replace(' ', '_').replace('%', 'pct').replace(':', '-')}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
@@ -118,12 +137,13 @@ def run_row(table, name, steps, model, protocol, out_root, extra, calib):
     if proc.returncode:
         print(proc.stdout[-3000:], proc.stderr[-3000:])
         return {"row": name, "error": proc.stderr[-500:]}
+    full = full_eval(model if steps is None else str(out), out, env) if with_full else {}
     row = {"table": table, "row": name, "model": model, "protocol_name": protocol,
            "command": " ".join(["lmcompose", *cmd[3:]]), "machine": machine(),
            "date": dt.date.today().isoformat(), "process_seconds": round(time.perf_counter() - t0, 1)}
     if steps is None:
         res = json.loads(Path(str(out) + ".json").read_text())
-        row.update(ppl=res["ppl"], protocol=res["protocol"], bits_per_weight=16.0, recipe=None)
+        row.update(ppl=res["ppl"], protocol=res["protocol"], bits_per_weight=16.0, recipe=None, **full)
         row.update(dense_bytes(model))
         return row
     from lmcompose.models.checkpoint import file_tensor_bytes
@@ -139,7 +159,8 @@ def run_row(table, name, steps, model, protocol, out_root, extra, calib):
                peak_rss_mib=rep["summary"]["peak_rss_mib"], mean_rel_error=rep["summary"]["mean_rel_error"],
                knobs=[{k: v for k, v in s.items() if k not in ("rel_error", "seconds")}
                       for s in rep["layers"][0]["steps"]],
-               recipe={"steps": steps, "calibration": calib})
+               recipe={"steps": steps, "calibration": calib},
+               compute_dtype=rep.get("environment", {}).get("compute_dtype"), **full)
     return row
 
 
@@ -161,6 +182,8 @@ def main(argv=None):
     p.add_argument("--out-root", default=str(Path(tempfile.gettempdir()) / "lmcompose-bench"))
     p.add_argument("--calib-n", type=int, default=128, help="calibration windows of 512 C4 tokens")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens only")
+    p.add_argument("--full", nargs="*", default=None,
+                   help="also evaluate these rows (none given: the table's headline rows) on the full protocol")
     p.add_argument("--list", action="store_true")
     p.add_argument("extra", nargs="*", help="extra CLI args after --")
     args = p.parse_args(argv)
@@ -178,11 +201,12 @@ def main(argv=None):
     for name, steps in rows.items():
         if args.only and name not in args.only:
             continue
+        with_full = args.full is not None and name in (args.full or HEADLINE)
         row = run_row(args.table, name, steps, args.model, args.protocol, Path(args.out_root), args.extra,
-                      {**C4, "n": args.calib_n})
+                      {**C4, "n": args.calib_n}, with_full)
         with dest.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(json.dumps({k: row.get(k) for k in ("row", "ppl", "bits_per_weight", "compress_seconds",
+        print(json.dumps({k: row.get(k) for k in ("row", "ppl", "ppl_full", "bits_per_weight", "compress_seconds",
                                                   "peak_rss_mib", "bytes_match", "error")}), flush=True)
     return 0
 

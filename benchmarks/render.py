@@ -19,15 +19,18 @@ def fmt(v, spec):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| row | ppl | bits/weight (compressed Linears) | kept of fp16 | total model bytes | file tensor bytes "
-            "| bytes match | compress s | s/block | peak RSS MiB | mean layer rel. error |")
+    full = any("ppl_full" in r for r in rows)
+    head = ("| row | ppl |" + (" ppl full |" if full else "") + " bits/weight (compressed Linears) | kept of fp16 "
+            "| total model bytes | file tensor bytes | bytes match | compress s | s/block | peak RSS MiB "
+            "| mean layer rel. error |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['row']} | failed: {r['error'][:80]} |" + " |" * 9)
+            lines.append(f"| {r['row']} | failed: {r['error'][:80]} |" + " |" * (head.count("|") - 3))
             continue
         lines.append("| " + " | ".join([
-            r["row"], fmt(r.get("ppl"), ".3f"), fmt(r.get("bits_per_weight"), ".3f"), fmt(r.get("ratio"), ".3f"),
+            r["row"], fmt(r.get("ppl"), ".3f"), *([fmt(r.get("ppl_full"), ".3f")] if full else []),
+            fmt(r.get("bits_per_weight"), ".3f"), fmt(r.get("ratio"), ".3f"),
             f"{r['total_bytes']:,}" if r.get("total_bytes") else "", f"{r['file_tensor_bytes']:,}"
             if r.get("file_tensor_bytes") else "", {True: "yes", False: "NO"}.get(r.get("bytes_match"), ""),
             fmt(r.get("compress_seconds"), ".1f"), fmt(r.get("seconds_per_block"), ".2f"),
@@ -44,6 +47,9 @@ def section(path: Path) -> str:
     ok = [r for r in rows if not r.get("error")]
     meta = ok[0] if ok else rows[0]
     protocol = json.dumps(meta.get("protocol"))
+    full = next((r["protocol_full"] for r in ok if r.get("protocol_full")), None)
+    if full:
+        protocol += f"; ppl full: `{json.dumps(full)}` (`--full`: the saved checkpoint, `lmcompose eval --protocol full`)"
     limit = (meta.get("protocol") or {}).get("max_tokens")
     max_tokens = f" --max-tokens {limit}" if limit else ""
     dates = sorted({r.get("date") for r in ok if r.get("date")})

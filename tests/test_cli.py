@@ -40,15 +40,25 @@ def setup(tmp_path_factory):
 def test_compress_eval_check_techniques(setup, capsys):
     root, model_dir, data, recipe = setup
     out = root / "out"
+    # bf16 forced, so the cast-after-save path runs whatever this CPU's `auto` would pick
     assert main(["compress", "--model", str(model_dir), "--recipe", str(recipe), "--out", str(out),
-                 "--data-dir", str(data), "--eval", "quick"]) == 0
+                 "--data-dir", str(data), "--eval", "quick", "--compute-dtype", "bf16"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["total_bytes"] == file_tensor_bytes(out / "model.safetensors")
     assert report["evaluation"]["protocol"]["name"] == "quick" and report["evaluation"]["ppl"] > 1
-    assert main(["eval", "--model", str(out), "--data-dir", str(data), "--protocol", "quick",
+    assert report["evaluation"]["protocol"]["dtype"] == "bf16" and report["environment"]["compute_dtype"] == "bf16"
+    saved = json.loads((out / "lmcompose.json").read_text())
+    assert saved["protocol"] == report["evaluation"]["protocol"] and saved["report"]["evaluation"]["ppl"] > 1
+    # the saved checkpoint, evaluated in the same dtype, gives the in-process number exactly
+    assert main(["eval", "--model", str(out), "--data-dir", str(data), "--protocol", "quick", "--dtype", "bf16",
                  "--json", str(root / "e.json")]) == 0
     again = json.loads((root / "e.json").read_text())
     assert again["ppl"] == pytest.approx(report["evaluation"]["ppl"], rel=1e-6)
+    # and in fp32 it differs from bf16 only in the last digits
+    assert main(["eval", "--model", str(out), "--data-dir", str(data), "--protocol", "quick", "--dtype", "fp32",
+                 "--json", str(root / "e32.json")]) == 0
+    fp32 = json.loads((root / "e32.json").read_text())
+    assert fp32["protocol"]["dtype"] == "fp32" and fp32["ppl"] == pytest.approx(again["ppl"], rel=0.02)
     assert main(["recipe", "check", str(recipe), "--model", str(model_dir)]) == 0
     assert main(["techniques"]) == 0
     printed = capsys.readouterr().out

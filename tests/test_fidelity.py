@@ -113,7 +113,7 @@ def test_cli_compares_a_saved_checkpoint_with_its_base_model(data_dir, tiny_toke
     add_parser(parser.add_subparsers())
     out = tmp_path / "f.json"
     args = parser.parse_args(["fidelity", "--compressed", str(run), "--data-dir", str(data_dir), "--seqlen", "40",
-                              "--max-windows", "2", "--json", str(out)])
+                              "--max-windows", "2", "--dtype", "fp32", "--json", str(out)])
     assert args.func(args) == 0
     saved = json.loads(out.read_text())
     expected = fidelity(dense, comp, tiny_tokenizer, PROTOCOL, data_dir, max_windows=2)

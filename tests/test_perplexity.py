@@ -92,7 +92,14 @@ def test_limits_reach_the_result_and_progress_is_reported(tiny_llama, data_dir, 
     result = perplexity(tiny_llama, tiny_tokenizer, proto, data_dir, progress=lambda d, t: calls.append((d, t)))
     assert result.n_windows == 5 and result.n_tokens == 5 * 31
     assert calls == [(2, 5), (4, 5), (5, 5)]
-    assert result.to_dict()["protocol"] == proto.model_dump()
+    assert result.to_dict()["protocol"] == {**proto.model_dump(), "dtype": "fp32"}  # the dtype it ran in
+
+
+def test_the_dtype_a_result_ran_in_is_recorded_and_a_mismatch_refused(tiny_llama, data_dir, tiny_tokenizer):
+    proto = get_protocol("full", seqlen=32, max_tokens=32 * 2)
+    assert perplexity(tiny_llama.to(torch.bfloat16), tiny_tokenizer, proto, data_dir).protocol["dtype"] == "bf16"
+    with pytest.raises(ValueError, match="dtype='fp32'.*bf16"):
+        perplexity(tiny_llama, tiny_tokenizer, proto.model_copy(update={"dtype": "fp32"}), data_dir)
 
 
 def test_protocols_are_validated():

@@ -17,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from . import compute as compute_dtypes
 from .algebra.quant import FLOAT_DTYPES
 from .models.checkpoint import compressed_modules, model_nbytes
 from .pipeline.blocks import linear_shapes, other_param_bytes
@@ -51,20 +52,28 @@ def environment() -> dict:
 
 
 def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, model_name: str = "",
-             on_block=None) -> Report:
+             on_block=None, compute_dtype: str = "auto") -> Report:
     """Compress `model` in place with `recipe`, calibrating on `windows` ([n, seqlen] token ids).
 
     The recipe is type-checked and costed on the model's shapes before any block is touched. With
     `device` set (e.g. "cuda") and the model elsewhere (e.g. CPU), blocks move to `device` one at a
-    time, so device memory holds one block plus the calibration activations.
+    time, so device memory holds one block plus the calibration activations. `compute_dtype`
+    (``auto``, ``fp32``, ``bf16``, ``fp16``; see `lmcompose.compute`) is the dtype of the block
+    forwards that collect statistics and propagate activations; the weights the techniques read, their
+    arithmetic and the statistics themselves stay in full precision. The resolved dtype is recorded in
+    the report's environment.
     """
+    compute_dtypes.check(compute_dtype, "compute_dtype")
     recipe = as_recipe(recipe)
     shapes = linear_shapes(model)
     recipe.check(shapes, other_param_bytes(model))
     if windows.dim() != 2:
         raise ValueError(f"windows must be a [n, seqlen] tensor of token ids, got shape {tuple(windows.shape)}")
     t0 = time.perf_counter()
-    runner = SequentialCompressor(model, recipe.steps, recipe.float_dtype, device, on_block)
+    home = next(model.parameters()).device
+    resolved = compute_dtypes.resolve(compute_dtype, device if device is not None else home,
+                                      compute_dtypes.model_dtype(model))
+    runner = SequentialCompressor(model, recipe.steps, recipe.float_dtype, device, on_block, resolved)
     runner.run(windows, recipe.calibration.batch_size, recipe.schedule)
     _round_other_weights(model, recipe.float_dtype)
     wall = time.perf_counter() - t0
@@ -78,4 +87,4 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
         linear_weights=sum(l.shape[0] * l.shape[1] for l in compressed),
         total_bytes=model_nbytes(model, recipe.float_dtype),
         calibration={**recipe.calibration.model_dump(), "windows": list(windows.shape)},
-        environment=environment())
+        environment={**environment(), "compute_dtype": resolved})

@@ -135,9 +135,13 @@ def plan_variants(a: dict, b: dict, joint: dict | None, shapes, other_bytes: int
 
 
 def analyze(model_name: str, a: dict, b: dict, joint: dict | None = None, *, calibration: dict | None = None,
-            protocol="quick", data_dir=None, dtype: str = "fp32", device: str = "cpu",
+            protocol="quick", data_dir=None, dtype: str = "auto", device: str = "cpu",
             on_variant=None) -> Analysis:
-    """Run the orthogonality analysis of steps `a` and `b` (``{technique: {params}}``) on one model."""
+    """Run the orthogonality analysis of steps `a` and `b` (``{technique: {params}}``) on one model.
+
+    The dense model is held in fp32; `dtype` is the compute dtype (``lmcompose.compute``) of the
+    compression forwards and of every evaluation, the dense one included."""
+    from ..compute import cast_for_eval
     from ..api import compress
     from ..data import calibration_windows
     from ..eval.perplexity import get_protocol, perplexity
@@ -148,9 +152,13 @@ def analyze(model_name: str, a: dict, b: dict, joint: dict | None = None, *, cal
     shapes, other = model_linear_shapes(model_name)
     variants = plan_variants(a, b, joint, shapes, other, cal.model_dump())  # fails before any loading
     t0 = time.perf_counter()
-    dense, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    dense, tokenizer = load_model(model_name, dtype="fp32", device=device)
     windows = calibration_windows(tokenizer, cal.source, cal.n, cal.seqlen, cal.seed, data_dir, cal.split)
-    dense_ppl = perplexity(dense, tokenizer, protocol, data_dir=data_dir).ppl
+    evaluated = copy.deepcopy(dense)
+    cast_for_eval(evaluated, dtype)
+    dense_result = perplexity(evaluated, tokenizer, protocol, data_dir=data_dir)
+    dense_ppl, protocol_used = dense_result.ppl, dense_result.protocol
+    del evaluated
     for v in variants.values():
         if on_variant:
             on_variant(v.name, v.steps)
@@ -160,11 +168,12 @@ def analyze(model_name: str, a: dict, b: dict, joint: dict | None = None, *, cal
         model = copy.deepcopy(dense)
         recipe = Recipe.from_dict({"calibration": cal.model_dump(), "steps": v.steps})
         try:
-            report = compress(model, recipe, windows, model_name=model_name)
+            report = compress(model, recipe, windows, model_name=model_name, compute_dtype=dtype)
         except (InvariantError, ValueError) as err:  # one broken variant must not lose the others
             log.error("%s failed: %s", v.name, err)
             v.legal, v.reason = False, f"failed while running: {err}"
             continue
+        cast_for_eval(model, dtype)
         v.ppl = perplexity(model, tokenizer, protocol, data_dir=data_dir).ppl
         v.compress_seconds = report.wall_seconds
         v.bits_per_weight, v.total_bytes = report.bits_per_weight, report.total_bytes
@@ -172,7 +181,7 @@ def analyze(model_name: str, a: dict, b: dict, joint: dict | None = None, *, cal
         log.info("%s: ppl %.3f at %.3f bits/weight", v.name, v.ppl, v.bits_per_weight)
         del model
     return Analysis(model_name, a, b, joint, {**cal.model_dump(), "windows": list(windows.shape)},
-                    protocol.model_dump(), dense_ppl, variants, time.perf_counter() - t0)
+                    protocol_used, dense_ppl, variants, time.perf_counter() - t0)
 
 
 # -- outputs ---------------------------------------------------------------------------------------

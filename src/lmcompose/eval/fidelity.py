@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.calibration import eval_tokens
+from ..algebra.quant import dtype_name
+from ..compute import model_dtype
 from .perplexity import CHUNK, Protocol, _head_path, _head_path_agrees, _softcap, get_protocol, windows_of
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,8 @@ def fidelity(dense_model, compressed_model, tokenizer, protocol: Protocol | str 
         if max_windows < 1:
             raise ValueError(f"max_windows={max_windows} is not allowed: must be >= 1 or None")
         protocol = protocol.model_copy(update={"max_windows": min(max_windows, protocol.max_windows or max_windows)})
+    dtypes = {dtype_name(model_dtype(m)) for m in (dense_model, compressed_model)}
+    protocol = protocol.model_copy(update={"dtype": "/".join(sorted(dtypes))})  # what the two ran in
     vd = dense_model.get_output_embeddings().weight.shape[0] if dense_model.get_output_embeddings() else None
     vc = compressed_model.get_output_embeddings().weight.shape[0] if compressed_model.get_output_embeddings() else None
     if vd != vc:
@@ -156,7 +160,7 @@ def fidelity(dense_model, compressed_model, tokenizer, protocol: Protocol | str 
 
 
 def cmd_fidelity(args) -> int:
-    from ..cli import _load_any, _print_totals, _progress
+    from ..cli import _eval_dtype, _load_any, _print_totals, _progress
     from ..models.checkpoint import META_FILE
 
     meta_path = Path(args.compressed) / META_FILE
@@ -169,8 +173,8 @@ def cmd_fidelity(args) -> int:
             raise ValueError(f"{args.compressed} records no base_model: pass --dense")
     overrides = {k: v for k, v in {"seqlen": args.seqlen, "batch_size": args.batch_size}.items() if v is not None}
     protocol = get_protocol(args.protocol, **overrides)
-    dense, tokenizer = _load_any(dense_name, args.dtype, args.device, args.trust_remote_code)
-    compressed, _ = _load_any(args.compressed, args.dtype, args.device, args.trust_remote_code)
+    dense, tokenizer = _load_any(dense_name, _eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
+    compressed, _ = _load_any(args.compressed, _eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
     with _progress() as prog:
         task = prog.add_task("fidelity", total=None)
         result = fidelity(dense, compressed, tokenizer, protocol, data_dir=args.data_dir,
@@ -191,7 +195,8 @@ def add_parser(sub) -> None:
     f = sub.add_parser("fidelity", help="KL(dense ‖ compressed) and top-1 agreement on held-out text")
     f.add_argument("--dense", default=None, help="the reference model (default: the checkpoint's base_model)")
     f.add_argument("--compressed", required=True, help="an lmcompose checkpoint directory (or any model)")
-    f.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    f.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute dtype; auto = bf16 where it is measurably faster than fp32, else fp32")
     f.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     f.add_argument("--data-dir", default=None, help="data directory (default $LMCOMPOSE_DATA_DIR)")
     f.add_argument("--trust-remote-code", action="store_true")

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..algebra.quant import dtype_name
+from ..compute import model_dtype
 from ..data.calibration import eval_tokens
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ class Protocol(BaseModel):
     batch_size: int = Field(1, ge=1)
     max_tokens: int | None = Field(None, ge=2)
     max_windows: int | None = Field(None, ge=1)
+    # Compute dtype of the evaluated model (fp32/bf16/fp16). None in a request means "the model's own";
+    # every result records the dtype it actually ran in (bf16 and fp32 differ in the 4th digit).
+    dtype: str | None = None
 
 
 PROTOCOLS = {
@@ -163,6 +168,11 @@ def perplexity(model, tokenizer, protocol: Protocol | str, data_dir=None, device
     """
     if isinstance(protocol, str):
         protocol = get_protocol(protocol)
+    ran_in = dtype_name(model_dtype(model))
+    if protocol.dtype not in (None, ran_in):
+        raise ValueError(f"protocol dtype={protocol.dtype!r} but the model's weights are {ran_in}; cast the model "
+                         "first (lmcompose.compute.cast_for_eval)")
+    protocol = protocol.model_copy(update={"dtype": ran_in})
     device = device or next(model.parameters()).device
     t0 = time.perf_counter()
     windows = windows_of(eval_tokens(tokenizer, protocol.dataset, protocol.split, data_dir), protocol)

@@ -114,6 +114,19 @@ def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, *, fl
     return Path(out_dir)
 
 
+def update_metadata(out_dir: str | Path, **fields) -> dict:
+    """Set top-level `fields` of a saved checkpoint's lmcompose.json (written to a temporary file and
+    renamed over the old one, so a crash leaves either the old or the new file, never half of one)."""
+    path = Path(out_dir) / META_FILE
+    meta = json.loads(path.read_text())
+    meta.update(fields)
+    fd, tmp = tempfile.mkstemp(prefix=f".{META_FILE}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, path)
+    return meta
+
+
 def file_tensor_bytes(path: str | Path, prefix: str | None = None) -> int:
     """Sum of tensor bytes stored in a safetensors file (optionally under one key prefix)."""
     total = 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import compute
 from ..algebra.invariants import check_step
 from ..algebra.linear import CompressedLinear
 from ..report import LayerRecord
@@ -145,8 +146,10 @@ def observe(block: nn.Module, inputs: BlockInputs, index: int, linears: dict[str
 class SequentialCompressor:
     """Runs a recipe's steps over a model block by block. Created per ``compress()`` call."""
 
-    def __init__(self, model: nn.Module, steps, float_dtype: str = "fp16", device=None, on_block=None):
+    def __init__(self, model: nn.Module, steps, float_dtype: str = "fp16", device=None, on_block=None,
+                 compute_dtype: str = "fp32"):
         self.model = model
+        self.compute_dtype = compute_dtype  # resolved (not "auto"): block forwards run under its autocast
         self.steps = steps
         self.float_dtype = float_dtype
         self.device = device
@@ -155,6 +158,10 @@ class SequentialCompressor:
         self.records: dict[str, LayerRecord] = {}
         self.block_seconds: list[float] = []
         self.allocated: dict[int, dict[int, object]] = {}
+
+    def _forwards(self, device):
+        """Block forwards in the compute dtype; techniques and errors never run under it."""
+        return compute.autocast(self.compute_dtype, device)
 
     def _compress_group(self, step, names: list[str], stats: dict):
         for name in names:
@@ -190,15 +197,17 @@ class SequentialCompressor:
         for i, block in enumerate(self.blocks):
             block.to(device)
             linears = block_linears(block, f"{self.prefix}.{i}")
-            stats, _ = observe(block, current, i, linears)
+            with self._forwards(device):
+                stats, _ = observe(block, current, i, linears)
             for s in needing:
                 seen[id(s)].append([(_weight(m), stats[n]) for n, m in linears.items()
                                     if s.targets(n) and n in stats])
-            current.hidden = run_block(block, current, i)
+            with self._forwards(device):
+                current.hidden = run_block(block, current, i)
             block.to(home)
         return {id(s): s.allocate(seen[id(s)]) for s in needing}
 
-    def _block(self, index: int, inputs: BlockInputs, steps):
+    def _block(self, index: int, inputs: BlockInputs, steps, device):
         block = self.blocks[index]
         prefix = f"{self.prefix}.{index}"
         for step in steps:
@@ -206,14 +215,16 @@ class SequentialCompressor:
             targets = {n: m for n, m in block_linears(block, prefix).items() if step.targets(n)}
             if not targets:
                 continue
-            stats, groups = observe(block, inputs, index, targets)
+            with self._forwards(device):
+                stats, groups = observe(block, inputs, index, targets)
             if not step.true_sequential:
                 self._compress_group(step, list(targets), stats)
                 continue
             for g, group in enumerate(groups):
                 if g > 0:  # inputs of this group changed when the previous groups were compressed
                     current = {n: m for n, m in block_linears(block, prefix).items() if n in group}
-                    stats, _ = observe(block, inputs, index, current)
+                    with self._forwards(device):
+                        stats, _ = observe(block, inputs, index, current)
                 self._compress_group(step, group, stats)
 
     @torch.no_grad()
@@ -222,7 +233,8 @@ class SequentialCompressor:
             raise ValueError(f"schedule={schedule!r} is not allowed; allowed: 'layer-major', 'step-major'")
         home = next(self.model.parameters()).device
         device = torch.device(self.device) if self.device is not None else home
-        inputs = capture_inputs(self.model, windows, batch_size, home)
+        with self._forwards(home):
+            inputs = capture_inputs(self.model, windows, batch_size, home)
         if device != home:  # blocks visit `device` one at a time; the rest of the model stays home
             inputs = BlockInputs(_to(inputs.hidden, device), _to(inputs.kwargs, device), _to(inputs.args, device))
         self.allocated = {k: dict(enumerate(v)) for k, v in self._prepass(inputs, device).items()}
@@ -234,8 +246,9 @@ class SequentialCompressor:
             for i in range(n):
                 t0 = time.perf_counter()
                 self.blocks[i].to(device)
-                self._block(i, current, steps)
-                current.hidden = run_block(self.blocks[i], current, i)
+                self._block(i, current, steps, device)
+                with self._forwards(device):
+                    current.hidden = run_block(self.blocks[i], current, i)
                 self.blocks[i].to(home)
                 if p == len(passes) - 1:  # the block is final: its original weights are not needed
                     for name, record in self.records.items():

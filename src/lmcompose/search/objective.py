@@ -43,6 +43,7 @@ from torch import nn
 
 from ..algebra.linear import CompressedLinear
 from ..api import compress
+from ..compute import cast_for_eval
 from ..eval.perplexity import window_nll
 from ..pipeline.blocks import block_linears, find_blocks
 from ..pipeline.sequential import capture_inputs, observe, run_block
@@ -151,11 +152,13 @@ class Evaluator:
         calib: calibration windows ``[n, seqlen]`` for `quick` (level 2).
         heldout: held-out windows ``[n, seqlen]`` scored by `quick`.
         device: where layers are compressed (default: the model's device).
+        compute_dtype: dtype of the forwards of `quick` (`lmcompose.compute`; auto = bf16 where faster).
     """
 
     def __init__(self, model: nn.Module, stats: DenseStats, calib: torch.Tensor | None = None,
-                 heldout: torch.Tensor | None = None, device=None):
+                 heldout: torch.Tensor | None = None, device=None, compute_dtype: str = "auto"):
         self.model, self.stats, self.calib, self.heldout = model, stats, calib, heldout
+        self.compute_dtype = compute_dtype
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
     @torch.no_grad()
@@ -196,7 +199,8 @@ class Evaluator:
         if self.calib is None or self.heldout is None:
             raise ValueError("quick perplexity needs calib and heldout windows")
         model = copy.deepcopy(self.model)
-        compress(model, recipe, self.calib, device=self.device)
+        compress(model, recipe, self.calib, device=self.device, compute_dtype=self.compute_dtype)
+        cast_for_eval(model, self.compute_dtype)  # the copy is discarded: evaluate it in the compute dtype
         return heldout_perplexity(model, self.heldout, batch_size)
 
 
@@ -210,7 +214,7 @@ def heldout_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int 
 
 
 def full_protocol(model_name: str, recipe: Recipe, *, dtype: str = "fp32", device: str = "cpu",
-                  data_dir=None, protocol: str = "full") -> dict:
+                  data_dir=None, protocol: str = "full", compute_dtype: str = "auto") -> dict:
     """Level 3 for one finalist: load, calibrate as the recipe says, compress, WikiText-2 perplexity."""
     from ..data import calibration_windows
     from ..eval.perplexity import perplexity
@@ -220,7 +224,8 @@ def full_protocol(model_name: str, recipe: Recipe, *, dtype: str = "fp32", devic
     cal = recipe.calibration
     windows = calibration_windows(tokenizer, source=cal.source, split=cal.split, n=cal.n, seqlen=cal.seqlen,
                                   seed=cal.seed, data_dir=data_dir)
-    report = compress(model, recipe, windows, model_name=model_name)
+    report = compress(model, recipe, windows, model_name=model_name, compute_dtype=compute_dtype)
+    cast_for_eval(model, compute_dtype)
     result = perplexity(model, tokenizer, protocol, data_dir=data_dir)
     return {"ppl": result.ppl, "ratio": report.ratio, "bits_per_weight": report.bits_per_weight,
             "protocol": result.protocol}
