@@ -270,11 +270,25 @@ def run_ray(problem: Problem, spec: EvaluatorSpec, settings: StudySettings, n_tr
         ready, _ = ray.wait(list(pending), num_returns=1)
         trial, size = pending.pop(ready[0])
         value = ray.get(ready[0])
-        study.tell(trial, (size, value) if settings.front else value)
+        _tell(study, trial, (size, value) if settings.front else value)
         finished += 1
         if on_trial:
             on_trial(study)
     return study
+
+
+def _tell(study, trial, values) -> None:
+    """``study.tell`` for ask-and-tell loops. Optuna's GridSampler calls ``study.stop()`` after the last
+    grid point, which raises RuntimeError outside ``optimize`` (optuna/optuna#4121, #5141, documented in
+    its GridSampler note); the value is already stored by then (``_tell`` stores it in a ``finally``), so
+    that one error is expected and dropped."""
+    import optuna
+
+    try:
+        study.tell(trial, values)
+    except RuntimeError as err:
+        if not (isinstance(study.sampler, optuna.samplers.GridSampler) and "Study.stop" in str(err)):
+            raise
 
 
 # -- results -------------------------------------------------------------------------------------------
