@@ -67,18 +67,22 @@ def rows_joint():
             rows[f"{method} {int(fraction * 100)}% bytes"] = [step(method, ratio=fraction)]
 
     kept(("wanda", "sparsegpt", "svdllm", "sslc"), 0.5)
-    # 50% sparsity + 4 bits, three ways
+    # 50% sparsity + 4 bits, three ways (and S→Q with Wanda's mask, to separate the mask from jointness)
     rows["S→Q sparsegpt 50% → gptq w4"] = [step("sparsegpt", sparsity=0.5), step("gptq", **g64)]
+    rows["S→Q wanda 50% → gptq w4"] = [step("wanda", sparsity=0.5), step("gptq", **g64)]
     rows["Q→S gptq w4 → wanda 50%"] = [step("gptq", **g64), step("wanda", sparsity=0.5)]
     rows["joint sparsegpt 50% + w4"] = [step("sparsegpt", sparsity=0.5, **g64)]
-    # about 4.3 bits per weight (the bytes of GPTQ w4 g64)
-    rows["gptq w4 g64"] = [step("gptq", **g64)]
-    rows["qera w3 g64 + rank (4.3 bpw)"] = [step("qera", bits=3, group_size=64, ratio=0.27)]
-    rows["dam w8 g64 (4.3 bpw)"] = [step("dam", bits=8, group_size=64, ratio=0.27)]
-    rows["L→Q w8 g64 (4.3 bpw)"] = [step("dam", bits=8, group_size=64, ratio=0.27, mode="l_then_q")]
-    rows["Q→L w8 g64 (analysis)"] = [step("dam", bits=8, group_size=64, ratio=0.27, mode="q_then_l")]
-    # the triple S + L + Q
-    rows["triple sslc 60% → gptq w4"] = [step("sslc", ratio=0.6), step("gptq", **g64)]
+    # about 4.3 and 3.3 bits per weight (the bytes of GPTQ w4 g64 and w3 g64): low rank + quantization
+    for bpw, ratio, gptq_bits, qer_bits in (("4.3", 0.27, 4, 3), ("3.3", 0.206, 3, 2)):
+        rows[f"gptq w{gptq_bits} g64"] = [step("gptq", bits=gptq_bits, group_size=64)]
+        rows[f"qera w{qer_bits} g64 + rank ({bpw} bpw)"] = [step("qera", bits=qer_bits, group_size=64, ratio=ratio)]
+        rows[f"dam w4 g64 ({bpw} bpw)"] = [step("dam", bits=4, group_size=64, ratio=ratio)]
+        rows[f"L→Q w4 g64 ({bpw} bpw)"] = [step("dam", bits=4, group_size=64, ratio=ratio, mode="l_then_q")]
+        rows[f"Q→L w4 g64 ({bpw} bpw, analysis)"] = [step("dam", bits=4, group_size=64, ratio=ratio,
+                                                         mode="q_then_l")]
+    # the triple S + L + Q, at decreasing sizes
+    for fraction in (0.8, 0.7, 0.6):
+        rows[f"triple sslc {int(fraction * 100)}% → gptq w4"] = [step("sslc", ratio=fraction), step("gptq", **g64)]
     kept(("wanda", "sparsegpt", "svdllm", "sslc"), 0.6)
     kept(("oats",), 0.5)  # 80 full SVDs per Linear: the slowest rows last
     kept(("oats",), 0.6)
@@ -88,7 +92,7 @@ def rows_joint():
 # Rows measured on the full protocol too (issue 3: the 50% and 4-bit rows; issue 4: the headline rows).
 HEADLINE = {"dense", "magnitude 50%", "wanda 50%", "sparsegpt 50%", "rtn w4 g64", "gptq w4 g64",
             "wanda 50% bytes", "sparsegpt 50% bytes", "sslc 50% bytes", "svdllm 50% bytes", "joint sparsegpt 50% + w4",
-            "S→Q sparsegpt 50% → gptq w4", "dam w8 g64 (4.3 bpw)"}
+            "S→Q sparsegpt 50% → gptq w4", "dam w4 g64 (4.3 bpw)"}
 
 TABLES = {"foundation": rows_foundation, "techniques": rows_techniques, "joint": rows_joint}
 

@@ -164,6 +164,10 @@ class Recipe(BaseModel):
                                   f"exclude={list(step.exclude)} select no Linear")
             for n in hits:
                 try:
+                    if step.allocation == "sensitivity" and (
+                            specs[n].kinds() != ("dense",) or specs[n].terms[0].a.quantized):
+                        raise IllegalStep("allocation='sensitivity' measures each Linear on the dense model, so "
+                                          "it must be the first step on a Linear (it got an already compressed one)")
                     specs[n] = step.plan(specs[n])
                 except IllegalStep as err:
                     raise IllegalStep(f"steps[{i}].{step.name} on {n} ({specs[n].describe()}): {err}") from None

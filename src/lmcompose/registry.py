@@ -15,9 +15,9 @@ name is an error.
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .algebra.spec import LinearSpec
 
@@ -43,6 +43,23 @@ class Technique(BaseModel):
                                   "(attention inputs, attention output, MLP inputs, MLP output), "
                                   "observing each group after the previous one is compressed")
 
+    allocation: Literal["uniform", "sensitivity"] = Field(
+        "uniform", description="how `ratio` is spread over the targeted Linears: the same everywhere, or per "
+        "Linear by measured layer-error sensitivity within the same total bytes (techniques/allocation.py; "
+        "a first step on dense weights only)")
+    allocation_ratios: tuple[float, ...] = Field(
+        (0.5, 0.75, 1.0, 1.25, 1.5), description="sensitivity allocation: candidate ratios per Linear, as "
+        "multiples of `ratio` (capped at 1)")
+
+    @model_validator(mode="after")
+    def _allocation_needs_a_ratio(self):
+        if self.allocation == "sensitivity" and getattr(self, "ratio", None) is None:
+            raise ValueError(f"{self.name}: allocation='sensitivity' spreads a `ratio` budget over Linears; give "
+                             "`ratio` (the fraction of fp16 bytes kept) instead of the native knob")
+        if any(m <= 0 for m in self.allocation_ratios):
+            raise ValueError(f"allocation_ratios={self.allocation_ratios!r} must all be > 0")
+        return self
+
     def targets(self, linear_name: str) -> bool:
         return (any(fnmatchcase(linear_name, p) for p in self.include)
                 and not any(fnmatchcase(linear_name, p) for p in self.exclude))
@@ -61,13 +78,16 @@ class Technique(BaseModel):
 
     @property
     def needs_prepass(self) -> bool:
-        """True when the step splits its budget across blocks from dense statistics (see `allocate`)."""
-        return False
+        """True when the step splits its budget across Linears from dense statistics (see `allocate`)."""
+        return self.allocation == "sensitivity"
 
-    def allocate(self, blocks: list[list[tuple]]) -> list["Technique"]:
-        """Per-block copies of this step, from a dense prepass: ``blocks[i]`` lists ``(weight, stats)`` of
-        block i's targeted Linears, computed on the uncompressed model. Only called if `needs_prepass`."""
-        raise NotImplementedError
+    def allocate(self, blocks: list[list[tuple]]) -> dict[str, "Technique"]:
+        """Per-Linear copies of this step, from a dense prepass: ``blocks[i]`` lists ``(name, weight, stats)``
+        of block i's targeted Linears, computed on the uncompressed model. Only called if `needs_prepass`.
+        The default is the sensitivity allocation (`techniques.allocation`)."""
+        from .techniques.allocation import allocate_by_sensitivity
+
+        return allocate_by_sensitivity(self, blocks)
 
     def params(self) -> dict:
         return self.model_dump(mode="json")

@@ -157,13 +157,14 @@ class SequentialCompressor:
         self.prefix, self.blocks = find_blocks(model)
         self.records: dict[str, LayerRecord] = {}
         self.block_seconds: list[float] = []
-        self.allocated: dict[int, dict[int, object]] = {}
+        self.allocated: dict[int, dict[str, object]] = {}  # id(step) -> {linear name: allocated copy}
 
     def _forwards(self, device):
         """Block forwards in the compute dtype; techniques and errors never run under it."""
         return compute.autocast(self.compute_dtype, device)
 
     def _compress_group(self, step, names: list[str], stats: dict):
+        allocated = self.allocated.get(id(step), {})  # per-Linear copies of an allocating step
         for name in names:
             if name not in stats:
                 self.records.setdefault(name, LayerRecord.left_unchanged(name, "never called in calibration"))
@@ -174,20 +175,21 @@ class SequentialCompressor:
                 layer = CompressedLinear.from_linear(layer, self.float_dtype)
             record = self.records.setdefault(name, LayerRecord.start(name, layer))
             t0 = time.perf_counter()
-            new, info = step.apply(layer, stats[name])
+            this = allocated.get(name, step)
+            new, info = this.apply(layer, stats[name])
             seconds = time.perf_counter() - t0
-            check_step(layer, new, step, name)
+            check_step(layer, new, this, name)
             err = relative_error(record.original, new.to_dense(torch.float32), stats[name].gram)
-            record.add_step(step.name, info, err, seconds, new)
+            record.add_step(this.name, info, err, seconds, new)
             set_module(self.model, name, new)
             log.info("%s %s: rel. error %.3e, %.2f bits/weight", name, step.name, err,
                      new.spec().bits_per_weight())
 
     @torch.no_grad()
     def _prepass(self, inputs: BlockInputs, device) -> dict[int, list]:
-        """Dense statistics of every block for the steps that allocate their budget across blocks (OWL).
-
-        Returns ``{id(step): [per-block copy of the step]}``; one extra observe + forward per block."""
+        """Dense statistics of every block for the steps that allocate their budget across Linears (OWL,
+        sensitivity). Returns ``{id(step): {linear name: its copy of the step}}``; one extra observe +
+        forward per block."""
         needing = [s for s in self.steps if s.needs_prepass]
         if not needing:
             return {}
@@ -200,7 +202,7 @@ class SequentialCompressor:
             with self._forwards(device):
                 stats, _ = observe(block, current, i, linears)
             for s in needing:
-                seen[id(s)].append([(_weight(m), stats[n]) for n, m in linears.items()
+                seen[id(s)].append([(n, _weight(m), stats[n]) for n, m in linears.items()
                                     if s.targets(n) and n in stats])
             with self._forwards(device):
                 current.hidden = run_block(block, current, i)
@@ -211,7 +213,6 @@ class SequentialCompressor:
         block = self.blocks[index]
         prefix = f"{self.prefix}.{index}"
         for step in steps:
-            step = self.allocated.get(id(step), {}).get(index, step) if self.allocated else step
             targets = {n: m for n, m in block_linears(block, prefix).items() if step.targets(n)}
             if not targets:
                 continue
@@ -237,7 +238,7 @@ class SequentialCompressor:
             inputs = capture_inputs(self.model, windows, batch_size, home)
         if device != home:  # blocks visit `device` one at a time; the rest of the model stays home
             inputs = BlockInputs(_to(inputs.hidden, device), _to(inputs.kwargs, device), _to(inputs.args, device))
-        self.allocated = {k: dict(enumerate(v)) for k, v in self._prepass(inputs, device).items()}
+        self.allocated = self._prepass(inputs, device)
         passes = [self.steps] if schedule == "layer-major" else [[s] for s in self.steps]
         n = len(self.blocks)
         self.block_seconds = [0.0] * n

@@ -165,16 +165,16 @@ class Evaluator:
     def proxy(self, recipe: Recipe) -> ProxyResult:
         """Level 1: every Linear compressed independently from the dense statistics (module docstring)."""
         steps = list(recipe.steps)
-        per_block = {}  # step index -> [per-block step] for steps that allocate across blocks
+        allocated = {}  # step index -> {linear name: copy} for steps that allocate across Linears
         for j, step in enumerate(steps):
             if step.needs_prepass:
-                per_block[j] = step.allocate([
-                    [(self._weight(n), self.stats[n]) for n in names if step.targets(n)]
+                allocated[j] = step.allocate([
+                    [(n, self._weight(n), self.stats[n]) for n in names if step.targets(n)]
                     for names in self.stats.blocks])
         errors, weights = {}, {}
         for b, names in enumerate(self.stats.blocks):
             for name in names:
-                hits = [per_block[j][b] if j in per_block else s for j, s in enumerate(steps) if s.targets(name)]
+                hits = [allocated.get(j, {}).get(name, s) for j, s in enumerate(steps) if s.targets(name)]
                 if not hits:
                     continue
                 dense = self.model.get_submodule(name)

@@ -336,13 +336,15 @@ DEFAULT_SPACE = {
     "schedules": ["layer-major"],
     "techniques": {
         "wanda": {"sparsity": [0.2, 0.3, 0.4, 0.5], "owl": [False, True]},
-        "svdllm": {"ratio": [0.7, 0.8, 0.9]},
-        "gptq": {"bits": [3, 4, 8], "group_size": [64, 128]},
+        "svdllm": {"ratio": [0.7, 0.8, 0.9], "allocation": ["uniform", "sensitivity"]},
+        "gptq": {"bits": [3, 4, 8], "group_size": [64, 128], "allocation": ["uniform", "sensitivity"]},
         "qer": {"bits": [2, 3, 4], "group_size": [128]},
     },
 }
 
 
 def default_space(**overrides) -> SearchSpace:
-    """One pruner (Wanda, OWL on/off), one low-rank (SVD-LLM), one quantizer (GPTQ), one joint (QER)."""
+    """One pruner (Wanda, OWL on/off), one low-rank (SVD-LLM), one quantizer (GPTQ), one joint (QER);
+    SVD-LLM and GPTQ with uniform or sensitivity allocation (the latter only where the step has `ratio`
+    and comes first on a Linear; other combinations are cut before any work)."""
     return SearchSpace(**{**DEFAULT_SPACE, **overrides})

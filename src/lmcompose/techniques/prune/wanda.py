@@ -108,16 +108,19 @@ class Wanda(ScopedPruneConfig):
 
     @property
     def needs_prepass(self) -> bool:
-        return self.owl
+        return self.owl or super().needs_prepass
 
     def allocate(self, blocks):
         """OWL: block i gets ``sparsity - (normalised outlier ratio_i - mean)``; the mean stays `sparsity`."""
-        ratios = [block_outlier_ratio([(w, st.sq_mean) for w, st in linears], self.owl_threshold)
+        if not self.owl:
+            return super().allocate(blocks)
+        ratios = [block_outlier_ratio([(w, st.sq_mean) for _, w, st in linears], self.owl_threshold)
                   for linears in blocks]
         sparsities = owl_sparsities(ratios, self.sparsity, self.owl_lambda)
         log.info("OWL outlier ratios %s -> sparsities %s", [round(r, 4) for r in ratios],
                  [round(s, 4) for s in sparsities])
-        return [self.model_copy(update={"sparsity": s, "owl": False}) for s in sparsities]
+        return {name: self.model_copy(update={"sparsity": s, "owl": False})
+                for linears, s in zip(blocks, sparsities) for name, _, _ in linears}
 
     def apply(self, layer: CompressedLinear, stats):
         spec = layer.spec()
