@@ -12,8 +12,9 @@
   so a large MLP matrix weighs more than a small k/v projection, as its share of the compute and bytes.
 * **Level 2, quick perplexity.** ``compress`` (the real sequential pipeline) on a copy of the dense model,
   then perplexity on a few *held-out* calibration windows (token windows not used to calibrate).
-* **Level 3, the full protocol**, only for finalists (`full_protocol`): calibrate as the recipe says and
-  measure WikiText-2 perplexity under the ``full`` protocol. It loads the model again; tests never run it.
+* **Level 3, the full protocol**, only for finalists: WikiText-2 perplexity under the ``full`` protocol
+  of the same compressed copy that level 2 measured (`Evaluator.compressed`), so a finalist is
+  compressed once. Tests never run it on a real model.
 
 `rank_correlation` (Spearman, scipy when present, else average ranks for ties) reports how well a cheaper
 level ranks the candidates that were also measured at a dearer one.
@@ -194,14 +195,22 @@ class Evaluator:
         return self.model.get_submodule(name).weight.detach().float().to(self.device)
 
     @torch.no_grad()
-    def quick(self, recipe: Recipe, batch_size: int = 4) -> float:
-        """Level 2: compress a copy with the real pipeline on `calib`, perplexity on `heldout`."""
-        if self.calib is None or self.heldout is None:
-            raise ValueError("quick perplexity needs calib and heldout windows")
+    def compressed(self, recipe: Recipe) -> nn.Module:
+        """A copy of the dense model compressed by the real pipeline on `calib`, cast to the compute dtype
+        for evaluation (levels 2 and 3 measure this one model)."""
+        if self.calib is None:
+            raise ValueError("compressing a candidate needs calib windows")
         model = copy.deepcopy(self.model)
         compress(model, recipe, self.calib, device=self.device, compute_dtype=self.compute_dtype)
-        cast_for_eval(model, self.compute_dtype)  # the copy is discarded: evaluate it in the compute dtype
-        return heldout_perplexity(model, self.heldout, batch_size)
+        cast_for_eval(model, self.compute_dtype)
+        return model
+
+    @torch.no_grad()
+    def quick(self, recipe: Recipe, batch_size: int = 4, model: nn.Module | None = None) -> float:
+        """Level 2: perplexity on `heldout` of the compressed copy (`compressed`, or `model` if given)."""
+        if self.heldout is None:
+            raise ValueError("quick perplexity needs heldout windows")
+        return heldout_perplexity(model if model is not None else self.compressed(recipe), self.heldout, batch_size)
 
 
 @torch.no_grad()
@@ -211,24 +220,6 @@ def heldout_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int 
     nll = sum(float(window_nll(model, windows[s:s + batch_size].to(device)).sum())
               for s in range(0, windows.shape[0], batch_size))
     return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
-
-
-def full_protocol(model_name: str, recipe: Recipe, *, dtype: str = "fp32", device: str = "cpu",
-                  data_dir=None, protocol: str = "full", compute_dtype: str = "auto") -> dict:
-    """Level 3 for one finalist: load, calibrate as the recipe says, compress, WikiText-2 perplexity."""
-    from ..data import calibration_windows
-    from ..eval.perplexity import perplexity
-    from ..models.load import load_model
-
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
-    cal = recipe.calibration
-    windows = calibration_windows(tokenizer, source=cal.source, split=cal.split, n=cal.n, seqlen=cal.seqlen,
-                                  seed=cal.seed, data_dir=data_dir)
-    report = compress(model, recipe, windows, model_name=model_name, compute_dtype=compute_dtype)
-    cast_for_eval(model, compute_dtype)
-    result = perplexity(model, tokenizer, protocol, data_dir=data_dir)
-    return {"ppl": result.ppl, "ratio": report.ratio, "bits_per_weight": report.bits_per_weight,
-            "protocol": result.protocol}
 
 
 def _ranks(values: list[float]) -> list[float]:

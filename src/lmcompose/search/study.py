@@ -323,8 +323,13 @@ def summarize(study, budget: Budget) -> dict:
             rows.append(_row(t, budget, levels))
     if not rows:
         raise ValueError("the study has no completed trial")
-    best = min(rows, key=lambda r: (r["score"], r["number"]))
-    return {"rows": rows, "front": pareto_front(rows), "best": best}
+    # The best recipe is judged by the dearest level measured: full protocol, else quick, else the score.
+    for by in ("full_ppl", "quick_ppl", "score"):
+        measured = [r for r in rows if r.get(by) is not None]
+        if measured:
+            best = min(measured, key=lambda r: (r[by], r["number"]))
+            break
+    return {"rows": rows, "front": pareto_front(rows), "best": best, "best_by": by.removesuffix("_ppl")}
 
 
 def finalist_levels(study) -> dict[int, dict]:
@@ -335,18 +340,30 @@ def finalist_levels(study) -> dict[int, dict]:
 
 def evaluate_finalists(study, evaluator: Evaluator, k: int, level: str = "proxy",
                        full: Callable | None = None, n_full: int = 0) -> dict:
-    """Quick perplexity of the k best trials (and `full(recipe) -> ppl` of the n_full best), stored in the
-    study; returns Spearman's ρ between every pair of levels over the trials measured at both
-    (``{"proxy~quick": {"spearman": ρ, "n": n}, ...}``)."""
-    trials = sorted(completed(study), key=lambda t: t.values[-1])[:k]
+    """Quick perplexity of the k best trials (and ``full(model) -> ppl`` of the n_full best, on the same
+    compressed copy), stored in the study; returns Spearman's ρ between every pair of levels over the
+    trials measured at both (``{"proxy~quick": {"spearman": ρ, "n": n}, ...}``). Trials that share a
+    recipe (two workers on one grid point) are measured once."""
+    trials, seen = [], set()
+    for t in sorted(completed(study), key=lambda t: (t.values[-1], t.number)):
+        key = json.dumps(t.user_attrs["recipe"], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            trials.append(t)
+    trials = trials[:k]
     known = finalist_levels(study)
     for i, t in enumerate(trials):
         recipe = Recipe.from_dict(t.user_attrs["recipe"])
         got = dict(known.get(t.number, {}))
-        if level == "proxy" and "quick" not in got and evaluator.heldout is not None:
-            got["quick"] = evaluator.quick(recipe)
-        if full is not None and i < n_full and "full" not in got:
-            got["full"] = full(recipe)
+        want_quick = level == "proxy" and "quick" not in got and evaluator.heldout is not None
+        want_full = full is not None and i < n_full and "full" not in got
+        if want_quick or want_full:
+            model = evaluator.compressed(recipe)
+            if want_quick:
+                got["quick"] = evaluator.quick(recipe, model=model)
+            if want_full:
+                got["full"] = full(model)
+            del model
         study.set_user_attr(f"finalist/{t.number}", got)
         known[t.number] = got
     columns = {level: [t.values[-1] for t in trials]}
@@ -365,12 +382,26 @@ def evaluate_finalists(study, evaluator: Evaluator, k: int, level: str = "proxy"
 
 def to_markdown(summary: dict, budget: Budget) -> str:
     size = "ratio" if budget.ratio is not None else "bits/weight"
-    lines = [f"# Search front ({budget.describe()})", "", f"best: trial {summary['best']['number']}, "
-             f"{summary['best']['chain']}, score {summary['best']['score']:.6g}", "",
-             f"| trial | chain | {size} | score | quick ppl | full ppl |", "|---|---|---|---|---|---|"]
-    for r in summary["front"]:
-        lines.append(f"| {r['number']} | {r['chain']} | {r['size']:.4f} | {r['score']:.6g} | "
-                     f"{r.get('quick_ppl', '')} | {r.get('full_ppl', '')} |")
+    b = summary["best"]
+
+    def fmt(v):
+        return "" if v is None else f"{v:.6g}"
+
+    def table(title, rows):
+        out = [title, "", f"| trial | chain | {size} | score | quick ppl | full ppl |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['number']} | {r['chain']} | {r['size']:.4f} | {r['score']:.6g} | {fmt(r.get('quick_ppl'))} | "
+                f"{fmt(r.get('full_ppl'))} |" for r in rows]
+        return out
+
+    lines = [f"# Search ({budget.describe()})", "",
+             f"best by {summary.get('best_by', 'score')}: trial {b['number']}, {b['chain']}, {size} {b['size']:.4f}, "
+             f"score {b['score']:.6g}, quick ppl {fmt(b.get('quick_ppl'))}, full ppl {fmt(b.get('full_ppl'))}", ""]
+    finalists = [r for r in summary["rows"] if r.get("quick_ppl") is not None or r.get("full_ppl") is not None]
+    if finalists:
+        key = "full_ppl" if any(r.get("full_ppl") is not None for r in finalists) else "quick_ppl"
+        finalists.sort(key=lambda r: (r.get(key) is None, r.get(key) or 0.0, r["number"]))
+        lines += table("## Finalists", finalists) + [""]
+    lines += table("## Pareto front (size, score)", summary["front"])
     return "\n".join(lines) + "\n"
 
 
@@ -388,7 +419,8 @@ def write_results(study, budget: Budget, out: str | os.PathLike, extra: dict | N
     (out / "front.json").write_text(json.dumps(summary["front"], indent=1))
     (out / "front.md").write_text(to_markdown(summary, budget))
     (out / "best.yaml").write_text(Recipe.from_dict(summary["best"]["recipe"]).to_yaml())
-    info = {"best": {k: v for k, v in summary["best"].items() if k != "recipe"}, "trials": len(summary["rows"]),
+    info = {"best": {k: v for k, v in summary["best"].items() if k != "recipe"}, "best_by": summary["best_by"],
+            "trials": len(summary["rows"]),
             "front": len(summary["front"]), "budget": budget.model_dump(), **(extra or {})}
     (out / "summary.json").write_text(json.dumps(info, indent=1))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -496,7 +528,7 @@ def cmd_search(args) -> int:
             for p in procs:
                 p.join()
     correlations = evaluate_finalists(study, evaluator, args.finalists, args.level,
-                                      functools.partial(full_ppl, args), args.full_finalists)
+                                      functools.partial(full_ppl, args, tokenizer), args.full_finalists)
     summary = write_results(study, budget, out, {"correlations": correlations,
                                                   "wall_seconds": time.perf_counter() - t0,
                                                   "cut_before_work": len(problem.cut)})
@@ -506,10 +538,11 @@ def cmd_search(args) -> int:
     return 0
 
 
-def full_ppl(args, recipe: Recipe) -> float:
-    from .objective import full_protocol
+def full_ppl(args, tokenizer, model) -> float:
+    """Level 3: the full protocol (WikiText-2 test, seqlen 2048) of a compressed finalist."""
+    from ..eval.perplexity import perplexity
 
-    return full_protocol(args.model, recipe, dtype=args.dtype, device=args.device, data_dir=args.data_dir)["ppl"]
+    return perplexity(model, tokenizer, "full", data_dir=args.data_dir).ppl
 
 
 def _done():
