@@ -89,12 +89,33 @@ def rows_joint():
     return rows
 
 
+def rows_search():
+    """Issue 6: hand-written baselines at the search budgets (50% of fp16 bytes, 4.2 and 3.2 bits/weight)."""
+    g128 = {"group_size": 128}
+    return {
+        "dense": None,
+        # ≤ 50% of fp16 bytes (8 bits per weight)
+        "gptq w7 g64 (≤50%)": [step("gptq", bits=7, group_size=64)],
+        # ≤ 4.2 bits per weight
+        "gptq w4 g128 (≤4.2)": [step("gptq", bits=4, **g128)],
+        "gptq w4 g128 act-order (≤4.2)": [step("gptq", bits=4, act_order=True, **g128)],
+        "sparsegpt 25% → gptq w4 g128 (≤4.2)": [step("sparsegpt", sparsity=0.25), step("gptq", bits=4, **g128)],
+        "svdllm 90% → gptq w4 g128 (≤4.2)": [step("svdllm", ratio=0.9), step("gptq", bits=4, **g128)],
+        # ≤ 3.2 bits per weight
+        "gptq w3 g128 (≤3.2)": [step("gptq", bits=3, **g128)],
+        "gptq w3 g128 act-order (≤3.2)": [step("gptq", bits=3, act_order=True, **g128)],
+        "sparsegpt 50% → gptq w4 g128 (≤3.2)": [step("sparsegpt", sparsity=0.5), step("gptq", bits=4, **g128)],
+        "joint sparsegpt 50% + w4 g128 (≤3.2)": [step("sparsegpt", sparsity=0.5, bits=4, **g128)],
+    }
+
+
 # Rows measured on the full protocol too (issue 3: the 50% and 4-bit rows; issue 4: the headline rows).
 HEADLINE = {"dense", "magnitude 50%", "wanda 50%", "sparsegpt 50%", "rtn w4 g64", "gptq w4 g64",
             "wanda 50% bytes", "sparsegpt 50% bytes", "sslc 50% bytes", "svdllm 50% bytes", "joint sparsegpt 50% + w4",
             "S→Q sparsegpt 50% → gptq w4", "dam w4 g64 (4.3 bpw)"}
 
-TABLES = {"foundation": rows_foundation, "techniques": rows_techniques, "joint": rows_joint}
+TABLES = {"foundation": rows_foundation, "techniques": rows_techniques, "joint": rows_joint,
+          "search": rows_search}
 
 
 def machine() -> str:
