@@ -32,9 +32,11 @@ def setup(tmp_path_factory):
     model = tiny_llama()
     calib, heldout = windows(4, 32, seed=1), windows(2, 32, seed=7)
     cache = tmp_path_factory.mktemp("cache")
-    stats = DenseStats.load_or_compute(model, calib, cache)
-    spec = EvaluatorSpec(functools.partial(tiny_llama, 0), calib, heldout, str(cache), name="tiny")
-    return model, Evaluator(model, stats, calib, heldout), spec
+    # fp32 forwards everywhere: the proxy is compared with the pipeline to 1e-4 below
+    stats = DenseStats.load_or_compute(model, calib, cache, compute_dtype="fp32")
+    spec = EvaluatorSpec(functools.partial(tiny_llama, 0), calib, heldout, str(cache), name="tiny",
+                         compute_dtype="fp32")
+    return model, Evaluator(model, stats, calib, heldout, compute_dtype="fp32"), spec
 
 
 def _problem(model, budget=Budget(ratio=0.5), **overrides):
@@ -85,9 +87,12 @@ def test_cached_statistics_equal_fresh_ones(setup, tmp_path):
         a, b = fresh[name], cached[name]
         assert a.n_tokens == b.n_tokens
         assert torch.equal(a.gram, b.gram) and torch.equal(a.abs_mean, b.abs_mean) and torch.equal(a.absmax, b.absmax)
-    # other windows, other cache entry
+    # other windows, or another compute dtype: another cache entry
     DenseStats.load_or_compute(model, windows(4, 32, seed=2), tmp_path)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    other = "bf16" if first.key == DenseStats.compute(model, windows(4, 32, seed=1), compute_dtype="fp32").key else "fp32"
+    DenseStats.load_or_compute(model, windows(4, 32, seed=1), tmp_path, compute_dtype=other)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
 
 
 def test_proxy_ranks_better_recipes_first_and_matches_pipeline_on_block0(setup):

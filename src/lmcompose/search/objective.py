@@ -44,6 +44,7 @@ from torch import nn
 
 from ..algebra.linear import CompressedLinear
 from ..api import compress
+from .. import compute
 from ..compute import cast_for_eval
 from ..eval.perplexity import window_nll
 from ..pipeline.blocks import block_linears, find_blocks
@@ -54,9 +55,10 @@ from ..recipe import Recipe
 log = logging.getLogger(__name__)
 
 
-def fingerprint(model: nn.Module, windows: torch.Tensor) -> str:
-    """sha256 of the block Linears' weights and the calibration windows: the cache key of `DenseStats`."""
-    h = hashlib.sha256()
+def fingerprint(model: nn.Module, windows: torch.Tensor, compute_dtype: str = "fp32") -> str:
+    """sha256 of the block Linears' weights, the calibration windows and the (resolved) compute dtype of
+    the forwards: the cache key of `DenseStats`."""
+    h = hashlib.sha256(compute_dtype.encode())
     prefix, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
         for name, lin in block_linears(block, f"{prefix}.{i}").items():
@@ -80,21 +82,26 @@ class DenseStats:
 
     @classmethod
     @torch.no_grad()
-    def compute(cls, model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> "DenseStats":
+    def compute(cls, model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
+                compute_dtype: str = "auto") -> "DenseStats":
         """One dense forward on the model's device, block by block, observing every Linear (the
-        pipeline's `observe`); the statistics are kept on the CPU."""
+        pipeline's `observe`, with its forwards in the compute dtype as the pipeline runs them; the
+        statistics themselves accumulate in fp32); the statistics are kept on the CPU."""
+        device = next(model.parameters()).device
+        dtype = compute.resolve(compute_dtype, device, compute.model_dtype(model))
         prefix, blocks = find_blocks(model)
-        inputs = capture_inputs(model, windows, batch_size, next(model.parameters()).device)
-        stats, alias, names = {}, {}, []
-        for i, block in enumerate(blocks):
-            linears = block_linears(block, f"{prefix}.{i}")
-            got, groups = observe(block, inputs, i, linears)
-            for group in groups:
-                stats[group[0]] = got[group[0]].to("cpu")
-                alias.update({n: group[0] for n in group})
-            names.append([n for n in linears if n in alias])
-            inputs.hidden = run_block(block, inputs, i)
-        return cls(stats, alias, names, fingerprint(model, windows))
+        with compute.autocast(dtype, device):
+            inputs = capture_inputs(model, windows, batch_size, device)
+            stats, alias, names = {}, {}, []
+            for i, block in enumerate(blocks):
+                linears = block_linears(block, f"{prefix}.{i}")
+                got, groups = observe(block, inputs, i, linears)
+                for group in groups:
+                    stats[group[0]] = got[group[0]].to("cpu")
+                    alias.update({n: group[0] for n in group})
+                names.append([n for n in linears if n in alias])
+                inputs.hidden = run_block(block, inputs, i)
+        return cls(stats, alias, names, fingerprint(model, windows, dtype))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file + os.replace) so concurrent workers never read half a file."""
@@ -127,12 +134,13 @@ class DenseStats:
 
     @classmethod
     def load_or_compute(cls, model: nn.Module, windows: torch.Tensor, cache_dir: str | os.PathLike,
-                        batch_size: int = 8) -> "DenseStats":
-        path = Path(cache_dir) / f"dense-stats-{fingerprint(model, windows)}.safetensors"
+                        batch_size: int = 8, compute_dtype: str = "auto") -> "DenseStats":
+        dtype = compute.resolve(compute_dtype, next(model.parameters()).device, compute.model_dtype(model))
+        path = Path(cache_dir) / f"dense-stats-{fingerprint(model, windows, dtype)}.safetensors"
         if path.is_file():
             log.info("dense statistics from cache %s", path)
             return cls.load(path)
-        stats = cls.compute(model, windows, batch_size)
+        stats = cls.compute(model, windows, batch_size, dtype)
         stats.save(path)
         log.info("dense statistics cached in %s", path)
         return stats

@@ -73,11 +73,13 @@ class EvaluatorSpec:
     cache_dir: str
     device: str | None = None
     name: str = "default"
+    compute_dtype: str = "auto"  # of the forwards (dense statistics, compressing candidates, evaluation)
 
     def build(self) -> Evaluator:
         model = self.model()
-        stats = DenseStats.load_or_compute(model, self.calib, self.cache_dir)
-        return Evaluator(model, stats, calib=self.calib, heldout=self.heldout, device=self.device)
+        stats = DenseStats.load_or_compute(model, self.calib, self.cache_dir, compute_dtype=self.compute_dtype)
+        return Evaluator(model, stats, calib=self.calib, heldout=self.heldout, device=self.device,
+                         compute_dtype=self.compute_dtype)
 
 
 @dataclass
@@ -469,7 +471,10 @@ def add_parser(sub) -> None:
     s.add_argument("--calib-seqlen", type=int, default=512)
     s.add_argument("--heldout-n", type=int, default=8, help="held-out calibration windows for quick perplexity")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="dtype of the dense weights in memory (the techniques read them)")
+    s.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="dtype of the forwards (statistics, candidates, evaluation); auto = bf16 where faster")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--data-dir", default=None)
     s.add_argument("--trust-remote-code", action="store_true")
@@ -507,8 +512,11 @@ def cmd_search(args) -> int:
                                   seed=args.seed, data_dir=args.data_dir)
     calib, heldout = windows[:args.calib_n], windows[args.calib_n:]
     factory = functools.partial(load_dense, args.model, args.dtype, args.device, args.trust_remote_code)
-    spec = EvaluatorSpec(factory, calib, heldout, str(out / "cache"), args.device, name=args.model)
-    evaluator = Evaluator(model, DenseStats.load_or_compute(model, calib, spec.cache_dir), calib, heldout)
+    spec = EvaluatorSpec(factory, calib, heldout, str(out / "cache"), args.device, name=args.model,
+                         compute_dtype=args.compute_dtype)
+    evaluator = Evaluator(model, DenseStats.load_or_compute(model, calib, spec.cache_dir,
+                                                            compute_dtype=args.compute_dtype),
+                          calib, heldout, compute_dtype=args.compute_dtype)
     total = min(args.trials, len(problem.grid)) if problem.grid is not None else args.trials
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as prog:
