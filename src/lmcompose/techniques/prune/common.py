@@ -31,25 +31,35 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 
 
 # Masks prune the lowest scores after a stable ascending sort, as the reference codes do (Wanda's
-# ``torch.sort(..., stable=True)``): among equal scores the lower index is pruned first.
+# ``torch.sort(..., stable=True)``): among equal scores the lower index is pruned first. The selection
+# below gives exactly that mask without sorting: the prune-th smallest score t (``kthvalue``) splits the
+# scores; everything below t is pruned, and of the scores equal to t the lowest indices are pruned until
+# the count is met (3-4x faster than a full sort on CPU; tests/test_masks.py checks the equality).
+
+
+def _prune_lowest(score: torch.Tensor, prune: int) -> torch.Tensor:
+    """Pruned-mask of the `prune` lowest scores of each row of a 2-D `score`, ties by lower index."""
+    t = torch.kthvalue(score, prune, dim=1, keepdim=True).values
+    below = score < t
+    equal = score == t
+    need = prune - below.sum(1, keepdim=True)
+    return below | (equal & (torch.cumsum(equal, dim=1) <= need))
 
 
 def row_topk_mask(score: torch.Tensor, keep_per_row: int) -> torch.Tensor:
     """Keep-mask with the `keep_per_row` highest scores of each row."""
-    mask = torch.ones_like(score, dtype=torch.bool)
     prune = score.shape[1] - keep_per_row
-    if prune > 0:
-        mask.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :prune], False)
-    return mask
+    if prune <= 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    return ~_prune_lowest(score, prune)
 
 
 def matrix_topk_mask(score: torch.Tensor, keep: int) -> torch.Tensor:
     """Keep-mask with the `keep` highest scores of the whole matrix (row-major order for ties)."""
-    mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     prune = score.numel() - keep
-    if prune > 0:
-        mask[torch.sort(score.flatten(), stable=True).indices[:prune]] = False
-    return mask.reshape(score.shape)
+    if prune <= 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    return ~_prune_lowest(score.reshape(1, -1), prune).reshape(score.shape)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
