@@ -186,7 +186,7 @@ class SequentialCompressor:
                      new.spec().bits_per_weight())
 
     @torch.no_grad()
-    def _prepass(self, inputs: BlockInputs, device) -> dict[int, list]:
+    def _prepass(self, inputs: BlockInputs, device) -> dict[int, dict]:
         """Dense statistics of every block for the steps that allocate their budget across Linears (OWL,
         sensitivity). Returns ``{id(step): {linear name: its copy of the step}}``; one extra observe +
         forward per block."""
