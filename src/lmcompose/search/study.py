@@ -395,9 +395,10 @@ def to_markdown(summary: dict, budget: Budget) -> str:
                 f"{fmt(r.get('full_ppl'))} |" for r in rows]
         return out
 
+    measured = "".join(f", {k} ppl {b[f'{k}_ppl']:.6g}" for k in ("quick", "full") if b.get(f"{k}_ppl") is not None)
     lines = [f"# Search ({budget.describe()})", "",
              f"best by {summary.get('best_by', 'score')}: trial {b['number']}, {b['chain']}, {size} {b['size']:.4f}, "
-             f"score {b['score']:.6g}, quick ppl {fmt(b.get('quick_ppl'))}, full ppl {fmt(b.get('full_ppl'))}", ""]
+             f"score {b['score']:.6g}{measured}", ""]
     finalists = [r for r in summary["rows"] if r.get("quick_ppl") is not None or r.get("full_ppl") is not None]
     if finalists:
         key = "full_ppl" if any(r.get("full_ppl") is not None for r in finalists) else "quick_ppl"
