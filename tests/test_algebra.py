@@ -22,6 +22,18 @@ def test_pack_roundtrip(bits, count):
     assert torch.equal(unpack_bits(packed, bits, count), values.to(torch.uint8))
 
 
+@pytest.mark.parametrize("bits", [1, 3, 4, 7, 8])
+def test_pack_in_chunks_equals_one_pass(bits, monkeypatch):
+    """Chunks of 16 codes (2·bits bytes each) give the very bytes of a single pass over the stream."""
+    from lmcompose.algebra import packing
+
+    values = torch.randint(0, 2**bits, (1001,), generator=gen(bits))
+    whole = pack_bits(values, bits)
+    monkeypatch.setattr(packing, "CHUNK_CODES", 16)
+    assert torch.equal(pack_bits(values, bits), whole)
+    assert torch.equal(unpack_bits(whole, bits, 1001), values.to(torch.uint8))
+
+
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 8)])
 def test_nm_encode_roundtrip(n, m):
     mask = nm_mask(torch.rand(6, 4 * m, generator=gen()), n, m)

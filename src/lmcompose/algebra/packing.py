@@ -19,29 +19,47 @@ def packed_nbytes(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
+CHUNK_CODES = 1 << 20  # codes (un)packed at a time: bounds the temporaries (~10 bytes per code)
+
+
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers < 2**bits into a flat uint8 tensor (little-endian bit order)."""
+    """Pack non-negative integers < 2**bits into a flat uint8 tensor (little-endian bit order), in
+    chunks of `CHUNK_CODES` codes (a multiple of 8, so every chunk but the last fills whole bytes)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits={bits} is not supported; allowed: 1..8")
     flat = values.reshape(-1).to(torch.uint8).cpu()
-    shifts = torch.arange(bits, dtype=torch.uint8)
-    stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
-    pad = (-stream.numel()) % 8
-    if pad:
-        stream = torch.cat([stream, torch.zeros(pad, dtype=torch.uint8)])
-    weights = (1 << torch.arange(8, dtype=torch.int32))
-    return (stream.reshape(-1, 8).to(torch.int32) * weights).sum(1).to(torch.uint8)
+    out = torch.empty(packed_nbytes(flat.numel(), bits), dtype=torch.uint8)
+    shifts, weights = torch.arange(bits, dtype=torch.uint8), (1 << torch.arange(8, dtype=torch.uint8))
+    for start in range(0, flat.numel(), CHUNK_CODES):
+        chunk = flat[start:start + CHUNK_CODES]
+        stream = ((chunk.unsqueeze(1) >> shifts) & 1).reshape(-1)
+        pad = (-stream.numel()) % 8
+        if pad:
+            stream = torch.cat([stream, torch.zeros(pad, dtype=torch.uint8)])
+        first = start * bits // 8
+        out[first:first + stream.numel() // 8] = (stream.reshape(-1, 8) * weights).sum(1, dtype=torch.uint8)
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: returns `count` uint8 values."""
+    """Inverse of :func:`pack_bits`: returns `count` uint8 values.
+
+    Works through the stream `CHUNK_CODES` codes at a time (each chunk is a whole number of bytes:
+    8 codes span `bits` bytes), so loading a large checkpoint never holds more than a few MiB of
+    temporaries beside the result."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits={bits} is not supported; allowed: 1..8")
     if packed.numel() != packed_nbytes(count, bits):
         raise ValueError(f"packed stream has {packed.numel()} bytes, expected {packed_nbytes(count, bits)}")
-    stream = ((packed.reshape(-1, 1).to(torch.uint8) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
-    stream = stream[: count * bits].reshape(count, bits).to(torch.int32)
-    return (stream * (1 << torch.arange(bits, dtype=torch.int32))).sum(1).to(torch.uint8)
+    flat = packed.reshape(-1).to(torch.uint8)
+    out = torch.empty(count, dtype=torch.uint8)
+    shifts, weights = torch.arange(8, dtype=torch.uint8), (1 << torch.arange(bits, dtype=torch.uint8))
+    for start in range(0, count, CHUNK_CODES):  # CHUNK_CODES is a multiple of 8: chunks start on a byte
+        n = min(CHUNK_CODES, count - start)
+        chunk = flat[start * bits // 8: (start * bits + n * bits + 7) // 8]
+        stream = ((chunk.unsqueeze(1) >> shifts) & 1).reshape(-1)[: n * bits].reshape(n, bits)
+        out[start:start + n] = (stream * weights).sum(1, dtype=torch.uint8)
+    return out
 
 
 def nm_index_bits(n: int, m: int) -> int:
