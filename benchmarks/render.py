@@ -46,19 +46,21 @@ def section(path: Path) -> str:
     rows = list(latest.values())
     ok = [r for r in rows if not r.get("error")]
     meta = ok[0] if ok else rows[0]
-    protocol = json.dumps(meta.get("protocol"))
+    protocol = f"`{json.dumps(meta.get('protocol'))}`"
     full = next((r["protocol_full"] for r in ok if r.get("protocol_full")), None)
     if full:
-        protocol += f"; ppl full: `{json.dumps(full)}` (`--full`: the saved checkpoint, `lmcompose eval --protocol full`)"
+        protocol += (f"; ppl full: `{json.dumps(full)}` (the saved checkpoint, `lmcompose eval --protocol full`; "
+                     "rows run with `--full`)")
     limit = (meta.get("protocol") or {}).get("max_tokens")
     max_tokens = f" --max-tokens {limit}" if limit else ""
     dates = sorted({r.get("date") for r in ok if r.get("date")})
     steps = "\n".join(f"    {r['row']}: {json.dumps(r['recipe']['steps'])}" for r in ok if r.get("recipe"))
     cal = next((r["recipe"]["calibration"] for r in ok if r.get("recipe")), None)
     return (f"Model `{meta.get('model')}`, machine: {meta.get('machine')}, dates {', '.join(dates)}.\n"
-            f"Evaluation protocol: `{protocol}`.\n\n{table(rows)}\n\n"
+            f"Evaluation protocol: {protocol}.\n\n{table(rows)}\n\n"
             f"Reproduce: `python benchmarks/bench.py --table {meta.get('table')} --model {meta.get('model')} "
-            f"--calib-n {cal['n'] if cal else 128}{max_tokens} --only \"<row>\"`, which writes each row's recipe (steps below, "
+            f"--calib-n {cal['n'] if cal else 128}{max_tokens}{' --full' if full else ''} --only \"<row>\"`, which "
+            f"writes each row's recipe (steps below, "
             f"calibration `{json.dumps(cal)}`) to a file and runs `lmcompose compress --model {meta.get('model')} "
             f"--recipe FILE --eval {meta.get('protocol_name')}` (dense: `lmcompose eval --protocol "
             f"{meta.get('protocol_name')}`).\n\n{steps}\n")
