@@ -66,11 +66,48 @@ def section(path: Path) -> str:
             f"{meta.get('protocol_name')}`).\n\n{steps}\n")
 
 
+TASKS = ("boolq", "rte", "piqa", "winogrande", "openbookqa", "lambada_openai")
+
+
+def run_rows() -> dict[str, dict]:
+    """Benchmark rows by the folder name their checkpoint was saved under (``techniques-wanda_50pct``)."""
+    rows = {}
+    for path in sorted((HERE / "results").glob("*-c4x128.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            m = re.search(r"--out \S*/([^/ ]+)", r.get("command") or "")
+            rows[m.group(1) if m else f"{r['table']}-dense"] = r
+    return rows
+
+
+def quality_section() -> str:
+    """Zero-shot accuracy (benchmarks/zeroshot/*.json) beside fidelity (benchmarks/fidelity/*.json)."""
+    runs, lines = run_rows(), []
+    head = ("| run | bits/weight | ppl quick | ppl full | " + " | ".join(TASKS) + " | mean acc | KL (nats) | top-1 agree |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for path in sorted((HERE / "zeroshot").glob("*.json"), key=lambda p: (p.stem != "smollm2-135m", p.stem)):
+        z = json.loads(path.read_text())
+        name = path.stem
+        r = runs.get(name) or runs.get("techniques-dense" if name == "smollm2-135m" else "", {})
+        fid = HERE / "fidelity" / f"{name}.json"
+        f = json.loads(fid.read_text()) if fid.exists() else {}
+        accs = [z["tasks"][t]["acc"] for t in TASKS if t in z["tasks"]]
+        cells = [f"{z['tasks'][t]['acc']:.3f}" + (f" (norm {z['tasks'][t]['acc_norm']:.3f})" if "acc_norm" in
+                 z["tasks"][t] else "") if t in z["tasks"] else "" for t in TASKS]
+        label = "dense" if name == "smollm2-135m" else f"{r.get('table', '')}: {r.get('row', name)}"
+        lines.append("| " + " | ".join([label, fmt(r.get("bits_per_weight"), ".3f"), fmt(r.get("ppl"), ".2f"),
+                                        fmt(r.get("ppl_full"), ".2f"), *cells, f"{sum(accs) / len(accs):.3f}",
+                                        fmt(f.get("kl_mean"), ".3f"), fmt(f.get("top1_agreement"), ".3f")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     text = DOC.read_text()
-    for path in sorted((HERE / "results").glob("*.jsonl")):
-        key = path.stem
-        block = f"<!-- table:{key} -->\n{section(path)}<!-- /table:{key} -->"
+    blocks = [(path.stem, section(path)) for path in sorted((HERE / "results").glob("*.jsonl"))]
+    if any((HERE / "zeroshot").glob("*.json")):
+        blocks.append(("zeroshot-fidelity-smollm2-135m", quality_section()))
+    for key, body in blocks:
+        block = f"<!-- table:{key} -->\n{body}<!-- /table:{key} -->"
         pattern = re.compile(rf"<!-- table:{re.escape(key)} -->.*?<!-- /table:{re.escape(key)} -->", re.S)
         if pattern.search(text):
             text = pattern.sub(lambda m: block, text)

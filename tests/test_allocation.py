@@ -59,7 +59,7 @@ def test_sensitivity_meets_the_budget_and_lowers_the_proxy(family, step):
 
 
 def test_sensitivity_needs_a_ratio_and_a_dense_input():
-    with pytest.raises(ValueError, match="steps\[0\].gptq: .*allocation=.sensitivity. spreads a `ratio` budget"):
+    with pytest.raises(ValueError, match=r"steps\[0\].gptq: .*allocation=.sensitivity. spreads a `ratio` budget"):
         Recipe.from_dict({"steps": [{"gptq": {"bits": 4, "allocation": "sensitivity"}}]})
     second = Recipe.from_dict({"steps": [{"wanda": {"sparsity": 0.5}},
                                          {"gptq": {"ratio": 0.2, "allocation": "sensitivity", "target": "sparse"}}]})

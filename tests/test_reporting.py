@@ -1,6 +1,8 @@
 """`lmcompose report`: runs made by the real CLI on a tiny model, rendered to markdown and self-contained HTML."""
 
 import argparse
+import json
+import shutil
 import base64
 import random
 import re
@@ -125,3 +127,35 @@ def test_step_labels_are_short_and_show_what_differs_from_defaults():
     assert step_label({"wanda": {"sparsity": 0.5, "pattern": "unstructured"}}) == "wanda 50% unstructured"
     assert (step_label({"svdllm": {"ratio": 0.8, "exclude": ["*.down_proj"]}})
             == "svdllm ratio 0.8 exclude=[*.down_proj]")
+
+
+def test_zeroshot_and_fidelity_of_a_run_are_recorded_and_reported(runs, tmp_path, monkeypatch):
+    root, dirs = runs
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    run = tmp_path / "run"
+    shutil.copytree(dirs[0], run)
+    data = root / "data"
+    rows = [{"q": f"w{i} w{i + 1}", "a": f"w{i + 2}", "b": f"w{i + 3} w{i + 4}", "c": f"w{i + 5}", "label": i % 3}
+            for i in range(4)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "mc.json").write_text(json.dumps({"task": "mc", "file": str(tmp_path / "mc.jsonl"),
+                                                  "doc_to_text": "{{q}}", "doc_to_choice": "{{[a, b, c]}}",
+                                                  "doc_to_target": "label"}))
+    assert main(["zeroshot", "--model", str(run), "--tasks", str(tmp_path / "mc.json"), "--limit", "4",
+                 "--batch-size", "2", "--dtype", "fp32"]) == 0
+    assert main(["fidelity", "--compressed", str(run), "--dense", str(root / "model"), "--data-dir", str(data),
+                 "--seqlen", "32", "--max-windows", "2", "--dtype", "fp32"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["zeroshot"]["tasks"]["mc"]["n"] == 4 and 0 <= report["zeroshot"]["tasks"]["mc"]["acc"] <= 1
+    assert report["fidelity"]["n_tokens"] == 2 * 32 and report["fidelity"]["kl_mean"] > 0
+    assert report["evaluation"]["ppl"] > 0  # the perplexity recorded by compress is kept
+    assert report_cli(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "report.html").read_text()
+    acc = report["zeroshot"]["tasks"]["mc"]["acc"]
+    assert "Zero-shot accuracy" in page and f"{acc:.3f}" in page
+    assert "Fidelity to the dense model" in page and f"{report['fidelity']['kl_mean']:.4f}" in page
+    # a directory that is not a run (a plain model) is evaluated but nothing is written into it
+    before = sorted(p.name for p in (root / "model").iterdir())
+    assert main(["zeroshot", "--model", str(root / "model"), "--tasks", str(tmp_path / "mc.json"), "--limit", "2",
+                 "--dtype", "fp32"]) == 0
+    assert sorted(p.name for p in (root / "model").iterdir()) == before

@@ -187,7 +187,7 @@ def _load_any(name: str, dtype: str, device: str, trust_remote_code: bool):
 def cmd_compress(args) -> int:
     from .api import compress
     from .data import calibration_windows
-    from .models.checkpoint import export_dense, save_compressed, update_metadata
+    from .models.checkpoint import REPORT_FILE, export_dense, save_compressed, update_metadata, write_text_atomically
 
     recipe = _recipe(args)  # validated before anything is loaded
     planned = _check(recipe, args.model, args.trust_remote_code)
@@ -208,7 +208,7 @@ def cmd_compress(args) -> int:
     # which must not touch what is saved. The evaluation is then added to the saved metadata.
     save_compressed(model, out, tokenizer, float_dtype=recipe.float_dtype, recipe=recipe.to_dict(),
                     report=report.to_dict(), base_model=args.model, overwrite=args.overwrite)
-    (out / "report.json").write_text(report.to_json())
+    write_text_atomically(out / REPORT_FILE, report.to_json())
     if args.export_dense:
         export_dense(model, args.export_dense, tokenizer, overwrite=args.overwrite)
     if args.eval != "none":
@@ -223,7 +223,7 @@ def cmd_compress(args) -> int:
                              progress=lambda d, t: prog.update(task, completed=d, total=t))
         report.evaluation = ppl.to_dict()
         update_metadata(out, report=report.to_dict(), protocol=ppl.protocol)
-        (out / "report.json").write_text(report.to_json())
+        write_text_atomically(out / REPORT_FILE, report.to_json())
     console.print(_report_table(report))
     summary = report.summary()
     if report.evaluation:

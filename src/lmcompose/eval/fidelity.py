@@ -160,8 +160,8 @@ def fidelity(dense_model, compressed_model, tokenizer, protocol: Protocol | str 
 
 
 def cmd_fidelity(args) -> int:
-    from ..cli import _eval_dtype, _load_any, _print_totals, _progress
-    from ..models.checkpoint import META_FILE
+    from ..cli import _eval_dtype, _load_any, _print_totals, _progress, console
+    from ..models.checkpoint import META_FILE, REPORT_FILE, record_result, write_text_atomically
 
     meta_path = Path(args.compressed) / META_FILE
     dense_name = args.dense
@@ -183,10 +183,12 @@ def cmd_fidelity(args) -> int:
     _print_totals({"dense": dense_name, "compressed": args.compressed, "KL(dense‖compressed)": f"{result.kl_mean:.6f}",
                    "top-1 agreement": f"{result.top1_agreement:.4f}", "positions": result.n_tokens,
                    "seconds": f"{result.seconds:.1f}", "protocol": json.dumps(result.protocol)})
+    summary = {"dense": dense_name, "compressed": args.compressed, **result.to_dict()}
+    if record_result(args.compressed, "fidelity", summary):
+        console.print(f"recorded in {Path(args.compressed) / REPORT_FILE} (shown by `lmcompose report`)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"dense": dense_name, "compressed": args.compressed,
-                                               **result.to_dict()}, indent=2))
+        write_text_atomically(Path(args.json), json.dumps(summary, indent=2))
     return 0
 
 

@@ -360,6 +360,7 @@ def cmd_zeroshot(args) -> int:
     from rich.table import Table
 
     from ..cli import _eval_dtype, _load_any, console
+    from ..models.checkpoint import REPORT_FILE, record_result, write_text_atomically
 
     model, tokenizer = _load_any(args.model, _eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
     result = zeroshot(model, tokenizer, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
@@ -375,9 +376,11 @@ def cmd_zeroshot(args) -> int:
             table.add_row(task, metric, f"{value:.4f}", f"{err:.4f}" if err is not None else "",
                           str(metrics["n"]), result["task_hashes"][task])
     console.print(table)
+    if record_result(args.model, "zeroshot", result):
+        console.print(f"recorded in {Path(args.model) / REPORT_FILE} (shown by `lmcompose report`)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": args.model, **result}, indent=2))
+        write_text_atomically(Path(args.json), json.dumps({"model": args.model, **result}, indent=2))
     return 0
 
 

@@ -114,17 +114,44 @@ def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, *, fl
     return Path(out_dir)
 
 
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write `text` to a temporary file beside `path` and rename it over `path`, so that a crash leaves
+    either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def update_metadata(out_dir: str | Path, **fields) -> dict:
-    """Set top-level `fields` of a saved checkpoint's lmcompose.json (written to a temporary file and
-    renamed over the old one, so a crash leaves either the old or the new file, never half of one)."""
+    """Set top-level `fields` of a saved checkpoint's lmcompose.json (atomically)."""
     path = Path(out_dir) / META_FILE
     meta = json.loads(path.read_text())
     meta.update(fields)
-    fd, tmp = tempfile.mkstemp(prefix=f".{META_FILE}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(meta, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(meta, indent=2, default=str))
     return meta
+
+
+REPORT_FILE = "report.json"
+
+
+def record_result(run_dir: str | Path, key: str, value: dict) -> bool:
+    """Store an evaluation of a saved run (``zeroshot``, ``fidelity``) under `key` of its report.json, where
+    ``lmcompose report`` shows it beside perplexity. Returns False (and writes nothing) when `run_dir` is
+    not a run directory of ``lmcompose compress``."""
+    path = Path(run_dir) / REPORT_FILE
+    if not path.is_file():
+        return False
+    report = json.loads(path.read_text())
+    report[key] = value
+    write_text_atomically(path, json.dumps(report, indent=2, default=str))
+    return True
 
 
 def file_tensor_bytes(path: str | Path, prefix: str | None = None) -> int:

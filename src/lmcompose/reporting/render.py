@@ -80,6 +80,31 @@ def _provenance_rows(runs: list[Run]) -> list[list[str]]:
     return rows
 
 
+def _zeroshot_table(runs: list[Run]) -> tuple | None:
+    """Accuracy per task (acc_norm beside acc where the task has it) and the mean over a run's tasks."""
+    done = [r for r in runs if r.zeroshot]
+    if not done:
+        return None
+    tasks = list(dict.fromkeys(t for r in done for t in r.zeroshot["tasks"]))
+    rows = []
+    for r in done:
+        got = r.zeroshot["tasks"]
+        cells = [(f"{got[t]['acc']:.3f} ± {got[t]['acc_stderr']:.3f}" if got[t].get("acc_stderr") is not None
+                  else f"{got[t]['acc']:.3f}") + (f" (norm {got[t]['acc_norm']:.3f})" if "acc_norm" in got[t] else "")
+                 if t in got else "—" for t in tasks]
+        accs = [got[t]["acc"] for t in tasks if t in got]
+        limit = r.zeroshot.get("limit")
+        rows.append([r.name, *cells, f"{sum(accs) / len(accs):.3f}",
+                     f"{limit} per task" if limit else "all", r.zeroshot.get("lm_eval_version", "?")])
+    return ("table", ["run", *tasks, "mean acc", "examples", "lm-eval"], rows)
+
+
+def _fidelity_rows(runs: list[Run]) -> list[list[str]]:
+    return [[r.name, str(r.fidelity.get("dense", "?")), f"{r.fidelity['kl_mean']:.4f}",
+             f"{r.fidelity['top1_agreement']:.4f}", f"{r.fidelity.get('n_tokens', 0):,}",
+             protocol_label(r.fidelity.get("protocol"))] for r in runs if r.fidelity]
+
+
 def protocols_note(runs: list[Run]) -> str:
     seen = {protocol_key(r.protocol): r.protocol for r in runs if r.protocol}
     return "Evaluation protocols, in full: " + "; ".join(json.dumps(p) for p in seen.values())
@@ -96,6 +121,13 @@ def sections(runs: list[Run], pngs: dict[str, bytes]) -> list[tuple]:
               ("table", ["run", "recipe", "bits/weight", "total bytes", "perplexity (protocol)",
                          "mean layer rel. error", "compress s", "peak RSS MiB"], _summary_rows(runs)),
               ("note", protocols_note(runs))]
+    zeroshot = _zeroshot_table(runs)
+    if zeroshot:
+        blocks += [("h2", "Zero-shot accuracy (lm-evaluation-harness)"), zeroshot]
+    if _fidelity_rows(runs):
+        blocks += [("h2", "Fidelity to the dense model"),
+                   ("table", ["run", "dense model", "KL(dense ‖ compressed), nats", "top-1 agreement", "positions",
+                              "text"], _fidelity_rows(runs))]
     if "pareto" in pngs:
         blocks += [("h2", "Perplexity against size: the Pareto view"), ("figure", "pareto")]
     blocks += [("h2", "Bytes by term type"), ("figure", "bytes"),

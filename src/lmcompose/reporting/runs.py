@@ -17,9 +17,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models.checkpoint import META_FILE, WEIGHTS_FILE
+from ..models.checkpoint import META_FILE, REPORT_FILE, WEIGHTS_FILE
 
-REPORT_FILE = "report.json"
 CATEGORIES = ("dense", "sparse values", "sparse index", "low-rank factors", "scales/zeros/perm", "other tensors")
 _SLOTS = {"dense": {"a"}, "sparse": {"values", "index", "col", "rowptr"}, "lowrank": {"u", "v", "d"}}
 _QUANT_PARTS = {"codes", "scale", "zero", "perm"}
@@ -140,6 +139,16 @@ class Run:
     @property
     def protocol(self) -> dict | None:
         return self.evaluation.get("protocol")
+
+    @property
+    def zeroshot(self) -> dict | None:
+        """``lmcompose zeroshot --model RUN_DIR`` results (lm-evaluation-harness), if recorded."""
+        return self.report.get("zeroshot")
+
+    @property
+    def fidelity(self) -> dict | None:
+        """``lmcompose fidelity --compressed RUN_DIR`` results (KL and top-1 agreement), if recorded."""
+        return self.report.get("fidelity")
 
     @property
     def total_bytes(self) -> int:
