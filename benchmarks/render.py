@@ -101,11 +101,54 @@ def quality_section() -> str:
     return "\n".join(lines) + "\n"
 
 
+SEARCHES = {"smollm2-0.5": ("ratio", 0.5, "50% of fp16 bytes"), "smollm2-4.2": ("bits_per_weight", 4.2, "4.2 bits/weight"),
+            "smollm2-3.2": ("bits_per_weight", 3.2, "3.2 bits/weight")}
+
+
+def _steps_label(recipe: dict) -> str:
+    def one(step):
+        (name, params), = step.items()
+        knobs = [f"{k}={params[k]}" for k in ("sparsity", "ratio", "bits", "group_size", "pattern", "owl", "allocation",
+                                              "act_order") if params.get(k) not in (None, False, "uniform")]
+        return f"{name}({', '.join(knobs)})"
+    return " → ".join(one(s) for s in recipe["steps"])
+
+
+def search_section() -> str:
+    """Per budget: the search's best recipe (benchmarks/search/<name>/summary.json, trials.json) beside the best
+    one-step and two-step benchmark rows that fit the same budget, all on the full protocol."""
+    rows = [r for r in run_rows().values() if r.get("ppl_full") is not None and r.get("recipe")]
+    head = ("| budget | candidate | recipe | bits/weight | kept of fp16 | ppl full | held-out quick | trials | wall |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, (key, limit, label) in SEARCHES.items():
+        folder = HERE / "search" / name
+        if not (folder / "summary.json").exists():
+            lines.append(f"| {label} | search not run yet | | | | | | | |")
+            continue
+        summary = json.loads((folder / "summary.json").read_text())
+        trials = {t["number"]: t for t in json.loads((folder / "trials.json").read_text())}
+        best = trials[summary["best"]["number"]]
+        wall = summary.get("wall_seconds")
+        lines.append(f"| {label} | **search best** (by {summary['best_by']}) | {_steps_label(best['recipe'])} | "
+                     f"{best['bits_per_weight']:.3f} | {best['ratio']:.3f} | {fmt(best.get('full_ppl'), '.3f')} | "
+                     f"{fmt(best.get('quick_ppl'), '.3f')} | {summary['trials']} | "
+                     f"{'' if wall is None else f'{wall / 60:.0f} min'} |")
+        fits = [r for r in rows if r[key] <= limit + 1e-9]
+        for n_steps, what in ((1, "best one-step row"), (2, "best two-step row")):
+            pool = [r for r in fits if len(r["recipe"]["steps"]) == n_steps]
+            if pool:
+                r = min(pool, key=lambda r: r["ppl_full"])
+                lines.append(f"| {label} | {what}: {r['table']}: {r['row']} | {_steps_label(r['recipe'])} | "
+                             f"{r['bits_per_weight']:.3f} | {r['ratio']:.3f} | {r['ppl_full']:.3f} | | | |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     text = DOC.read_text()
     blocks = [(path.stem, section(path)) for path in sorted((HERE / "results").glob("*.jsonl"))]
     if any((HERE / "zeroshot").glob("*.json")):
         blocks.append(("zeroshot-fidelity-smollm2-135m", quality_section()))
+    blocks.append(("search-vs-baselines-smollm2-135m", search_section()))
     for key, body in blocks:
         block = f"<!-- table:{key} -->\n{body}<!-- /table:{key} -->"
         pattern = re.compile(rf"<!-- table:{re.escape(key)} -->.*?<!-- /table:{re.escape(key)} -->", re.S)

@@ -180,6 +180,20 @@ def test_two_processes_share_one_study_and_a_killed_study_resumes(setup, tmp_pat
     assert _front(resumed, problem.budget) == _front(ref, problem.budget)
 
 
+def _start_ray(ray, **kwargs) -> None:
+    """ray.init, retried once when Ray's node misses its fixed 30 s startup window (ray/_private/node.py:
+    "The current node timed out during startup"), which happens when other jobs saturate the cores."""
+    for _ in range(2):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as err:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err):
+                raise
+            ray.shutdown()
+    pytest.skip("Ray's node did not start within its 30 s window twice (an overloaded machine)")
+
+
 def test_ray_backend_finds_the_local_best(setup, tmp_path):
     ray = pytest.importorskip("ray")
     from lmcompose.search.study import run_ray
@@ -187,7 +201,8 @@ def test_ray_backend_finds_the_local_best(setup, tmp_path):
     model, ev, spec = setup
     problem = _problem(model)
     local = summarize(run_local(problem, ev, _settings(tmp_path, "local"), None), problem.budget)["best"]
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(__file__)}})
+    _start_ray(ray, num_cpus=2, include_dashboard=False,
+               runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(__file__)}})
     try:
         remote = summarize(run_ray(problem, spec, _settings(tmp_path, "ray"), 100, workers=2), problem.budget)["best"]
     finally:
