@@ -143,12 +143,42 @@ def search_section() -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_section() -> str:
+    """benchmarks/speed/<run>_<dtype>.json written by benchmarks/speed.sh (one bench-speed per run and dtype)."""
+    files = sorted(p for p in (HERE / "speed").glob("*_*.json") if p.name.startswith(("techniques-", "joint-")))
+    head = ("| model | compute | forward path | prefill b1 tok/s | prefill b8 tok/s | decode tok/s | held MiB "
+            "| peak RSS MiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    runs_by_name, dense_done = run_rows(), set()
+    for path in sorted(files, key=lambda p: (p.stem.rsplit("_", 1)[1], p.stem)):
+        d = json.loads(path.read_text())
+        dtype = d["config"]["dtype"]
+        for run in d["runs"]:
+            if run["label"] == "dense":
+                if dtype in dense_done:
+                    continue
+                dense_done.add(dtype)
+                name = "dense"
+            else:
+                r = runs_by_name.get(path.stem.rsplit("_", 1)[0], {})
+                name = f"{r.get('row', path.stem)} ({fmt(r.get('bits_per_weight'), '.2f')} bits/weight)"
+            paths = ", ".join(f"{k} ×{v}" for k, v in run["paths"].items()) or "–"
+            policy = run["label"].split("/", 1)[1] if "/" in run["label"] else ""
+            sp = run["speedup_vs_dense"]
+            pre = lambda b: f"{run['prefill_tok_s'][b]:.0f}" + ("" if name == "dense" else f" ({sp['prefill'][b]:.2f}×)")
+            dec = f"{run['decode_tok_s']:.1f}" + ("" if name == "dense" else f" ({sp['decode']:.2f}×)")
+            lines.append(f"| {name} | {dtype} | {policy + ': ' if policy else ''}{paths} | {pre('1')} | {pre('8')} | "
+                         f"{dec} | {run['held_bytes']['total'] / 2**20:.0f} | {run['peak_rss_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     text = DOC.read_text()
     blocks = [(path.stem, section(path)) for path in sorted((HERE / "results").glob("*.jsonl"))]
     if any((HERE / "zeroshot").glob("*.json")):
         blocks.append(("zeroshot-fidelity-smollm2-135m", quality_section()))
     blocks.append(("search-vs-baselines-smollm2-135m", search_section()))
+    blocks.append(("speed-smollm2-135m", speed_section()))
     for key, body in blocks:
         block = f"<!-- table:{key} -->\n{body}<!-- /table:{key} -->"
         pattern = re.compile(rf"<!-- table:{re.escape(key)} -->.*?<!-- /table:{re.escape(key)} -->", re.S)

@@ -154,17 +154,35 @@ def dam_fit(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gram: torch.Tenso
         target, xq = tokens @ w.T, fake_quantize(tokens, act)
         ref = float(target.double().pow(2).sum(1).mean())
     else:
-        ref = float(((w @ gram) * w).double().sum())
+        ref = trace = float(((w @ gram) * w).double().sum())
     ref = ref if ref > 0 else 1.0
 
-    def loss_of(theta):
+    if act is None:
+        # tr(ΔW H ΔWᵀ) = tr(W H Wᵀ) − 2 tr(U V H Wᵀ) + tr(U (V H Vᵀ) Uᵀ): with H Wᵀ computed once, a step
+        # costs r·n·(m + n) multiply-adds instead of the m·n² of forming ΔW H (4–5× fewer at the ranks DAM
+        # uses). The expansion cancels in fp32 to ~1e-7 of tr(W H Wᵀ); the losses it reports are exact
+        # (`exact_loss` below), the expansion only steers the descent and picks the best iterate.
+        hw = gram @ w.T
+
+    def factors(theta):
         d = _diagonal(theta)
-        u, v = fake_quantize(a * d, spec), fake_quantize(b / d.unsqueeze(1), spec)
+        return fake_quantize(a * d, spec), fake_quantize(b / d.unsqueeze(1), spec)
+
+    def loss_of(theta):
+        u, v = factors(theta)
         if act is None:
-            dw = w - u @ v
-            return ((dw @ gram) * dw).sum() / ref
+            cross = (u * (v @ hw).T).sum()
+            inner = ((u @ ((v @ gram) @ v.T)) * u).sum()
+            return (trace - 2 * cross + inner) / ref
         z = fake_quantize(xq @ v.T, act)
         return (target - z @ u.T).pow(2).sum(1).mean() / ref
+
+    def exact_loss(theta) -> float:
+        if act is not None:
+            return float(loss_of(theta))
+        u, v = factors(theta)
+        dw = w - u @ v
+        return float(((dw @ gram) * dw).sum() / ref)
 
     with torch.enable_grad():  # the pipeline runs under no_grad
         theta = d0.float().log().clone().requires_grad_(True)
@@ -184,7 +202,8 @@ def dam_fit(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gram: torch.Tenso
                 loss.backward()
                 opt.step()
         with torch.no_grad():
-            identity = float(loss_of(torch.zeros_like(theta)))
+            initial, best_loss = exact_loss(d0.float().log()), exact_loss(best_theta)
+            identity = exact_loss(torch.zeros_like(theta))
     if identity < best_loss:
         best_loss, best_theta, best_step = identity, torch.zeros_like(theta.detach()), -1
     d = _diagonal(best_theta)
