@@ -145,7 +145,10 @@ def full_eval(model: str, out: Path, env: dict) -> dict:
 
 
 def run_row(table, name, steps, model, protocol, out_root, extra, calib, with_full=False):
-    out = out_root / f"{table}-{name.replace(' ', '_').replace('%', 'pct').replace(':', '-')}"
+    # Rows of another model than the default go to a folder of their own (a row name is not unique across models).
+    root = out_root if model == "smollm2-135m" else out_root / Path(model).name
+    out = root / f"{table}-{name.replace(' ', '_').replace('%', 'pct').replace(':', '-')}"
+    root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     if steps is None:

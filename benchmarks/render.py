@@ -70,9 +70,9 @@ TASKS = ("boolq", "rte", "piqa", "winogrande", "openbookqa", "lambada_openai")
 
 
 def run_rows() -> dict[str, dict]:
-    """Benchmark rows by the folder name their checkpoint was saved under (``techniques-wanda_50pct``)."""
+    """SmolLM2 benchmark rows by the folder name their checkpoint was saved under (``techniques-wanda_50pct``)."""
     rows = {}
-    for path in sorted((HERE / "results").glob("*-c4x128.jsonl")):
+    for path in sorted((HERE / "results").glob("*-smollm2-135m-quick-c4x128.jsonl")):
         for line in path.read_text().splitlines():
             r = json.loads(line)
             m = re.search(r"--out \S*/([^/ ]+)", r.get("command") or "")

@@ -209,3 +209,28 @@ def test_ray_backend_finds_the_local_best(setup, tmp_path):
         ray.shutdown()
     assert remote["chain"] == local["chain"] and remote["recipe"] == local["recipe"]
     assert remote["score"] == pytest.approx(local["score"], rel=1e-5)
+
+
+def test_trials_record_the_bytes_measured_not_the_uniform_plan(setup, tmp_path):
+    """A sensitivity-allocated step spends bytes the uniform plan of Recipe.check cannot know: the proxy
+    measures them as it compresses every Linear, they equal what the real pipeline stores, and the trial
+    (and so the front) records them."""
+    model, ev, _ = setup
+    recipe = Recipe.from_dict({"calibration": {"n": 4, "seqlen": 32}, "steps": [
+        {"rtn": {"ratio": 0.2, "group_size": 32, "allocation": "sensitivity"}}]})
+    planned = recipe.check(linear_shapes(model))
+    result = ev.proxy(recipe)
+    compressed = ev.compressed(recipe)
+    from lmcompose.algebra.linear import CompressedLinear
+    stored = sum(m.nbytes() for m in compressed.modules() if isinstance(m, CompressedLinear))
+    assert result.linear_bytes == stored
+    assert result.bits_per_weight != pytest.approx(planned.bits_per_weight)  # the plan is not what is stored
+    assert result.ratio <= 0.2 + 1e-9
+    problem = _problem(model, Budget(ratio=0.2), techniques={"rtn": {"group_size": [32],
+                                                                     "allocation": ["uniform", "sensitivity"]}},
+                       max_steps=1)
+    study = run_local(problem, ev, _settings(tmp_path), None)
+    for t in completed(study):
+        got = ev.proxy(Recipe.from_dict(t.user_attrs["recipe"]))
+        assert t.user_attrs["bits_per_weight"] == pytest.approx(got.bits_per_weight)
+        assert t.user_attrs["planned_bits_per_weight"] <= t.user_attrs["bits_per_weight"] + 1e-9

@@ -71,9 +71,12 @@ def main() -> int:
     p.add_argument("--calib-n", type=int, default=128)
     p.add_argument("--heldout-n", type=int, default=8)
     p.add_argument("--out", required=True, help="folder for rank-correlation.json and .md")
+    p.add_argument("--exclude", nargs="*", default=["dam"],
+                   help="techniques whose rows are left out (DAM's fit costs ~10 s per Linear at one thread)")
     args = p.parse_args()
 
-    rows = bench_rows(args.results)
+    rows = [r for r in bench_rows(args.results)
+            if not any(next(iter(step)) in args.exclude for step in r["recipe"]["steps"])]
     out = Path(args.out)
     known = {}  # proxies measured by an earlier run (same source and recipe): not measured again
     if (out / "rank-correlation.json").exists():

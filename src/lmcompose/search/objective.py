@@ -150,6 +150,19 @@ class DenseStats:
 class ProxyResult:
     value: float                                   # parameter-weighted mean relative output error
     errors: dict[str, float] = field(default_factory=dict)
+    linear_bytes: int = 0                          # what the compressed Linears store, as compressed here
+    linear_dense_fp16_bytes: int = 0               # the same Linears dense in fp16
+    weights: int = 0                               # their weight count
+
+    @property
+    def ratio(self) -> float:
+        return self.linear_bytes / self.linear_dense_fp16_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Measured, not planned: a step that allocates across Linears (allocation: sensitivity) spends
+        bytes the uniform plan of `Recipe.check` cannot know."""
+        return 8 * self.linear_bytes / self.weights
 
 
 class Evaluator:
@@ -180,7 +193,7 @@ class Evaluator:
                 allocated[j] = step.allocate([
                     [(n, self._weight(n), self.stats[n]) for n in names if step.targets(n)]
                     for names in self.stats.blocks])
-        errors, weights = {}, {}
+        errors, weights, nbytes, fp16 = {}, {}, 0, 0
         for b, names in enumerate(self.stats.blocks):
             for name in names:
                 hits = [allocated.get(j, {}).get(name, s) for j, s in enumerate(steps) if s.targets(name)]
@@ -194,10 +207,12 @@ class Evaluator:
                     layer, _ = step.apply(layer, st)
                 errors[name] = relative_error(original, layer.to_dense(torch.float32), st.gram)
                 weights[name] = dense.out_features * dense.in_features
+                spec = layer.spec()
+                nbytes, fp16 = nbytes + spec.nbytes(), fp16 + spec.dense_fp16_nbytes()
         if not errors:
             raise ValueError(f"recipe {recipe.hash()} targets no Linear of the model")
         value = sum(weights[n] * errors[n] for n in errors) / sum(weights.values())
-        return ProxyResult(value, errors)
+        return ProxyResult(value, errors, nbytes, fp16, sum(weights.values()))
 
     def _weight(self, name: str) -> torch.Tensor:
         return self.model.get_submodule(name).weight.detach().float().to(self.device)

@@ -161,8 +161,13 @@ def open_study(settings: StudySettings, problem: Problem):
                                sampler=sampler_for(settings, problem), load_if_exists=True)
 
 
-def score(evaluator: Evaluator, recipe: Recipe, level: str) -> float:
-    return evaluator.proxy(recipe).value if level == "proxy" else evaluator.quick(recipe)
+def score(evaluator: Evaluator, recipe: Recipe, level: str) -> tuple[float, dict | None]:
+    """The trial's value, and at the proxy level the sizes the recipe measured as it compressed every Linear
+    (``{"ratio", "bits_per_weight"}``; None at the quick level, where the plan's sizes stand)."""
+    if level != "proxy":
+        return evaluator.quick(recipe), None
+    result = evaluator.proxy(recipe)
+    return result.value, {"ratio": result.ratio, "bits_per_weight": result.bits_per_weight}
 
 
 def _record(trial, cand: Candidate, budget: Budget) -> float:
@@ -172,6 +177,17 @@ def _record(trial, cand: Candidate, budget: Budget) -> float:
     trial.set_user_attr("bits_per_weight", cand.check.bits_per_weight)
     trial.set_user_attr("worker", os.getpid())
     return budget.value(cand.check)
+
+
+def _measured(trial, sizes: dict | None, budget: Budget, planned: float) -> float:
+    """Replace the planned sizes of a trial by the measured ones (kept as planned_*); returns its size.
+    They differ only for steps that allocate bytes across Linears; both are within the budget."""
+    if sizes is None:
+        return planned
+    for key, value in sizes.items():
+        trial.set_user_attr(f"planned_{key}", trial.user_attrs[key])
+        trial.set_user_attr(key, value)
+    return sizes["ratio"] if budget.ratio is not None else sizes["bits_per_weight"]
 
 
 def make_objective(problem: Problem, evaluator: Evaluator, settings: StudySettings):
@@ -184,8 +200,9 @@ def make_objective(problem: Problem, evaluator: Evaluator, settings: StudySettin
         except IllegalStep as err:
             trial.set_user_attr("cut", str(err))
             raise optuna.TrialPruned(f"cut before any work: {err}") from None
-        size = _record(trial, cand, problem.budget)
-        value = score(evaluator, cand.recipe, settings.level)
+        planned = _record(trial, cand, problem.budget)
+        value, sizes = score(evaluator, cand.recipe, settings.level)
+        size = _measured(trial, sizes, problem.budget, planned)
         return (size, value) if settings.front else value
 
     return objective
@@ -234,7 +251,7 @@ def start_workers(n: int, spec: EvaluatorSpec, problem: Problem, settings: Study
 _RAY_EVALUATORS: dict[str, Evaluator] = {}  # per Ray worker process: built once, reused by later tasks
 
 
-def _ray_score(spec: EvaluatorSpec, recipe: dict, level: str) -> float:
+def _ray_score(spec: EvaluatorSpec, recipe: dict, level: str) -> tuple[float, dict | None]:
     if spec.name not in _RAY_EVALUATORS:
         _RAY_EVALUATORS[spec.name] = spec.build()
     return score(_RAY_EVALUATORS[spec.name], Recipe.from_dict(recipe), level)
@@ -270,8 +287,9 @@ def run_ray(problem: Problem, spec: EvaluatorSpec, settings: StudySettings, n_tr
         if not pending:
             break
         ready, _ = ray.wait(list(pending), num_returns=1)
-        trial, size = pending.pop(ready[0])
-        value = ray.get(ready[0])
+        trial, planned = pending.pop(ready[0])
+        value, sizes = ray.get(ready[0])
+        size = _measured(trial, sizes, problem.budget, planned)
         _tell(study, trial, (size, value) if settings.front else value)
         finished += 1
         if on_trial:
