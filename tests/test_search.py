@@ -234,3 +234,25 @@ def test_trials_record_the_bytes_measured_not_the_uniform_plan(setup, tmp_path):
         got = ev.proxy(Recipe.from_dict(t.user_attrs["recipe"]))
         assert t.user_attrs["bits_per_weight"] == pytest.approx(got.bits_per_weight)
         assert t.user_attrs["planned_bits_per_weight"] <= t.user_attrs["bits_per_weight"] + 1e-9
+
+
+def test_full_protocol_goes_to_the_best_finalists_by_quick_perplexity(setup, tmp_path):
+    model, ev, _ = setup
+    study = run_local(_problem(model), ev, _settings(tmp_path), None)
+    by_score = [Recipe.from_dict(t.user_attrs["recipe"]).hash()
+                for t in sorted(completed(study), key=lambda t: (t.values[-1], t.number))[:4]]
+
+    class Reversed:  # quick perplexity ranks the finalists in the opposite order of the proxy
+        heldout = True
+
+        def compressed(self, recipe):
+            return recipe.hash()
+
+        def quick(self, recipe, model=None):
+            return 100.0 - by_score.index(model)
+
+    measured = []
+    evaluate_finalists(study, Reversed(), 4, full=lambda m: measured.append(m) or 1.0, n_full=2)
+    assert measured == [by_score[3], by_score[2]]
+    evaluate_finalists(study, Reversed(), 4, full=lambda m: measured.append(m) or 1.0, n_full=2)
+    assert len(measured) == 2  # resumed: levels already stored are not measured again

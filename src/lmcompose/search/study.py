@@ -360,10 +360,14 @@ def finalist_levels(study) -> dict[int, dict]:
 
 def evaluate_finalists(study, evaluator: Evaluator, k: int, level: str = "proxy",
                        full: Callable | None = None, n_full: int = 0) -> dict:
-    """Quick perplexity of the k best trials (and ``full(model) -> ppl`` of the n_full best, on the same
-    compressed copy), stored in the study; returns Spearman's ρ between every pair of levels over the
-    trials measured at both (``{"proxy~quick": {"spearman": ρ, "n": n}, ...}``). Trials that share a
-    recipe (two workers on one grid point) are measured once."""
+    """Quick perplexity of the k best trials, then ``full(model) -> ppl`` of the n_full best of those *by
+    quick perplexity* (each level picks from the one below it: on SmolLM2 at 3.2 bits the proxy put a
+    sensitivity-allocated GPTQ first, held-out perplexity put uniform GPTQ first, and the full protocol
+    agreed with the latter, 78.8 against 97.5). Levels are stored in the study, so a resumed search measures
+    only what is missing. Returns Spearman's ρ between every pair of levels over the trials measured at
+    both (``{"proxy~quick": {"spearman": ρ, "n": n}, ...}``). Trials that share a recipe (two workers on one
+    grid point) are measured once. A full finalist is compressed again (one compressed copy in memory at
+    a time)."""
     trials, seen = [], set()
     for t in sorted(completed(study), key=lambda t: (t.values[-1], t.number)):
         key = json.dumps(t.user_attrs["recipe"], sort_keys=True, default=str)
@@ -372,20 +376,30 @@ def evaluate_finalists(study, evaluator: Evaluator, k: int, level: str = "proxy"
             trials.append(t)
     trials = trials[:k]
     known = finalist_levels(study)
-    for i, t in enumerate(trials):
-        recipe = Recipe.from_dict(t.user_attrs["recipe"])
+
+    def measure(t, quick: bool, with_full: bool) -> None:
         got = dict(known.get(t.number, {}))
-        want_quick = level == "proxy" and "quick" not in got and evaluator.heldout is not None
-        want_full = full is not None and i < n_full and "full" not in got
-        if want_quick or want_full:
-            model = evaluator.compressed(recipe)
-            if want_quick:
-                got["quick"] = evaluator.quick(recipe, model=model)
-            if want_full:
+        quick, with_full = quick and "quick" not in got, with_full and "full" not in got
+        if quick or with_full:
+            model = evaluator.compressed(Recipe.from_dict(t.user_attrs["recipe"]))
+            if quick:
+                got["quick"] = evaluator.quick(None, model=model)
+            if with_full:
                 got["full"] = full(model)
             del model
         study.set_user_attr(f"finalist/{t.number}", got)
         known[t.number] = got
+
+    quick_level = level == "proxy" and evaluator.heldout is not None
+    by_quick = []
+    for i, t in enumerate(trials):
+        # without a quick level the full protocol goes to the best trials by score
+        measure(t, quick_level, full is not None and not quick_level and i < n_full)
+        by_quick.append(t)
+    if full is not None and quick_level:
+        by_quick.sort(key=lambda t: (known[t.number].get("quick", math.inf), t.number))
+        for t in by_quick[:n_full]:
+            measure(t, False, True)
     columns = {level: [t.values[-1] for t in trials]}
     for name in ("quick", "full"):
         if name != level:
