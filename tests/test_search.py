@@ -20,7 +20,7 @@ from lmcompose.search import objective as objective_mod  # noqa: E402
 from lmcompose.search.objective import DenseStats, Evaluator, rank_correlation, spearman  # noqa: E402
 from lmcompose.search.space import Budget, SearchSpace  # noqa: E402
 from lmcompose.search.study import (EvaluatorSpec, Problem, StudySettings, completed, evaluate_finalists,  # noqa: E402
-                                    run_local, start_workers, summarize, write_results)
+                                    finalist_trials, run_local, start_workers, summarize, write_results)
 
 SMALL = {"max_steps": 2, "fit": "last", "calibration": {"n": 4, "seqlen": 32},
          "techniques": {"wanda": {"sparsity": [0.3, 0.5]}, "rtn": {"bits": [3, 4], "group_size": [32]},
@@ -239,8 +239,7 @@ def test_trials_record_the_bytes_measured_not_the_uniform_plan(setup, tmp_path):
 def test_full_protocol_goes_to_the_best_finalists_by_quick_perplexity(setup, tmp_path):
     model, ev, _ = setup
     study = run_local(_problem(model), ev, _settings(tmp_path), None)
-    by_score = [Recipe.from_dict(t.user_attrs["recipe"]).hash()
-                for t in sorted(completed(study), key=lambda t: (t.values[-1], t.number))[:4]]
+    by_score = [Recipe.from_dict(t.user_attrs["recipe"]).hash() for t in finalist_trials(study, 4)]
 
     class Reversed:  # quick perplexity ranks the finalists in the opposite order of the proxy
         heldout = True
@@ -256,3 +255,18 @@ def test_full_protocol_goes_to_the_best_finalists_by_quick_perplexity(setup, tmp
     assert measured == [by_score[3], by_score[2]]
     evaluate_finalists(study, Reversed(), 4, full=lambda m: measured.append(m) or 1.0, n_full=2)
     assert len(measured) == 2  # resumed: levels already stored are not measured again
+
+
+def test_finalists_span_chains_before_repeating_one(setup, tmp_path):
+    model, ev, _ = setup
+    study = run_local(_problem(model), ev, _settings(tmp_path), None)
+    ranked = sorted(completed(study), key=lambda t: (t.values[-1], t.number))
+    chains = list(dict.fromkeys(t.user_attrs["chain"] for t in ranked))
+    assert len(chains) >= 3
+    picked = finalist_trials(study, len(chains) + 1)
+    # one per chain, each chain's best, in the order of the chains' best scores; then the next of the best chain
+    assert [t.user_attrs["chain"] for t in picked[:len(chains)]] == chains
+    assert all(t is min((o for o in ranked if o.user_attrs["chain"] == t.user_attrs["chain"]),
+                        key=lambda o: (o.values[-1], o.number)) for t in picked[:len(chains)])
+    second = next(c for c in chains if sum(t.user_attrs["chain"] == c for t in ranked) > 1)
+    assert picked[-1] is [t for t in ranked if t.user_attrs["chain"] == second][1]
