@@ -377,7 +377,7 @@ def finalist_trials(study, k: int) -> list:
 
 def evaluate_finalists(study, evaluator: Evaluator, k: int, level: str = "proxy",
                        full: Callable | None = None, n_full: int = 0) -> dict:
-    """Quick perplexity of the k best trials, then ``full(model) -> ppl`` of the n_full best of those *by
+    """Quick perplexity of the k finalists (`finalist_trials`), then ``full(model) -> ppl`` of the n_full best *by
     quick perplexity* (each level picks from the one below it: on SmolLM2 at 3.2 bits the proxy put a
     sensitivity-allocated GPTQ first, held-out perplexity put uniform GPTQ first, and the full protocol
     agreed with the latter, 78.8 against 97.5). Levels are stored in the study, so a resumed search measures
