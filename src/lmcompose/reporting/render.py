@@ -80,6 +80,12 @@ def _provenance_rows(runs: list[Run]) -> list[list[str]]:
     return rows
 
 
+def _accuracy_cell(m: dict) -> str:
+    """``0.617 ± 0.028 (norm 0.583)`` from one task's metrics."""
+    cell = f"{m['acc']:.3f}" + (f" ± {m['acc_stderr']:.3f}" if m.get("acc_stderr") is not None else "")
+    return cell + (f" (norm {m['acc_norm']:.3f})" if "acc_norm" in m else "")
+
+
 def _zeroshot_table(runs: list[Run]) -> tuple | None:
     """Accuracy per task (acc_norm beside acc where the task has it) and the mean over a run's tasks."""
     done = [r for r in runs if r.zeroshot]
@@ -89,9 +95,7 @@ def _zeroshot_table(runs: list[Run]) -> tuple | None:
     rows = []
     for r in done:
         got = r.zeroshot["tasks"]
-        cells = [(f"{got[t]['acc']:.3f} ± {got[t]['acc_stderr']:.3f}" if got[t].get("acc_stderr") is not None
-                  else f"{got[t]['acc']:.3f}") + (f" (norm {got[t]['acc_norm']:.3f})" if "acc_norm" in got[t] else "")
-                 if t in got else "—" for t in tasks]
+        cells = [_accuracy_cell(got[t]) if t in got else "—" for t in tasks]
         accs = [got[t]["acc"] for t in tasks if t in got]
         limit = r.zeroshot.get("limit")
         rows.append([r.name, *cells, f"{sum(accs) / len(accs):.3f}",
@@ -124,10 +128,11 @@ def sections(runs: list[Run], pngs: dict[str, bytes]) -> list[tuple]:
     zeroshot = _zeroshot_table(runs)
     if zeroshot:
         blocks += [("h2", "Zero-shot accuracy (lm-evaluation-harness)"), zeroshot]
-    if _fidelity_rows(runs):
+    fidelity = _fidelity_rows(runs)
+    if fidelity:
         blocks += [("h2", "Fidelity to the dense model"),
                    ("table", ["run", "dense model", "KL(dense ‖ compressed), nats", "top-1 agreement", "positions",
-                              "text"], _fidelity_rows(runs))]
+                              "text"], fidelity)]
     if "pareto" in pngs:
         blocks += [("h2", "Perplexity against size: the Pareto view"), ("figure", "pareto")]
     blocks += [("h2", "Bytes by term type"), ("figure", "bytes"),
