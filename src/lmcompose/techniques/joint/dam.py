@@ -187,7 +187,7 @@ def dam_fit(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gram: torch.Tenso
     with torch.enable_grad():  # the pipeline runs under no_grad
         theta = d0.float().log().clone().requires_grad_(True)
         opt = torch.optim.Adam([theta], lr=lr)
-        best_loss, best_theta, best_step, initial = float("inf"), None, -1, None
+        best_loss, best_theta, best_step = float("inf"), None, -1
         for step in range(steps + 1):
             opt.zero_grad()
             loss = loss_of(theta)
@@ -195,7 +195,6 @@ def dam_fit(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gram: torch.Tenso
             if not math.isfinite(value):
                 raise ValueError(f"dam_fit: the fit loss is {value} at step {step}; check the weight and the "
                                  "input Gram for non-finite entries")
-            initial = value if initial is None else initial
             if value < best_loss:
                 best_loss, best_theta, best_step = value, theta.detach().clone(), step
             if step < steps:
