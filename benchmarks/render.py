@@ -101,8 +101,11 @@ def quality_section() -> str:
     return "\n".join(lines) + "\n"
 
 
-SEARCHES = {"smollm2-0.5": ("ratio", 0.5, "50% of fp16 bytes"), "smollm2-4.2": ("bits_per_weight", 4.2, "4.2 bits/weight"),
-            "smollm2-3.2": ("bits_per_weight", 3.2, "3.2 bits/weight")}
+# budget label -> (Budget field, limit, the search folders under benchmarks/search/ with their space)
+SEARCHES = {"50% of fp16 bytes": ("ratio", 0.5, {"smollm2-0.5": "half-space"}),
+            "4.2 bits/weight": ("bits_per_weight", 4.2, {"smollm2-4.2": "budget-space"}),
+            "3.2 bits/weight": ("bits_per_weight", 3.2, {"smollm2-3.2": "default space, before the finalist fixes",
+                                                         "smollm2-3.2-pq": "prune-quant-space"})}
 
 
 def _steps_label(recipe: dict) -> str:
@@ -120,19 +123,20 @@ def search_section() -> str:
     rows = [r for r in run_rows().values() if r.get("ppl_full") is not None and r.get("recipe")]
     head = ("| budget | candidate | recipe | bits/weight | kept of fp16 | ppl full | held-out quick | trials | wall |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, (key, limit, label) in SEARCHES.items():
-        folder = HERE / "search" / name
-        if not (folder / "summary.json").exists():
-            lines.append(f"| {label} | search not run yet | | | | | | | |")
-            continue
-        summary = json.loads((folder / "summary.json").read_text())
-        trials = {t["number"]: t for t in json.loads((folder / "trials.json").read_text())}
-        best = trials[summary["best"]["number"]]
-        wall = summary.get("wall_seconds")
-        lines.append(f"| {label} | **search best** (by {summary['best_by']}) | {_steps_label(best['recipe'])} | "
-                     f"{best['bits_per_weight']:.3f} | {best['ratio']:.3f} | {fmt(best.get('full_ppl'), '.3f')} | "
-                     f"{fmt(best.get('quick_ppl'), '.3f')} | {summary['trials']} | "
-                     f"{'' if wall is None else f'{wall / 60:.0f} min'} |")
+    for label, (key, limit, folders) in SEARCHES.items():
+        for name, space in folders.items():
+            folder = HERE / "search" / name
+            if not (folder / "summary.json").exists():
+                lines.append(f"| {label} | search ({space}) not run yet | | | | | | | |")
+                continue
+            summary = json.loads((folder / "summary.json").read_text())
+            trials = {t["number"]: t for t in json.loads((folder / "trials.json").read_text())}
+            best = trials[summary["best"]["number"]]
+            wall = summary.get("wall_seconds")
+            lines.append(f"| {label} | **search best** ({space}; by {summary['best_by']}) | "
+                         f"{_steps_label(best['recipe'])} | {best['bits_per_weight']:.3f} | {best['ratio']:.3f} | "
+                         f"{fmt(best.get('full_ppl'), '.3f')} | {fmt(best.get('quick_ppl'), '.3f')} | "
+                         f"{summary['trials']} | {'' if wall is None else f'{wall / 60:.0f} min'} |")
         fits = [r for r in rows if r[key] <= limit + 1e-9]
         for n_steps, what in ((1, "best one-step row"), (2, "best two-step row")):
             pool = [r for r in fits if len(r["recipe"]["steps"]) == n_steps]

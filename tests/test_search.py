@@ -76,6 +76,19 @@ def test_budget_fit_gives_last_step_the_budget(setup):
     assert Budget(bits_per_weight=4.2).step_ratio({"a": (8, 8)}) == pytest.approx(4.2 / 16)
 
 
+def test_default_space_admits_the_best_hand_written_chain_at_3_2_bits(setup):
+    """SparseGPT 50% then GPTQ at 4 bits, the best two-step baseline at 3.2 bits/weight in BENCHMARKS.md, is a
+    recipe of the default space (its last step fitted to the budget), and every admitted recipe meets it."""
+    from lmcompose.search.space import default_space
+
+    model, _, _ = setup
+    budget = Budget(bits_per_weight=3.2)
+    problem = Problem.make(default_space(), linear_shapes(model), budget)
+    chains = {tuple((s.name, getattr(s, "sparsity", None)) for s in c.recipe.steps) for c in problem.grid.values()}
+    assert (("sparsegpt", 0.5), ("gptq", None)) in chains
+    assert all(budget.meets(c.check) for c in problem.grid.values())
+
+
 def test_cached_statistics_equal_fresh_ones(setup, tmp_path):
     model, ev, _ = setup
     fresh = DenseStats.compute(model, windows(4, 32, seed=1))

@@ -335,6 +335,7 @@ DEFAULT_SPACE = {
     "max_steps": 2,
     "schedules": ["layer-major"],
     "techniques": {
+        "sparsegpt": {"sparsity": [0.3, 0.5]},
         "wanda": {"sparsity": [0.2, 0.3, 0.4, 0.5], "owl": [False, True]},
         "svdllm": {"ratio": [0.7, 0.8, 0.9], "allocation": ["uniform", "sensitivity"]},
         "gptq": {"bits": [3, 4, 8], "group_size": [64, 128], "allocation": ["uniform", "sensitivity"]},
@@ -344,7 +345,7 @@ DEFAULT_SPACE = {
 
 
 def default_space(**overrides) -> SearchSpace:
-    """One pruner (Wanda, OWL on/off), one low-rank (SVD-LLM), one quantizer (GPTQ), one joint (QER);
-    SVD-LLM and GPTQ with uniform or sensitivity allocation (the latter only where the step has `ratio`
+    """Two pruners (SparseGPT; Wanda, OWL on/off), one low-rank (SVD-LLM), one quantizer (GPTQ), one
+    joint (QER); SVD-LLM and GPTQ with uniform or sensitivity allocation (the latter only where the step has `ratio`
     and comes first on a Linear; other combinations are cut before any work)."""
     return SearchSpace(**{**DEFAULT_SPACE, **overrides})
