@@ -124,6 +124,24 @@ def test_proxy_ranks_better_recipes_first_and_matches_pipeline_on_block0(setup):
             assert got[layer.name] == pytest.approx(layer.rel_error, rel=1e-4)
 
 
+def test_independent_level_equals_the_pipeline_when_only_block0_is_compressed(setup, tmp_path):
+    """Block 0 sees dense inputs in the real pipeline too: compressing only its Linears independently gives
+    the pipeline's model, so the same held-out perplexity. A study at this level records the proxy's error
+    and the measured sizes beside it."""
+    model, ev, _ = setup
+    only0 = Recipe.from_dict({"steps": [{"wanda": {"sparsity": 0.6, "include": ["*.layers.0.*"]}}]})
+    ppl, result = ev.independent(only0)
+    assert ppl == pytest.approx(ev.quick(only0), rel=1e-4)
+    assert result.value == pytest.approx(ev.proxy(only0).value) and not result.layers
+    study = run_local(_problem(model), ev, _settings(tmp_path, level="independent"), None)
+    for t in completed(study):
+        recipe = Recipe.from_dict(t.user_attrs["recipe"])
+        assert t.value == pytest.approx(ev.independent(recipe)[0], rel=1e-6)
+        assert t.user_attrs["proxy_error"] == pytest.approx(ev.proxy(recipe).value, rel=1e-6)
+        assert "planned_ratio" in t.user_attrs
+    assert "independent~quick" in evaluate_finalists(study, ev, 3, "independent")
+
+
 def test_spearman_handles_ties_like_scipy():
     a, b = [1, 2, 2, 3, 5, 4], [10, 20, 30, 30, 60, 50]
     assert spearman(a, b) == pytest.approx(rank_correlation(a, b))

@@ -51,8 +51,12 @@ def finalist_rows(dirs: list[str]) -> list[dict]:
             continue
         for t in json.loads(path.read_text()):
             if t.get("full_ppl") is not None:
+                # a search at the independent level scores perplexity and records the proxy beside it
+                independent = "proxy_error" in t
                 out.append({"source": f"search {Path(d).name} trial {t['number']} ({t['chain']})",
-                            "proxy": t["score"], "heldout_quick": t.get("quick_ppl"), "full": t["full_ppl"]})
+                            "proxy": t["proxy_error"] if independent else t["score"],
+                            "independent": t["score"] if independent else None,
+                            "heldout_quick": t.get("quick_ppl"), "full": t["full_ppl"]})
     return out
 
 
@@ -97,6 +101,7 @@ def main() -> int:
     result = {"benchmark rows": {"proxy~full": rho(rows, "proxy", "full"), "quick~full": rho(rows, "quick", "full"),
                                  "proxy~quick": rho(rows, "proxy", "quick")},
               "search finalists": {"proxy~full": rho(finalists, "proxy", "full"),
+                                   "independent~full": rho(finalists, "independent", "full"),
                                    "heldout_quick~full": rho(finalists, "heldout_quick", "full")},
               "all": {"proxy~full": rho(both, "proxy", "full")},
               "rows": both}
@@ -107,12 +112,13 @@ def main() -> int:
         for pair, v in result[group].items():
             s = "–" if v["spearman"] is None else f"{v['spearman']:.3f}"
             lines.append(f"| {group} | {pair} | {s} | {v['n']} |")
-    lines += ["", "| candidate | proxy | quick | held-out quick | full |", "|---|---:|---:|---:|---:|"]
+    lines += ["", "| candidate | proxy | independent | quick | held-out quick | full |", "|---|---:|---:|---:|---:|---:|"]
 
     def f(v, spec):
         return "" if v is None else format(v, spec)
     for r in sorted(both, key=lambda r: r["full"]):
-        lines.append(f"| {r['source']} | {f(r.get('proxy'), '.4e')} | {f(r.get('quick'), '.3f')} | "
+        lines.append(f"| {r['source']} | {f(r.get('proxy'), '.4e')} | {f(r.get('independent'), '.3f')} | "
+                     f"{f(r.get('quick'), '.3f')} | "
                      f"{f(r.get('heldout_quick'), '.3f')} | {r['full']:.3f} |")
     (out / "rank-correlation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -10,6 +10,12 @@
   prepass does. The proxy is ``Σ_l w_l e_l / Σ_l w_l`` with ``e_l = tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)`` the relative
   output error of Linear l (``pipeline.stats.relative_error``) and ``w_l = out·in`` its parameter count,
   so a large MLP matrix weighs more than a small k/v projection, as its share of the compute and bytes.
+* **Level 1b, "independent" perplexity** (`Evaluator.independent`, ``--level independent``). The proxy's
+  independently compressed Linears put into a copy of the dense model, scored by perplexity on the
+  held-out windows: a few seconds more than the proxy (one forward over the held-out windows), no
+  sequential pipeline. It sees how the layers' errors add up through the network, which the weighted mean
+  cannot: on SmolLM2 at 3.2 bits/weight the proxy rates 3-bit GPTQ ahead of SparseGPT 50% + 4-bit GPTQ
+  (0.022 against 0.028) while the full protocol rates the latter 26% better.
 * **Level 2, quick perplexity.** ``compress`` (the real sequential pipeline) on a copy of the dense model,
   then perplexity on a few *held-out* calibration windows (token windows not used to calibrate).
 * **Level 3, the full protocol**, only for finalists: WikiText-2 perplexity under the ``full`` protocol
@@ -47,7 +53,7 @@ from ..api import compress
 from .. import compute
 from ..compute import cast_for_eval
 from ..eval.perplexity import window_nll
-from ..pipeline.blocks import block_linears, find_blocks
+from ..pipeline.blocks import block_linears, find_blocks, set_module
 from ..pipeline.sequential import capture_inputs, observe, run_block
 from ..pipeline.stats import Stats, relative_error
 from ..recipe import Recipe
@@ -153,6 +159,7 @@ class ProxyResult:
     linear_bytes: int = 0                          # what the compressed Linears store, as compressed here
     linear_dense_fp16_bytes: int = 0               # the same Linears dense in fp16
     weights: int = 0                               # their weight count
+    layers: dict[str, CompressedLinear] = field(default_factory=dict, repr=False)  # kept on request only
 
     @property
     def ratio(self) -> float:
@@ -184,8 +191,9 @@ class Evaluator:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
     @torch.no_grad()
-    def proxy(self, recipe: Recipe) -> ProxyResult:
-        """Level 1: every Linear compressed independently from the dense statistics (module docstring)."""
+    def proxy(self, recipe: Recipe, keep_layers: bool = False) -> ProxyResult:
+        """Level 1: every Linear compressed independently from the dense statistics (module docstring);
+        `keep_layers` keeps the compressed Linears in the result."""
         steps = list(recipe.steps)
         allocated = {}  # step index -> {linear name: copy} for steps that allocate across Linears
         for j, step in enumerate(steps):
@@ -193,7 +201,7 @@ class Evaluator:
                 allocated[j] = step.allocate([
                     [(n, self._weight(n), self.stats[n]) for n in names if step.targets(n)]
                     for names in self.stats.blocks])
-        errors, weights, nbytes, fp16 = {}, {}, 0, 0
+        errors, weights, nbytes, fp16, layers = {}, {}, 0, 0, {}
         for b, names in enumerate(self.stats.blocks):
             for name in names:
                 hits = [allocated.get(j, {}).get(name, s) for j, s in enumerate(steps) if s.targets(name)]
@@ -209,10 +217,27 @@ class Evaluator:
                 weights[name] = dense.out_features * dense.in_features
                 spec = layer.spec()
                 nbytes, fp16 = nbytes + spec.nbytes(), fp16 + spec.dense_fp16_nbytes()
+                if keep_layers:
+                    layers[name] = layer
         if not errors:
             raise ValueError(f"recipe {recipe.hash()} targets no Linear of the model")
         value = sum(weights[n] * errors[n] for n in errors) / sum(weights.values())
-        return ProxyResult(value, errors, nbytes, fp16, sum(weights.values()))
+        return ProxyResult(value, errors, nbytes, fp16, sum(weights.values()), layers)
+
+    @torch.no_grad()
+    def independent(self, recipe: Recipe, batch_size: int = 4) -> tuple[float, ProxyResult]:
+        """Level 1b: held-out perplexity of a copy of the dense model holding the proxy's independently
+        compressed Linears (module docstring). Returns it with the proxy's result (without the layers)."""
+        if self.heldout is None:
+            raise ValueError("independent perplexity needs heldout windows")
+        result = self.proxy(recipe, keep_layers=True)
+        model = copy.deepcopy(self.model)
+        home = next(model.parameters()).device
+        for name, layer in result.layers.items():
+            set_module(model, name, layer.to(home))
+        result.layers = {}
+        cast_for_eval(model, self.compute_dtype)
+        return heldout_perplexity(model, self.heldout, batch_size), result
 
     def _weight(self, name: str) -> torch.Tensor:
         return self.model.get_submodule(name).weight.detach().float().to(self.device)

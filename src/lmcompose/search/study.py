@@ -56,7 +56,7 @@ from .objective import DenseStats, Evaluator, rank_correlation
 from .space import Budget, Candidate, SearchSpace
 
 log = logging.getLogger(__name__)
-LEVELS = ("proxy", "quick")
+LEVELS = ("proxy", "independent", "quick")  # cheapest first (objective.py)
 SAMPLERS = ("auto", "grid", "tpe", "nsga2", "random")
 
 
@@ -163,12 +163,18 @@ def open_study(settings: StudySettings, problem: Problem):
 
 
 def score(evaluator: Evaluator, recipe: Recipe, level: str) -> tuple[float, dict | None]:
-    """The trial's value, and at the proxy level the sizes the recipe measured as it compressed every Linear
-    (``{"ratio", "bits_per_weight"}``; None at the quick level, where the plan's sizes stand)."""
-    if level != "proxy":
+    """The trial's value, and at the proxy and independent levels what the recipe measured as it compressed
+    every Linear (``{"ratio", "bits_per_weight"}``, plus the proxy's error as ``proxy_error`` at the
+    independent level; None at the quick level, where the plan's sizes stand)."""
+    if level == "quick":
         return evaluator.quick(recipe), None
-    result = evaluator.proxy(recipe)
-    return result.value, {"ratio": result.ratio, "bits_per_weight": result.bits_per_weight}
+    if level == "independent":
+        value, result = evaluator.independent(recipe)
+    else:
+        result = evaluator.proxy(recipe)
+        value = result.value
+    sizes = {"ratio": result.ratio, "bits_per_weight": result.bits_per_weight}
+    return value, sizes if level == "proxy" else {**sizes, "proxy_error": result.value}
 
 
 def _record(trial, cand: Candidate, budget: Budget) -> float:
@@ -181,12 +187,14 @@ def _record(trial, cand: Candidate, budget: Budget) -> float:
 
 
 def _measured(trial, sizes: dict | None, budget: Budget, planned: float) -> float:
-    """Replace the planned sizes of a trial by the measured ones (kept as planned_*); returns its size.
-    They differ only for steps that allocate bytes across Linears; both are within the budget."""
+    """Replace the planned sizes of a trial by the measured ones (kept as planned_*; other measurements, such
+    as ``proxy_error``, are stored as they are); returns its size. Sizes differ only for steps that allocate
+    bytes across Linears; both are within the budget."""
     if sizes is None:
         return planned
     for key, value in sizes.items():
-        trial.set_user_attr(f"planned_{key}", trial.user_attrs[key])
+        if key in ("ratio", "bits_per_weight"):
+            trial.set_user_attr(f"planned_{key}", trial.user_attrs[key])
         trial.set_user_attr(key, value)
     return sizes["ratio"] if budget.ratio is not None else sizes["bits_per_weight"]
 
@@ -323,6 +331,7 @@ def _row(t, budget: Budget, levels: dict) -> dict:
     return {"number": t.number, "score": t.values[-1], "chain": t.user_attrs["chain"],
             "ratio": t.user_attrs["ratio"], "bits_per_weight": t.user_attrs["bits_per_weight"],
             "size": t.user_attrs["ratio"] if budget.ratio is not None else t.user_attrs["bits_per_weight"],
+            **{k: t.user_attrs[k] for k in ("proxy_error",) if k in t.user_attrs},
             **{f"{k}_ppl": v for k, v in levels.get(t.number, {}).items()}, "recipe": t.user_attrs["recipe"]}
 
 
@@ -401,7 +410,7 @@ def evaluate_finalists(study, evaluator: Evaluator, k: int, level: str = "proxy"
         study.set_user_attr(f"finalist/{t.number}", got)
         known[t.number] = got
 
-    quick_level = level == "proxy" and evaluator.heldout is not None
+    quick_level = level != "quick" and evaluator.heldout is not None
     by_quick = []
     for i, t in enumerate(trials):
         # without a quick level the full protocol goes to the best trials by score
@@ -412,6 +421,8 @@ def evaluate_finalists(study, evaluator: Evaluator, k: int, level: str = "proxy"
         for t in by_quick[:n_full]:
             measure(t, False, True)
     columns = {level: [t.values[-1] for t in trials]}
+    if level == "independent":
+        columns["proxy"] = [t.user_attrs.get("proxy_error") for t in trials]
     for name in ("quick", "full"):
         if name != level:
             columns[name] = [known[t.number].get(name) for t in trials]
@@ -508,7 +519,9 @@ def add_parser(sub) -> None:
     s.add_argument("--space", default=None, help="search space YAML (default: lmcompose.search.space.DEFAULT_SPACE)")
     s.add_argument("--sampler", default="auto", choices=list(SAMPLERS))
     s.add_argument("--front", action="store_true", help="two objectives (bytes, score): NSGA-II front")
-    s.add_argument("--level", default="proxy", choices=list(LEVELS), help="what each trial scores")
+    s.add_argument("--level", default="proxy", choices=list(LEVELS),
+                   help="what each trial scores: proxy (weighted layer error), independent (held-out perplexity "
+                        "of the independently compressed layers), quick (the real pipeline, then held-out perplexity)")
     s.add_argument("--finalists", type=int, default=10, help="best trials measured by quick perplexity")
     s.add_argument("--full-finalists", type=int, default=0, help="of those, how many get the full protocol")
     s.add_argument("--calib-n", type=int, default=32)
