@@ -2,11 +2,14 @@
 
 Every benchmark row measured on the full protocol (WikiText-2 test, seqlen 2048) is scored again by the
 search's level-1 proxy (the parameter-weighted mean relative output error of every Linear compressed
-independently from the dense statistics, `Evaluator.proxy`), and Spearman's ρ is reported for
+independently from the dense statistics, `Evaluator.proxy`) and, with `--independent`, at the level-1b
+"independent" level (held-out perplexity of the model holding those layers, `Evaluator.independent`),
+and Spearman's ρ is reported for
 
-* proxy ~ full and quick ~ full over the benchmark rows (quick = the WikiText-2 quick protocol the
-  tables use), and
-* proxy ~ full and held-out quick ~ full over the search finalists, read from the searches' trials.json.
+* proxy ~ full, independent ~ full and quick ~ full over the benchmark rows (quick = the WikiText-2
+  quick protocol the tables use), and
+* proxy ~ full, independent ~ full and held-out quick ~ full over the search finalists, read from the
+  searches' trials.json.
 
 The proxy is computed with the searches' own settings (C4 calibration, the first `--calib-n` of
 `--calib-n + --heldout-n` windows, seed 0) and their cached dense statistics when `--cache` points at a
@@ -14,8 +17,8 @@ search's cache folder.
 
     LMCOMPOSE_DATA_DIR=../shared/data python benchmarks/search/rank_correlation.py \
         --results benchmarks/results/*-smollm2-135m-quick-c4x128.jsonl \
-        --searches /work/search/smollm2-3.2 /work/search/smollm2-0.5 /work/search/smollm2-4.2 \
-        --cache /work/search/smollm2-3.2/cache --out benchmarks/search/rank-correlation
+        --searches benchmarks/search/smollm2-* --cache /work/search/smollm2-3.2-pq/cache \
+        --independent --out benchmarks/search/rank-correlation
 """
 from __future__ import annotations
 
@@ -77,33 +80,45 @@ def main() -> int:
     p.add_argument("--out", required=True, help="folder for rank-correlation.json and .md")
     p.add_argument("--exclude", nargs="*", default=["dam"],
                    help="techniques whose rows are left out (DAM's fit costs ~10 s per Linear at one thread)")
+    p.add_argument("--independent", action="store_true",
+                   help="also score every row at the search's independent level (held-out perplexity of the "
+                        "independently compressed layers, `Evaluator.independent`)")
     args = p.parse_args()
 
     rows = [r for r in bench_rows(args.results)
             if not any(next(iter(step)) in args.exclude for step in r["recipe"]["steps"])]
     out = Path(args.out)
-    known = {}  # proxies measured by an earlier run (same source and recipe): not measured again
+    known = {}  # levels measured by an earlier run (same source and recipe): not measured again
     if (out / "rank-correlation.json").exists():
-        known = {(r["source"], json.dumps(r.get("recipe"), sort_keys=True)): r["proxy"]
+        known = {(r["source"], json.dumps(r.get("recipe"), sort_keys=True)): r
                  for r in json.loads((out / "rank-correlation.json").read_text())["rows"] if "recipe" in r}
     model, tokenizer = load_model(args.model, dtype="fp32")
     windows = calibration_windows(tokenizer, n=args.calib_n + args.heldout_n, seqlen=512, seed=0)
     evaluator = Evaluator(model, DenseStats.load_or_compute(model, windows[:args.calib_n], args.cache,
-                                                            compute_dtype="auto"))
+                                                            compute_dtype="auto"), heldout=windows[args.calib_n:])
     for r in rows:
         t0 = time.perf_counter()
-        key = (r["source"], json.dumps(r["recipe"], sort_keys=True))
-        r["proxy"] = known[key] if key in known else evaluator.proxy(Recipe.from_dict(r["recipe"])).value
-        print(f"{r['source']}: proxy {r['proxy']:.4e}, quick {r['quick']:.3f}, full {r['full']:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        old = known.get((r["source"], json.dumps(r["recipe"], sort_keys=True)), {})
+        r["proxy"], r["independent"] = old.get("proxy"), old.get("independent")
+        if r["proxy"] is None or (args.independent and r["independent"] is None):
+            recipe = Recipe.from_dict(r["recipe"])
+            if args.independent:
+                r["independent"], result = evaluator.independent(recipe)
+                r["proxy"] = result.value
+            else:
+                r["proxy"] = evaluator.proxy(recipe).value
+        print(f"{r['source']}: proxy {r['proxy']:.4e}, independent {r['independent']}, quick {r['quick']:.3f}, "
+              f"full {r['full']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     finalists = finalist_rows(args.searches)
     both = rows + finalists
-    result = {"benchmark rows": {"proxy~full": rho(rows, "proxy", "full"), "quick~full": rho(rows, "quick", "full"),
+    result = {"benchmark rows": {"proxy~full": rho(rows, "proxy", "full"),
+                                 "independent~full": rho(rows, "independent", "full"),
+                                 "quick~full": rho(rows, "quick", "full"),
                                  "proxy~quick": rho(rows, "proxy", "quick")},
               "search finalists": {"proxy~full": rho(finalists, "proxy", "full"),
                                    "independent~full": rho(finalists, "independent", "full"),
                                    "heldout_quick~full": rho(finalists, "heldout_quick", "full")},
-              "all": {"proxy~full": rho(both, "proxy", "full")},
+              "all": {"proxy~full": rho(both, "proxy", "full"), "independent~full": rho(both, "independent", "full")},
               "rows": both}
     out.mkdir(parents=True, exist_ok=True)
     (out / "rank-correlation.json").write_text(json.dumps(result, indent=1))
@@ -112,7 +127,8 @@ def main() -> int:
         for pair, v in result[group].items():
             s = "–" if v["spearman"] is None else f"{v['spearman']:.3f}"
             lines.append(f"| {group} | {pair} | {s} | {v['n']} |")
-    lines += ["", "| candidate | proxy | independent | quick | held-out quick | full |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| candidate | proxy | independent | quick | held-out quick | full |",
+              "|---|---:|---:|---:|---:|---:|"]
 
     def f(v, spec):
         return "" if v is None else format(v, spec)

@@ -346,6 +346,6 @@ DEFAULT_SPACE = {
 
 def default_space(**overrides) -> SearchSpace:
     """Two pruners (SparseGPT; Wanda, OWL on/off), one low-rank (SVD-LLM), one quantizer (GPTQ), one
-    joint (QER); SVD-LLM and GPTQ with uniform or sensitivity allocation (the latter only where the step has `ratio`
-    and comes first on a Linear; other combinations are cut before any work)."""
+    joint (QER); SVD-LLM and GPTQ with uniform or sensitivity allocation (the latter only where the step
+    has `ratio` and comes first on a Linear; other combinations are cut before any work)."""
     return SearchSpace(**{**DEFAULT_SPACE, **overrides})
