@@ -102,17 +102,19 @@ def quality_section() -> str:
 
 
 # budget label -> (Budget field, limit, the search folders under benchmarks/search/ with their space)
-SEARCHES = {"50% of fp16 bytes": ("ratio", 0.5, {"smollm2-0.5": "half-space"}),
-            "4.2 bits/weight": ("bits_per_weight", 4.2, {"smollm2-4.2": "budget-space"}),
-            "3.2 bits/weight": ("bits_per_weight", 3.2, {"smollm2-3.2": "default space, before the finalist fixes",
-                                                         "smollm2-3.2-pq": "prune-quant-space"})}
+SEARCHES = {"50% of fp16 bytes": ("ratio", 0.5, {"smollm2-0.5": "half-space, proxy level"}),
+            "4.2 bits/weight": ("bits_per_weight", 4.2, {"smollm2-4.2": "budget-space, proxy level"}),
+            "3.2 bits/weight": ("bits_per_weight", 3.2, {
+                "smollm2-3.2": "default space, proxy level, before the finalist fixes",
+                "smollm2-3.2-pq": "prune-quant-space, proxy level",
+                "smollm2-3.2-ind": "prune-quant-space, independent level"})}
 
 
 def _steps_label(recipe: dict) -> str:
     def one(step):
         (name, params), = step.items()
         knobs = [f"{k}={params[k]}" for k in ("sparsity", "ratio", "bits", "group_size", "pattern", "owl", "allocation",
-                                              "act_order") if params.get(k) not in (None, False, "uniform")]
+                                              "act_order") if params.get(k) not in (None, False, "uniform", "unstructured")]
         return f"{name}({', '.join(knobs)})"
     return " → ".join(one(s) for s in recipe["steps"])
 
