@@ -113,8 +113,9 @@ SEARCHES = {"50% of fp16 bytes": ("ratio", 0.5, {"smollm2-0.5": "half-space, pro
 def _steps_label(recipe: dict) -> str:
     def one(step):
         (name, params), = step.items()
-        knobs = [f"{k}={params[k]}" for k in ("sparsity", "ratio", "bits", "group_size", "pattern", "owl", "allocation",
-                                              "act_order") if params.get(k) not in (None, False, "uniform", "unstructured")]
+        shown = ("sparsity", "ratio", "bits", "group_size", "pattern", "owl", "allocation", "act_order")
+        defaults = (None, False, "uniform", "unstructured")
+        knobs = [f"{k}={params[k]}" for k in shown if params.get(k) not in defaults]
         return f"{name}({', '.join(knobs)})"
     return " → ".join(one(s) for s in recipe["steps"])
 

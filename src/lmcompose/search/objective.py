@@ -53,7 +53,7 @@ from ..api import compress
 from .. import compute
 from ..compute import cast_for_eval
 from ..eval.perplexity import window_nll
-from ..pipeline.blocks import block_linears, find_blocks, set_module
+from ..pipeline.blocks import block_linears, find_blocks
 from ..pipeline.sequential import capture_inputs, observe, run_block
 from ..pipeline.stats import Stats, relative_error
 from ..recipe import Recipe
@@ -231,10 +231,10 @@ class Evaluator:
         if self.heldout is None:
             raise ValueError("independent perplexity needs heldout windows")
         result = self.proxy(recipe, keep_layers=True)
-        model = copy.deepcopy(self.model)
-        home = next(model.parameters()).device
-        for name, layer in result.layers.items():
-            set_module(model, name, layer.to(home))
+        home = next(self.model.parameters()).device
+        # the copy takes the compressed Linears in place of the dense ones instead of copying those first
+        memo = {id(self.model.get_submodule(name)): layer.to(home) for name, layer in result.layers.items()}
+        model = copy.deepcopy(self.model, memo)
         result.layers = {}
         cast_for_eval(model, self.compute_dtype)
         return heldout_perplexity(model, self.heldout, batch_size), result
