@@ -107,13 +107,15 @@ SEARCHES = {"50% of fp16 bytes": ("ratio", 0.5, {"smollm2-0.5": "half-space, pro
             "3.2 bits/weight": ("bits_per_weight", 3.2, {
                 "smollm2-3.2": "default space, proxy level, before the finalist fixes",
                 "smollm2-3.2-pq": "prune-quant-space, proxy level",
-                "smollm2-3.2-ind": "prune-quant-space, independent level"})}
+                "smollm2-3.2-ind": "prune-quant-space, independent level",
+                "smollm2-3.2-ord": "prune-quant-order-space, independent level"})}
 
 
 def _steps_label(recipe: dict) -> str:
     def one(step):
         (name, params), = step.items()
-        shown = ("sparsity", "ratio", "bits", "group_size", "pattern", "owl", "allocation", "act_order")
+        shown = ("sparsity", "ratio", "bits", "group_size", "pattern", "owl", "allocation", "act_order",
+                 "static_groups")
         defaults = (None, False, "uniform", "unstructured")
         knobs = [f"{k}={params[k]}" for k in shown if params.get(k) not in defaults]
         return f"{name}({', '.join(knobs)})"

@@ -94,3 +94,12 @@ def test_analyze_writes_tables_and_plot_and_reports_illegal_orders(setup, capsys
     assert main(["analyze", "--model", str(model_dir), "--out", str(root / "x"), "--a", "nope: {}",
                  "--b", "rtn: {bits: 4}"]) == 2
     assert not (root / "x").exists()
+
+
+def test_search_without_heldout_windows_fails_before_loading(setup, capsys):
+    root, model_dir, data, _ = setup
+    out = root / "search-no-heldout"
+    assert main(["search", "--model", str(model_dir), "--budget", "0.5", "--out", str(out), "--heldout-n", "0",
+                 "--data-dir", str(data)]) == 2
+    assert "--heldout-n=0" in capsys.readouterr().err.replace("\n", "")
+    assert not out.exists()

@@ -12,12 +12,12 @@ ROOT=${1:-runs/search-distributed}
 SPACE=benchmarks/search/small-space.yaml
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 search() { lmcompose search --model smollm2-135m --bits-per-weight 3.2 --space $SPACE --trials 100 --calib-n 128 \
-           --finalists 0 "$@"; }
+           --level proxy --finalists 0 "$@"; }
 rm -rf "$ROOT"; mkdir -p "$ROOT"
 search --out "$ROOT/uninterrupted" > "$ROOT/uninterrupted.log" 2>&1
 
 setsid lmcompose search --model smollm2-135m --bits-per-weight 3.2 --space $SPACE --trials 100 --calib-n 128 \
-    --finalists 0 --workers 2 --out "$ROOT/killed" > "$ROOT/killed.run1.log" 2>&1 &
+    --level proxy --finalists 0 --workers 2 --out "$ROOT/killed" > "$ROOT/killed.run1.log" 2>&1 &
 PG=$!
 python - "$ROOT/killed/study.db" <<'PY'
 import os, sys, time

@@ -89,7 +89,7 @@ class StudySettings:
     study_name: str = "lmcompose"
     sampler: str = "auto"
     seed: int = 0
-    level: str = "proxy"
+    level: str = "independent"
     front: bool = False
     heartbeat: int | None = 60
 
@@ -519,9 +519,10 @@ def add_parser(sub) -> None:
     s.add_argument("--space", default=None, help="search space YAML (default: lmcompose.search.space.DEFAULT_SPACE)")
     s.add_argument("--sampler", default="auto", choices=list(SAMPLERS))
     s.add_argument("--front", action="store_true", help="two objectives (bytes, score): NSGA-II front")
-    s.add_argument("--level", default="proxy", choices=list(LEVELS),
-                   help="what each trial scores: proxy (weighted layer error), independent (held-out perplexity "
-                        "of the independently compressed layers), quick (the real pipeline, then held-out perplexity)")
+    s.add_argument("--level", default=StudySettings.level, choices=list(LEVELS),
+                   help="what each trial scores: independent (default: held-out perplexity of the model holding "
+                        "the independently compressed layers), proxy (their weighted layer error, cheaper, ranks "
+                        "worse: BENCHMARKS.md), quick (the real pipeline, then held-out perplexity)")
     s.add_argument("--finalists", type=int, default=10, help="best trials measured by quick perplexity")
     s.add_argument("--full-finalists", type=int, default=0, help="of those, how many get the full protocol")
     s.add_argument("--calib-n", type=int, default=32)
@@ -547,6 +548,9 @@ def cmd_search(args) -> int:
     from .space import default_space
 
     console = Console(stderr=True)
+    if args.heldout_n < 1 and (args.level != "proxy" or args.finalists > 0):
+        raise ValueError(f"--heldout-n={args.heldout_n}: level {args.level!r} and --finalists={args.finalists} "
+                         "score held-out perplexity; give --heldout-n >= 1, or --level proxy --finalists 0")
     out = Path(args.out)
     budget = Budget(ratio=args.budget) if args.budget is not None else Budget(bits_per_weight=args.bits_per_weight)
     calibration = {"n": args.calib_n, "seqlen": args.calib_seqlen, "seed": args.seed}
