@@ -103,7 +103,8 @@ def quality_section() -> str:
 
 # budget label -> (Budget field, limit, the search folders under benchmarks/search/ with their space)
 SEARCHES = {"50% of fp16 bytes": ("ratio", 0.5, {"smollm2-0.5": "half-space, proxy level"}),
-            "4.2 bits/weight": ("bits_per_weight", 4.2, {"smollm2-4.2": "budget-space, proxy level"}),
+            "4.2 bits/weight": ("bits_per_weight", 4.2, {"smollm2-4.2": "budget-space, proxy level",
+                                                          "smollm2-4.2-ao": "act-order-space, independent level"}),
             "3.2 bits/weight": ("bits_per_weight", 3.2, {
                 "smollm2-3.2": "default space, proxy level, before the finalist fixes",
                 "smollm2-3.2-pq": "prune-quant-space, proxy level",

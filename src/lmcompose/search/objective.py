@@ -10,7 +10,8 @@
   prepass does. The proxy is ``Σ_l w_l e_l / Σ_l w_l`` with ``e_l = tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)`` the relative
   output error of Linear l (``pipeline.stats.relative_error``) and ``w_l = out·in`` its parameter count,
   so a large MLP matrix weighs more than a small k/v projection, as its share of the compute and bytes.
-* **Level 1b, "independent" perplexity** (`Evaluator.independent`, ``--level independent``). The proxy's
+* **Level 1b, "independent" perplexity** (`Evaluator.independent`, ``--level independent``, the search's
+  default level). The proxy's
   independently compressed Linears put into a copy of the dense model, scored by perplexity on the
   held-out windows: a few seconds more than the proxy (one forward over the held-out windows), no
   sequential pipeline. It sees how the layers' errors add up through the network, which the weighted mean
