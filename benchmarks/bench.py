@@ -67,6 +67,8 @@ def rows_joint():
             rows[f"{method} {int(fraction * 100)}% bytes"] = [step(method, ratio=fraction)]
 
     kept(("wanda", "sparsegpt", "svdllm", "sslc"), 0.5)
+    # SSLC's optional recovery: U, V fitted to the full layer objective tr(ΔW H ΔWᵀ) with S frozen
+    rows["sslc 50% bytes + factor fit"] = [step("sslc", ratio=0.5, finetune_steps=200)]
     # 50% sparsity + 4 bits, three ways (and S→Q with Wanda's mask, to separate the mask from jointness)
     rows["S→Q sparsegpt 50% → gptq w4"] = [step("sparsegpt", sparsity=0.5), step("gptq", **g64)]
     rows["S→Q wanda 50% → gptq w4"] = [step("wanda", sparsity=0.5), step("gptq", **g64)]
@@ -80,6 +82,11 @@ def rows_joint():
         rows[f"L→Q w4 g64 ({bpw} bpw)"] = [step("dam", bits=4, group_size=64, ratio=ratio, mode="l_then_q")]
         rows[f"Q→L w4 g64 ({bpw} bpw, analysis)"] = [step("dam", bits=4, group_size=64, ratio=ratio,
                                                          mode="q_then_l")]
+        # the same orders on the whitened (SVD-LLM) decomposition, which survives truncation far better
+        rows[f"L→Q svdllm w4 g64 ({bpw} bpw)"] = [step("dam", bits=4, group_size=64, ratio=ratio, mode="l_then_q",
+                                                      decomposition="svdllm")]
+        rows[f"dam svdllm w4 g64 ({bpw} bpw)"] = [step("dam", bits=4, group_size=64, ratio=ratio,
+                                                      decomposition="svdllm")]
     # the triple S + L + Q, at decreasing sizes
     for fraction in (0.8, 0.7, 0.6):
         rows[f"triple sslc {int(fraction * 100)}% → gptq w4"] = [step("sslc", ratio=fraction), step("gptq", **g64)]

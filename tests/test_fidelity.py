@@ -75,8 +75,11 @@ def test_chunk_size_does_not_change_the_sums():
     sides = [_ChunkedLogits(dense, True), _ChunkedLogits(comp, True)]
     whole = chunked_kl_top1(*sides, x, chunk=37)
     for chunk in (1, 5, 16):
+        # The head matmul's shape changes with the chunk (chunk 1 is a matrix-vector product), so fp32
+        # rounding moves the sum by a few 1e-6 on some BLAS paths (3e-6 seen on a 2-core CI machine); a
+        # dropped or repeated position would move it by about 1/111 of the sum.
         kl, agree = chunked_kl_top1(*sides, x, chunk=chunk)
-        assert kl == pytest.approx(whole[0], rel=1e-6) and agree == whole[1]
+        assert kl == pytest.approx(whole[0], rel=1e-5) and agree == whole[1]
     full = [_ChunkedLogits(dense, False), _ChunkedLogits(comp, False)]  # the full-forward fallback
     kl, agree = chunked_kl_top1(*full, x, chunk=8)
     assert kl == pytest.approx(whole[0], rel=1e-5) and agree == whole[1]
