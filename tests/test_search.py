@@ -301,3 +301,33 @@ def test_finalists_span_chains_before_repeating_one(setup, tmp_path):
                         key=lambda o: (o.values[-1], o.number)) for t in picked[:len(chains)])
     second = next(c for c in chains if sum(t.user_attrs["chain"] == c for t in ranked) > 1)
     assert picked[-1] is [t for t in ranked if t.user_attrs["chain"] == second][1]
+
+
+def test_perplexity_levels_take_the_best_scores_as_finalists(setup, tmp_path):
+    model, ev, _ = setup
+    study = run_local(_problem(model), ev, _settings(tmp_path), None)
+    ranked = sorted(completed(study), key=lambda t: (t.values[-1], t.number))
+    for k in range(1, len(ranked) + 1):
+        assert [t.number for t in finalist_trials(study, k, span_chains=False)] == [t.number for t in ranked[:k]]
+        spanning = finalist_trials(study, k)
+        if [t.number for t in spanning] != [t.number for t in ranked[:k]]:
+            break  # from here on a chain's best that is not among the k best scores is in the spanning set
+    else:
+        pytest.fail("the space should have a chain whose best is not among the best scores")
+
+    class Recorder:
+        heldout = True
+
+        def compressed(self, recipe):
+            return recipe.hash()
+
+        def quick(self, recipe, model=None):
+            measured.append(model)
+            return 1.0
+
+    for level, expect in (("independent", ranked[:k]), ("proxy", spanning)):
+        measured = []
+        evaluate_finalists(study, Recorder(), k, level=level)
+        assert measured == [Recipe.from_dict(t.user_attrs["recipe"]).hash() for t in expect]
+        for t in expect:  # forget the stored levels so that the next level measures again
+            study.set_user_attr(f"finalist/{t.number}", {})
