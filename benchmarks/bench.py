@@ -103,6 +103,7 @@ def rows_search():
         "dense": None,
         # ≤ 50% of fp16 bytes (8 bits per weight)
         "gptq w7 g64 (≤50%)": [step("gptq", bits=7, group_size=64)],
+        "sparsegpt 20% → gptq w8 g128 (≤50%)": [step("sparsegpt", sparsity=0.2), step("gptq", bits=8, **g128)],
         # ≤ 4.2 bits per weight
         "gptq w4 g128 (≤4.2)": [step("gptq", bits=4, **g128)],
         "gptq w4 g128 act-order (≤4.2)": [step("gptq", bits=4, act_order=True, **g128)],
