@@ -209,6 +209,9 @@ def test_two_processes_share_one_study_and_a_killed_study_resumes(setup, tmp_pat
     resumed = run_local(problem, ev, killed, None)
     assert len(completed(resumed)) == len(completed(ref)) == n
     assert _front(resumed, problem.budget) == _front(ref, problem.budget)
+    # resuming a finished search runs no trial again (it goes straight to the finalists)
+    before = len(resumed.trials)
+    assert len(run_local(problem, ev, killed, None).trials) == before
 
 
 def _start_ray(ray, **kwargs) -> None:

@@ -226,9 +226,13 @@ def run_local(problem: Problem, evaluator: Evaluator, settings: StudySettings, n
     from optuna.trial import TrialState
 
     study = open_study(settings, problem)
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    if problem.grid is not None and {t.params.get("recipe") for t in study.get_trials(False, states=done)} >= set(
+            problem.grid):
+        return study  # an exhausted grid (a resumed finished search): GridSampler would run one point again
     cbs = list(callbacks)
     if n_trials is not None:
-        cbs.append(MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        cbs.append(MaxTrialsCallback(n_trials, states=done))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(make_objective(problem, evaluator, settings), n_trials=stop_after, callbacks=cbs,
                    catch=())
