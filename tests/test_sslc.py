@@ -74,6 +74,52 @@ def test_bytes_fit_the_ratio_tightly_and_rank_follows_oats(ratio, kappa):
     assert one_more_per_row.nbytes() > budget                          # the sparse term takes the rest
 
 
+def nm_groups(mask, m=4):
+    return mask.reshape(mask.shape[0], -1, m).sum(-1)
+
+
+@pytest.mark.parametrize("name", ["sslc", "oats"])
+@pytest.mark.parametrize("params", [dict(pattern="2:4", ratio=0.7), dict(pattern="2:4", rank=6),
+                                    dict(pattern="1:4", ratio=0.5, protect=0.05, salience="obs")])
+def test_nm_pattern_holds_and_the_rank_takes_the_rest_of_the_bytes(name, params):
+    w, stats = layer_problem()
+    new, info = run(name, [Dense(w.half())], stats, **params)  # run() asserts new.spec() == plan
+    sparse, lowrank = new.terms
+    n_keep = int(params["pattern"][0])
+    assert sparse.spec().pattern == params["pattern"] and (nm_groups(sparse.mask) == n_keep).all()
+    assert info["nnz"] == M * N * n_keep // 4 and info["pattern"] == params["pattern"]
+    if "ratio" in params:  # the largest rank whose bytes fit beside the fixed N:M term
+        budget = params["ratio"] * 2 * M * N
+        assert new.nbytes() <= budget
+        one_more = LinearSpec.dense(M, N).with_terms([sparse.spec(), LowRank(
+            torch.zeros(M, lowrank.spec().rank + 1).half(), torch.zeros(lowrank.spec().rank + 1, N).half()).spec()])
+        assert one_more.nbytes() > budget
+    else:
+        assert lowrank.spec().rank == params["rank"]
+
+
+def test_nm_keeps_the_protected_weights_that_fit_their_group():
+    w, stats = layer_problem()
+    new, info = run("sslc", [Dense(w.half())], stats, pattern="2:4", ratio=0.7, protect=0.05)
+    protected = topk_mask(salience(w.half().float(), stats.gram), int(0.05 * N), "row")
+    sparse = new.terms[0]
+    fits = (nm_groups(protected) <= 2).repeat_interleave(4, dim=1)  # groups with at most N protected entries
+    assert sparse.mask[protected & fits].all()
+    assert info["protected"] == int((protected & sparse.mask).sum()) >= int((protected & fits).sum())
+
+
+def test_nm_error_falls_as_the_ratio_grows_and_the_alternation_never_increases_it():
+    w, stats = layer_problem(1)
+    errs = [rel(w, run("sslc", [Dense(w.half())], stats, pattern="2:4", ratio=r)[0].to_dense(), stats.gram)
+            for r in (0.6, 0.7, 0.8, 0.95)]
+    assert errs == sorted(errs, reverse=True)
+    w, stats = structured_problem(noise=0.3)
+    wt = w * channel_scale(stats.sq_mean).unsqueeze(0)
+    fit = sslc_decompose(wt, 4, 0, topk_mask(wt.abs(), 2, "row"), iterations=30, tol=0.0, nm=(2, 4))
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(fit["trace"], fit["trace"][1:]))
+    assert len(fit["trace"]) > 3 and fit["trace"][-1] < 0.9 * fit["trace"][0]
+
+
 # -- the math ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -189,7 +235,11 @@ def test_dead_input_channels_give_finite_factors():
 @pytest.mark.parametrize("params, match", [
     (dict(), "exactly one of ratio"), (dict(ratio=0.5, sparsity=0.5), "exactly one of ratio"),
     (dict(sparsity=0.5), "needs rank"), (dict(sparsity=0.5, rank=4, rank_fraction=0.2), "needs rank"),
-    (dict(ratio=0.5, rank=4, rank_fraction=0.2), "one of rank"), (dict(ratio=0.5, bogus=1), "bogus")])
+    (dict(ratio=0.5, rank=4, rank_fraction=0.2), "one of rank"), (dict(ratio=0.5, bogus=1), "bogus"),
+    (dict(pattern="2:4", sparsity=0.5), "conflicts with pattern"),
+    (dict(pattern="2:4", ratio=0.7, rank_fraction=0.2), "conflicts with pattern"),
+    (dict(pattern="2:4"), "exactly one of ratio and rank"), (dict(pattern="2:4", ratio=0.7, rank=4), "exactly one"),
+    (dict(pattern="2:4", ratio=0.7, scope="matrix"), "scope"), (dict(pattern="4:2", ratio=0.7), "pattern")])
 def test_bad_configs_are_value_errors(params, match):
     with pytest.raises(ValueError, match=match):
         get_technique("sslc")(**params)
@@ -203,6 +253,10 @@ def test_illegal_steps_name_the_reason():
         get_technique("sslc")(sparsity=0.5, rank=64).plan(spec)
     with pytest.raises(IllegalStep, match="more than the dense"):
         get_technique("sslc")(sparsity=0.1, rank=40).plan(spec)
+    with pytest.raises(IllegalStep, match="leaves no rank"):
+        get_technique("sslc")(pattern="2:4", ratio=0.5).plan(spec)
+    with pytest.raises(IllegalStep, match="divisible"):
+        get_technique("sslc")(pattern="2:8", ratio=0.7).plan(LinearSpec.dense(M, 36))
     q = CompressedLinear(N, M, [Dense(quantize_rtn(torch.randn(M, N), QuantSpec(4)))]).spec()
     with pytest.raises(IllegalStep, match="quantization grid"):
         get_technique("oats")(ratio=0.5).plan(q)
@@ -210,11 +264,11 @@ def test_illegal_steps_name_the_reason():
 
 # -- in a model, then quantized ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["sslc", "oats"])
-def test_tiny_llama_then_gptq_all_costs_what_recipe_check_says(name):
+@pytest.mark.parametrize("name, extra", [("sslc", {}), ("oats", {}), ("sslc", {"pattern": "2:4", "ratio": 0.7})])
+def test_tiny_llama_then_gptq_all_costs_what_recipe_check_says(name, extra):
     model = tiny_llama()
     recipe = Recipe.from_dict({"calibration": {"batch_size": 2}, "steps": [
-        {name: {"ratio": 0.6, "iterations": 10}}, {"gptq": {"bits": 4, "group_size": 32, "target": "all"}}]})
+        {name: {"ratio": 0.6, "iterations": 10, **extra}}, {"gptq": {"bits": 4, "group_size": 32, "target": "all"}}]})
     planned = recipe.check(linear_shapes(model))
     report = compress(model, recipe, windows(4, 16))
     assert report.linear_bytes == planned.linear_bytes
@@ -224,4 +278,6 @@ def test_tiny_llama_then_gptq_all_costs_what_recipe_check_says(name):
         sparse, lowrank = layer.terms
         assert isinstance(sparse.values, QTensor) and isinstance(lowrank.u, QTensor) and isinstance(lowrank.v, QTensor)
         assert (layer.to_dense() - lowrank.weight())[~sparse.mask].abs().max() == 0  # the mask survived
+        if extra:
+            assert sparse.spec().pattern == "2:4" and (nm_groups(sparse.mask) == 2).all()
     assert all(0 < l.rel_error < 0.5 for l in report.layers)

@@ -47,7 +47,13 @@ Readings of what METHODS §2.5 leaves open, each a config field:
   A fresh Gaussian is drawn every iteration from one generator seeded by `seed`.
 * S̃ starts at 0 (OATS); with ``protect_values: weight`` it starts at the protected part of W̃.
 
-Not here: the N:M variant of S (OATS), Hessian-aware (SparseGPT-style) updates of S.
+* Pattern (`pattern`): S unstructured, or N:M (OATS's variant for sparse tensor cores: the threshold
+  keeps the N largest of every M consecutive inputs of a row). N:M fixes S's bytes (values plus the
+  N:M index), so `ratio` sets only the rank (the largest whose total fits; κ does not apply), or give
+  `rank` (additive reading). Protected entries rank first inside their group, so a group that holds more
+  than N of them keeps the N with the largest residual.
+
+Not here: Hessian-aware (SparseGPT-style) updates of S.
 
 Example::
 
@@ -55,6 +61,7 @@ Example::
       - sslc: {ratio: 0.5}                          # κ = 0.25, 1% protected, randomized SVD, T ≤ 40
       - sslc: {sparsity: 0.5, rank: 128}            # additive reading ("50% + rank 128")
       - oats: {ratio: 0.5, rank_fraction: 0.3}      # exact SVD, no protection, T = 80
+      - sslc: {pattern: "2:4", ratio: 0.7}          # 2:4 S (8.75 bits/weight in fp16), the rank takes the rest
       - gptq: {bits: 4, group_size: 128, target: all}
 """
 
@@ -64,7 +71,7 @@ import logging
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ...algebra.linear import CompressedLinear
 from ...algebra.spec import LinearSpec, LowRankSpec, SparseSpec, TensorSpec
@@ -73,7 +80,7 @@ from ...registry import IllegalStep, Technique, register
 from ..budget import budget_bytes, largest_within
 from ..lowrank.asvd import randomized_svd
 from ..lowrank.common import projected_factors
-from ..prune.common import matrix_topk_mask, row_topk_mask
+from ..prune.common import matrix_topk_mask, nm_mask, parse_pattern, row_topk_mask
 from ..prune.sparsegpt import damped_inverse_cholesky
 
 log = logging.getLogger(__name__)
@@ -93,8 +100,11 @@ def channel_scale(sq_mean: torch.Tensor) -> torch.Tensor:
     return torch.where(live, d, d[live].min())
 
 
-def topk_mask(score: torch.Tensor, keep: int, scope: str) -> torch.Tensor:
-    """Keep-mask with the `keep` highest scores per row (scope row) or of the whole matrix."""
+def topk_mask(score: torch.Tensor, keep: int, scope: str, nm: tuple[int, int] | None = None) -> torch.Tensor:
+    """Keep-mask with the `keep` highest scores per row (scope row) or of the whole matrix, or, given
+    `nm` = (N, M), the N highest of every M consecutive columns of each row (`keep` unused)."""
+    if nm is not None:
+        return nm_mask(score, *nm)
     return row_topk_mask(score, keep) if scope == "row" else matrix_topk_mask(score, keep)
 
 
@@ -127,18 +137,20 @@ def low_rank_basis(m: torch.Tensor, rank: int, solver: str = "exact", oversample
 def sslc_decompose(wt: torch.Tensor, rank: int, keep: int, protected: torch.Tensor, scope: str = "row",
                    iterations: int = 40, tol: float = 1e-4, protect_values: str = "residual",
                    solver: str = "exact", oversample: int = 5, niter: int = 2,
-                   generator: torch.Generator | None = None) -> dict:
+                   generator: torch.Generator | None = None, nm: tuple[int, int] | None = None) -> dict:
     """Alternate rank-r fits and hard thresholding on the (already scaled) weight `wt` [m, n].
 
     `keep` counts kept entries per row (scope row) or in the matrix (scope matrix), the `protected`
-    mask included. Returns the best iterate: ``s`` (S̃, zeros off the mask), ``mask``, ``u``, ``sigma``
+    mask included; with `nm` = (N, M) the threshold keeps the N largest of every M consecutive columns
+    of a row instead (protected entries first, so at most N of them per group survive; the N:M
+    projection is the exact minimiser over N:M-sparse S, so the exact solver still never increases the
+    error). Returns the best iterate: ``s`` (S̃, zeros off the mask), ``mask``, ``u``, ``sigma``
     and ``target`` (the W̃ − S̃ the rank-r fit was taken of, so L̃ = U Uᵀ target), plus ``trace``
     (‖W̃ − L̃ − S̃‖²_F after each iteration) and ``iterations`` run.
     """
     if protect_values not in ("residual", "weight"):
         raise ValueError(f"protect_values={protect_values!r} is not allowed; allowed: 'residual', 'weight'")
     wt = wt.float()
-    inf = torch.tensor(float("inf"), device=wt.device)
     fixed = protect_values == "weight"
     s = torch.where(protected, wt, torch.zeros_like(wt)) if fixed else torch.zeros_like(wt)
     best, trace = None, []
@@ -146,8 +158,10 @@ def sslc_decompose(wt: torch.Tensor, rank: int, keep: int, protected: torch.Tens
         target = wt - s
         u, sigma = low_rank_basis(target, rank, solver, oversample, niter, generator)
         r = wt - u @ (u.T @ target)
-        # protected entries rank first (score ∞); the rest compete by |R|
-        mask = topk_mask(torch.where(protected, inf, r.abs()), keep, scope)
+        # protected entries rank first (lifted above every |R|), then by |R| among themselves (N:M groups
+        # may hold more than N of them); the rest compete by |R|
+        score = r.abs()
+        mask = topk_mask(torch.where(protected, score + (score.max() + 1), score), keep, scope, nm)
         s = torch.where(mask, torch.where(protected, wt, r) if fixed else r, torch.zeros_like(r))
         err = float((r - s).double().pow(2).sum())
         prev = trace[-1] if trace else None
@@ -204,9 +218,11 @@ class SSLC(Technique):
     sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="additive reading: fraction of S's group "
                                    "set to zero (needs `rank`)")
     rank: int | None = Field(None, ge=1, description="rank of U V (required with sparsity; with ratio it "
-                             "replaces rank_fraction)")
+                             "replaces rank_fraction; with an N:M pattern, give ratio or rank)")
     rank_fraction: float | None = Field(None, gt=0.0, lt=1.0, description="with ratio: share κ of the byte "
                                         "budget given to U, V (default 0.25, OATS)")
+    pattern: str = Field("unstructured", description="S's sparsity pattern: 'unstructured' or 'N:M' (keep N of "
+                         "every M inputs of a row, OATS's N:M variant; fixes S, so the budget sets only the rank)")
     scope: Scope = Field("row", description="comparison group of the hard threshold and the protection: "
                          "per output 'row' (OATS, Wanda) or per 'matrix'")
     protect: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of each group kept in S by salience")
@@ -227,8 +243,30 @@ class SSLC(Technique):
     finetune_steps: int = Field(0, ge=0, description="Adam steps on U, V with S frozen on tr(ΔW H ΔWᵀ); 0 = off")
     finetune_lr: float = Field(1e-3, gt=0.0, description="fine-tuning learning rate, relative to each factor's RMS")
 
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v):
+        parse_pattern(v)
+        return v
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
     @model_validator(mode="after")
     def _budget(self):
+        if self.nm:
+            if self.sparsity is not None or self.rank_fraction is not None:
+                given = "sparsity" if self.sparsity is not None else "rank_fraction"
+                raise ValueError(f"{given}={getattr(self, given)} conflicts with pattern={self.pattern!r}: an N:M "
+                                 "pattern fixes S; give ratio (the rank takes the rest) or rank")
+            if (self.ratio is None) == (self.rank is None):
+                raise ValueError(f"pattern={self.pattern!r} needs exactly one of ratio and rank; got "
+                                 f"ratio={self.ratio}, rank={self.rank}")
+            if self.scope != "row":
+                raise ValueError(f"scope={self.scope!r} does not apply to pattern={self.pattern!r}: N:M groups are "
+                                 "M inputs of one row; use scope 'row'")
+            return self
         if (self.ratio is None) == (self.sparsity is None):
             raise ValueError(f"give exactly one of ratio (total reading) and sparsity (additive reading, with "
                              f"rank); got ratio={self.ratio}, sparsity={self.sparsity}")
@@ -253,7 +291,7 @@ class SSLC(Technique):
 
     def _spec(self, spec: LinearSpec, nnz: int, rank: int) -> LinearSpec:
         dtype, m, n = self._dtype(spec), spec.out_features, spec.in_features
-        return spec.with_terms([SparseSpec(TensorSpec(m, n, dtype), nnz),
+        return spec.with_terms([SparseSpec(TensorSpec(m, n, dtype), nnz, *(self.nm or (None, None))),
                                 LowRankSpec(TensorSpec(m, rank, dtype), TensorSpec(rank, n, dtype))])
 
     def resolve(self, spec: LinearSpec) -> tuple[int, int, int]:
@@ -264,7 +302,9 @@ class SSLC(Technique):
         full = min(m, n)
         if self.rank is not None and self.rank > full:
             raise IllegalStep(f"rank={self.rank} exceeds min(out_features, in_features) = {full}")
-        if self.sparsity is not None:
+        if self.nm:
+            keep, rank = self._nm_budget(spec)
+        elif self.sparsity is not None:
             rank, keep = self.rank, per - int(per * self.sparsity)
             cost, dense = self._spec(spec, keep * groups, rank).nbytes(), spec.nbytes()
             if cost > dense:
@@ -289,6 +329,26 @@ class SSLC(Technique):
                               f"budget keeps only {keep}; lower protect or raise the budget")
         return rank, keep, protected
 
+    def _nm_budget(self, spec: LinearSpec) -> tuple[int, int]:
+        """(kept entries per row, rank) under an N:M pattern: S is fixed, the rank is given or takes the rest."""
+        (n_keep, group), m, n = self.nm, spec.out_features, spec.in_features
+        if n % group:
+            raise IllegalStep(f"pattern {self.pattern} needs in_features divisible by {group}, got {n}")
+        keep = n // group * n_keep
+        if self.rank is not None:
+            cost, dense = self._spec(spec, keep * m, self.rank).nbytes(), spec.nbytes()
+            if cost > dense:
+                raise IllegalStep(f"pattern {self.pattern} plus rank={self.rank} costs {cost} bytes, more than the "
+                                  f"dense {dense} bytes")
+            return keep, self.rank
+        budget = budget_bytes(spec, self.ratio)
+        try:
+            rank = largest_within(budget, 1, min(m, n), lambda r: self._spec(spec, keep * m, r).nbytes(), "rank")
+        except IllegalStep as err:
+            raise IllegalStep(f"ratio={self.ratio} leaves no rank beside the {self.pattern} sparse term: {err}; "
+                              "raise ratio") from None
+        return keep, rank
+
     def plan(self, spec: LinearSpec) -> LinearSpec:
         rank, keep, _ = self.resolve(spec)
         return self._spec(spec, keep * (spec.out_features if self.scope == "row" else 1), rank)
@@ -307,7 +367,7 @@ class SSLC(Technique):
         protected = topk_mask(salience(w, gram, self.salience, self.percdamp), n_protect, self.scope)
         gen = None if self.solver == "exact" else torch.Generator(device=w.device).manual_seed(self.seed)
         fit = sslc_decompose(wt, rank, keep, protected, self.scope, self.iterations, self.tol,
-                             self.protect_values, self.solver, self.oversample, self.niter, gen)
+                             self.protect_values, self.solver, self.oversample, self.niter, gen, self.nm)
         # unscale: S = S̃ D⁻¹ (same mask); L̃ D⁻¹ = U Σ^½ · Σ^-½ Uᵀ (W̃ − S̃) D⁻¹
         values = as_float(fit["s"] / d.unsqueeze(0), dtype)
         a, b, n_null = projected_factors(fit["u"], fit["sigma"], fit["target"] / d.unsqueeze(0))
@@ -315,14 +375,16 @@ class SSLC(Technique):
         if self.finetune_steps:
             a, b, info = finetune_factors(w, values.float() * fit["mask"], a, b, gram, self.finetune_steps,
                                           self.finetune_lr)
-        terms = [Sparse(values.to(device), fit["mask"].to(device)),
+        terms = [Sparse(values.to(device), fit["mask"].to(device), *(self.nm or (None, None))),
                  LowRank(as_float(a, dtype).to(device), as_float(b, dtype).to(device))]
         new = layer.with_terms(terms)
         norm = float(wt.double().pow(2).sum()) or 1.0
         log.debug("%s: %d iterations, scaled error %.3e", self.name, fit["iterations"], fit["error"] / norm)
         return new, {"iterations": fit["iterations"], "scaled_error": fit["error"] / norm, "rank": rank,
-                     "nnz": int(fit["mask"].sum()), "protected": int(protected.sum()), "null_directions": n_null,
+                     "nnz": int(fit["mask"].sum()), "protected": int((protected & fit["mask"]).sum()),
+                     "null_directions": n_null,
                      "ratio": new.spec().nbytes() / spec.dense_fp16_nbytes(), "solver": self.solver,
+                     "pattern": self.pattern,
                      "salience": self.salience, "scope": self.scope, **info}
 
 
