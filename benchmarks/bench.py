@@ -91,6 +91,7 @@ def rows_joint():
     for fraction in (0.8, 0.7, 0.6):
         rows[f"triple sslc {int(fraction * 100)}% → gptq w4"] = [step("sslc", ratio=fraction), step("gptq", **g64)]
     kept(("wanda", "sparsegpt", "svdllm", "sslc"), 0.6)
+    rows["sslc 2:4 + rank 60% bytes"] = [step("sslc", pattern="2:4", ratio=0.6)]  # against sparsegpt 2:4 (54.7%)
     kept(("oats",), 0.5)  # 80 full SVDs per Linear: the slowest rows last
     kept(("oats",), 0.6)
     return rows
