@@ -78,6 +78,9 @@ def rows_joint():
     for bpw, ratio, gptq_bits, qer_bits in (("4.3", 0.27, 4, 3), ("3.3", 0.206, 3, 2)):
         rows[f"gptq w{gptq_bits} g64"] = [step("gptq", bits=gptq_bits, group_size=64)]
         rows[f"qera w{qer_bits} g64 + rank ({bpw} bpw)"] = [step("qera", bits=qer_bits, group_size=64, ratio=ratio)]
+        # the same residual term on GPTQ codes instead of RTN ones
+        rows[f"qera gptq w{qer_bits} g64 + rank ({bpw} bpw)"] = [step("qera", bits=qer_bits, group_size=64, ratio=ratio,
+                                                                    quantizer="gptq")]
         rows[f"dam w4 g64 ({bpw} bpw)"] = [step("dam", bits=4, group_size=64, ratio=ratio)]
         rows[f"L→Q w4 g64 ({bpw} bpw)"] = [step("dam", bits=4, group_size=64, ratio=ratio, mode="l_then_q")]
         rows[f"Q→L w4 g64 ({bpw} bpw, analysis)"] = [step("dam", bits=4, group_size=64, ratio=ratio,
