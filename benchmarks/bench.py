@@ -33,6 +33,9 @@ def step(name, **params):
     return {name: params}
 
 
+RECOVER = {"steps": 128, "lr": 1e-4, "batch_size": 1}  # one pass over the 128 calibration windows
+
+
 def rows_foundation(model="smollm2-135m"):
     return {
         "dense": None,
@@ -69,6 +72,9 @@ def rows_joint():
     kept(("wanda", "sparsegpt", "svdllm", "sslc"), 0.5)
     # SSLC's optional recovery: U, V fitted to the full layer objective tr(ΔW H ΔWᵀ) with S frozen
     rows["sslc 50% bytes + factor fit"] = [step("sslc", ratio=0.5, finetune_steps=200)]
+    # ... and the recipe-level recovery: U, V fine-tuned on the causal-LM loss over the calibration windows
+    for method in ("sslc", "svdllm"):
+        rows[f"{method} 50% bytes + LM recovery"] = {"steps": [step(method, ratio=0.5)], "recover": RECOVER}
     # 50% sparsity + 4 bits, three ways (and S→Q with Wanda's mask, to separate the mask from jointness)
     rows["S→Q sparsegpt 50% → gptq w4"] = [step("sparsegpt", sparsity=0.5), step("gptq", **g64)]
     rows["S→Q wanda 50% → gptq w4"] = [step("wanda", sparsity=0.5), step("gptq", **g64)]
@@ -157,6 +163,7 @@ def full_eval(model: str, out: Path, env: dict) -> dict:
 
 
 def run_row(table, name, steps, model, protocol, out_root, extra, calib, with_full=False):
+    """`steps`: None (the dense model), a list of steps, or a recipe mapping with `steps` (and e.g. `recover`)."""
     # Rows of another model than the default go to a folder of their own (a row name is not unique across models).
     root = out_root if model == "smollm2-135m" else out_root / Path(model).name
     out = root / f"{table}-{name.replace(' ', '_').replace('%', 'pct').replace(':', '-')}"
@@ -167,7 +174,7 @@ def run_row(table, name, steps, model, protocol, out_root, extra, calib, with_fu
         cmd = [sys.executable, "-m", "lmcompose.cli", "eval", "--model", model, "--protocol", protocol,
                "--json", str(out) + ".json", *extra]
     else:
-        recipe = {"calibration": calib, "steps": steps}
+        recipe = {"calibration": calib, **(steps if isinstance(steps, dict) else {"steps": steps})}
         rfile = Path(tempfile.mkstemp(suffix=".yaml")[1])
         rfile.write_text(yaml.safe_dump(recipe))
         cmd = [sys.executable, "-m", "lmcompose.cli", "compress", "--model", model, "--recipe", str(rfile),
@@ -199,8 +206,9 @@ def run_row(table, name, steps, model, protocol, out_root, extra, calib, with_fu
                peak_rss_mib=rep["summary"]["peak_rss_mib"], mean_rel_error=rep["summary"]["mean_rel_error"],
                knobs=[{k: v for k, v in s.items() if k not in ("rel_error", "seconds")}
                       for s in rep["layers"][0]["steps"]],
-               recipe={"steps": steps, "calibration": calib},
-               compute_dtype=rep.get("environment", {}).get("compute_dtype"), **full)
+               recipe=recipe, compute_dtype=rep.get("environment", {}).get("compute_dtype"), **full)
+    if rep.get("recovery"):
+        row["recovery"] = rep["recovery"]
     return row
 
 

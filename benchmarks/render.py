@@ -54,7 +54,9 @@ def section(path: Path) -> str:
     limit = (meta.get("protocol") or {}).get("max_tokens")
     max_tokens = f" --max-tokens {limit}" if limit else ""
     dates = sorted({r.get("date") for r in ok if r.get("date")})
-    steps = "\n".join(f"    {r['row']}: {json.dumps(r['recipe']['steps'])}" for r in ok if r.get("recipe"))
+    steps = "\n".join(f"    {r['row']}: {json.dumps(r['recipe']['steps'])}"
+                      + (f" recover: {json.dumps(r['recipe']['recover'])}" if "recover" in r["recipe"] else "")
+                      for r in ok if r.get("recipe"))
     cal = next((r["recipe"]["calibration"] for r in ok if r.get("recipe")), None)
     return (f"Model `{meta.get('model')}`, machine: {meta.get('machine')}, dates {', '.join(dates)}.\n"
             f"Evaluation protocol: {protocol}.\n\n{table(rows)}\n\n"

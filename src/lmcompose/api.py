@@ -21,6 +21,7 @@ from . import compute as compute_dtypes
 from .algebra.quant import FLOAT_DTYPES
 from .models.checkpoint import compressed_modules, model_nbytes
 from .pipeline.blocks import linear_shapes, other_param_bytes
+from .pipeline.recover import recover
 from .pipeline.sequential import SequentialCompressor
 from .recipe import Recipe
 from .report import Report, peak_rss_bytes
@@ -61,7 +62,8 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
     (``auto``, ``fp32``, ``bf16``, ``fp16``; see `lmcompose.compute`) is the dtype of the block
     forwards that collect statistics and propagate activations; the weights the techniques read, their
     arithmetic and the statistics themselves stay in full precision. The resolved dtype is recorded in
-    the report's environment.
+    the report's environment. A recipe's ``recover`` section then fine-tunes the float factors on the
+    same windows (the whole model moves to `device` for it) and its losses land in ``report.recovery``.
     """
     compute_dtypes.check(compute_dtype, "compute_dtype")
     recipe = as_recipe(recipe)
@@ -75,6 +77,7 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
                                       compute_dtypes.model_dtype(model))
     runner = SequentialCompressor(model, recipe.steps, recipe.float_dtype, device, on_block, resolved)
     runner.run(windows, recipe.calibration.batch_size, recipe.schedule)
+    recovery = recover(model, windows, recipe.recover, resolved, device) if recipe.recover.steps else None
     _round_other_weights(model, recipe.float_dtype)
     wall = time.perf_counter() - t0
     layers = [runner.records[n] for n in shapes if n in runner.records]
@@ -87,4 +90,4 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
         linear_weights=sum(l.shape[0] * l.shape[1] for l in compressed),
         total_bytes=model_nbytes(model, recipe.float_dtype),
         calibration={**recipe.calibration.model_dump(), "windows": list(windows.shape)},
-        environment={**environment(), "compute_dtype": resolved})
+        environment={**environment(), "compute_dtype": resolved}, recovery=recovery)

@@ -229,6 +229,9 @@ def cmd_compress(args) -> int:
     if report.evaluation:
         summary["perplexity"] = round(report.evaluation["ppl"], 4)
         summary["protocol"] = json.dumps(report.evaluation["protocol"])
+    if report.recovery:
+        rec = report.recovery
+        summary["recovery_loss"] = f"{rec['loss_first']:.4f} -> {rec['loss_last']:.4f} ({rec['steps']} steps)"
     summary["saved"] = str(out)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     _print_totals(summary)

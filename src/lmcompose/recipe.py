@@ -12,6 +12,7 @@ Example::
     steps:
       - magnitude: {sparsity: 0.5}
       - rtn: {bits: 4, group_size: 64, target: sparse}
+    recover: {steps: 200, lr: 1.0e-4}   # optional: LM-loss fine-tune of the float factors afterwards
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .algebra.spec import LinearSpec
+from .pipeline.recover import Recovery
 from .registry import IllegalStep, Technique, get_technique, registry
 
 
@@ -91,6 +93,8 @@ class Recipe(BaseModel):
         "fp16", description="storage dtype of float tensors (values, factors, non-compressed weights)")
     calibration: Calibration = Calibration()
     steps: tuple[Technique, ...] = ()
+    recover: Recovery = Field(Recovery(), description="optional causal-LM fine-tune after the steps "
+                                                      "(pipeline.recover); steps: 0 = off")
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -109,9 +113,12 @@ class Recipe(BaseModel):
 
     # -- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"schedule": self.schedule, "float_dtype": self.float_dtype,
-                "calibration": self.calibration.model_dump(),
-                "steps": [{s.name: s.params()} for s in self.steps]}
+        out = {"schedule": self.schedule, "float_dtype": self.float_dtype,
+               "calibration": self.calibration.model_dump(),
+               "steps": [{s.name: s.params()} for s in self.steps]}
+        if self.recover.steps:  # absent when off, so recipes without it keep their hashes
+            out["recover"] = self.recover.model_dump()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
@@ -172,6 +179,10 @@ class Recipe(BaseModel):
                 except IllegalStep as err:
                     raise IllegalStep(f"steps[{i}].{step.name} on {n} ({specs[n].describe()}): {err}") from None
                 touched.add(n)
+        if self.recover.steps and not any(self.recover.trainable(specs[n]) for n in touched):
+            raise IllegalStep(f"recover: train={self.recover.train!r} finds no float tensor to train: no step "
+                              f"leaves an unquantized low-rank term{'' if self.recover.train == 'lowrank' else ' or sparse term'}"
+                              f" (quantize with target: sparse or dense, or drop recover)")
         return CheckResult(specs, dense, sorted(touched), other_bytes)
 
 

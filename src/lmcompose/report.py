@@ -76,6 +76,7 @@ class Report:
     calibration: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
+    recovery: dict | None = None  # the recipe's LM-loss recovery: settings, losses, seconds
 
     @property
     def bits_per_weight(self) -> float:
@@ -103,7 +104,8 @@ class Report:
                 "block_seconds": self.block_seconds, "wall_seconds": self.wall_seconds,
                 "peak_rss_bytes": self.peak_rss_bytes, "linear_bytes": self.linear_bytes,
                 "linear_dense_fp16_bytes": self.linear_dense_fp16_bytes, "linear_weights": self.linear_weights,
-                "total_bytes": self.total_bytes, "layers": [l.to_dict() for l in self.layers]}
+                "total_bytes": self.total_bytes, "recovery": self.recovery,
+                "layers": [l.to_dict() for l in self.layers]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)

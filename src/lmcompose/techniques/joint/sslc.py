@@ -21,10 +21,12 @@ Finally S = S̃ D⁻¹ (same mask) and L̃ D⁻¹ = A B with A = U_r Σ_r^½, B 
 Input channels never seen in calibration (E[x²] = 0) get the smallest live scale instead of 0, so D is
 invertible and their weights compete as the least important ones.
 
-Optional recovery (`finetune_steps` > 0; the paper fine-tunes U, V with S frozen on a LM loss, recipe
-unknown): Adam on A, B with the stored (storage-dtype-rounded) S frozen, minimising the full layer
-objective tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), ΔW = W − S − A B, with H = ``stats.gram`` (so this also corrects
-the diagonal approximation). The learning rate is relative to each factor's RMS; the best step is kept.
+Optional recovery, two readings. The paper fine-tunes U, V with S frozen on a LM loss (recipe
+unknown): that is the recipe-level ``recover`` section (``pipeline.recover``), run over the whole
+model after every step. Per layer here (`finetune_steps` > 0): Adam on A, B with the stored
+(storage-dtype-rounded) S frozen, minimising the full layer objective tr(ΔW H ΔWᵀ)/tr(W H Wᵀ),
+ΔW = W − S − A B, with H = ``stats.gram`` (so this also corrects the diagonal approximation). The
+learning rate is relative to each factor's RMS; the best step is kept.
 
 Readings of what METHODS §2.5 leaves open, each a config field:
 

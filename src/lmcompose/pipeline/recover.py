@@ -1,0 +1,155 @@
+"""Recovery: fine-tune the float factors of a compressed model on a causal-LM loss, everything else frozen.
+
+METHODS §2.3 step 7 (SSLC's optional recovery: "train U', V' with S frozen, mask fixed, with a
+causal-LM loss"; dataset, steps and learning rate unknown) and SVD-LLM's "parameter update" (LoRA on
+its factors). Runs once over the whole model after the sequential pass, on the calibration windows.
+
+What trains (`train`): ``lowrank`` the float U and V of every LowRank term (a diagonal d stays as it
+is); ``lowrank+sparse`` also the float values of every Sparse term, multiplied by its mask so pruned
+entries stay exactly zero. Quantized tensors (codes, scales), Dense terms, biases and every weight
+outside the compressed Linears are frozen, so masks and codes are bit-exact afterwards and the byte
+count does not change (checked). SVD-LLM trains its two factors one after the other; this trains them
+together (a single `steps` budget), which is the simpler reading of SSLC's sentence.
+
+The optimizer is AdamW on fp32 master copies; the forward runs under the recipe's compute dtype
+(autocast). Each step takes `batch_size` windows in order, cycling. The trained tensors are written
+back rounded to their storage dtype. ``Recipe.check`` refuses a recovery with nothing to train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .. import compute
+from ..algebra.linear import CompressedLinear
+from ..algebra.quant import QTensor, dtype_name
+from ..algebra.spec import LinearSpec
+from ..algebra.terms import as_float
+
+
+class Recovery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(0, ge=0, description="optimizer steps on the causal-LM loss; 0 = no recovery")
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    batch_size: int = Field(1, ge=1, description="calibration windows per step")
+    train: Literal["lowrank", "lowrank+sparse"] = Field(
+        "lowrank", description="float tensors that train: low-rank factors, or those and the sparse values")
+
+    def trains(self, kind: str) -> bool:
+        return kind == "lowrank" or (kind == "sparse" and self.train == "lowrank+sparse")
+
+    def trainable(self, spec: LinearSpec) -> bool:
+        """Whether a Linear of this planned structure has a float tensor this recovery trains."""
+        return any(self.trains(term.kind) and not any(t.quantized for t in term.tensors().values())
+                   for term in spec.terms)
+
+
+def _float(t) -> bool:
+    return not isinstance(t, QTensor)
+
+
+class _Trainable:
+    """One CompressedLinear during recovery: its frozen terms summed once, its trained ones as Parameters."""
+
+    def __init__(self, module: CompressedLinear, cfg: Recovery):
+        self.module = module
+        self.index, self.params, frozen = [], [], []
+        for i, term in enumerate(module.terms):
+            slots = {k: v for k, v in term.slots().items() if _float(v)}
+            if cfg.trains(term.kind) and len(slots) == len(term.slots()):
+                self.index.append(i)
+                self.params.append({k: nn.Parameter(v.detach().float()) for k, v in slots.items()})
+            else:
+                frozen.append(term)
+        self.frozen = torch.stack([t.weight(torch.float32) for t in frozen]).sum(0) if frozen else None
+        self.bias = None if module.bias_value is None else module.bias_value.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.frozen, self.bias) if self.frozen is not None else (
+            0 if self.bias is None else self.bias)
+        for i, p in zip(self.index, self.params):
+            term = self.module.terms[i]
+            if term.kind == "lowrank":
+                v = p["v"] if term.d is None else term.d.float().unsqueeze(1) * p["v"]
+                y = y + F.linear(F.linear(x, v), p["u"])
+            else:
+                y = y + F.linear(x, p["values"] * term.mask.to(p["values"].dtype))
+        return y
+
+    def write_back(self) -> None:
+        terms = list(self.module.terms)
+        for i, p in zip(self.index, self.params):
+            term = terms[i]
+            new = {k: as_float(v.detach() * (term.mask if k == "values" else 1), dtype_name(term.slots()[k].dtype))
+                   for k, v in p.items()}
+            terms[i] = term.replace(**new)
+        self.module.terms = tuple(terms)
+        self.module._cache = None
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtype: str = "fp32",
+            device=None) -> dict:
+    """Fine-tune `model`'s compressed Linears in place (see the module docstring); returns a record with
+    the mean training loss over the first and the last tenth of the steps."""
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    model.to(device)
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    specs = {n: m.spec() for n, m in modules.items()}
+    layers = {n: _Trainable(m, cfg) for n, m in modules.items()}
+    layers = {n: t for n, t in layers.items() if t.params}
+    if not layers:
+        raise ValueError(f"recover.train={cfg.train!r}: no compressed Linear has a float tensor to train")
+    params = [p for t in layers.values() for d in t.params for p in d.values()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    losses, t0 = [], time.perf_counter()
+    was_training = model.training
+    try:
+        for t in layers.values():
+            t.module.forward = t.forward
+        model.train()
+        with _frozen(model):
+            for step in range(cfg.steps):
+                rows = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % windows.shape[0]
+                batch = windows[rows].to(device)
+                with compute.autocast(compute_dtype, device):
+                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+    finally:
+        for t in layers.values():
+            del t.module.forward  # back to the class's forward
+        model.train(was_training)
+    for n, t in layers.items():
+        t.write_back()
+        if t.module.spec() != specs[n]:
+            raise RuntimeError(f"recovery changed the structure of {n}: {specs[n].describe()} -> "
+                               f"{t.module.spec().describe()}")
+    model.to(home)
+    tenth = max(1, len(losses) // 10)
+    return {**cfg.model_dump(), "trained_linears": len(layers), "trained_parameters": sum(p.numel() for p in params),
+            "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth,
+            "seconds": round(time.perf_counter() - t0, 2)}
