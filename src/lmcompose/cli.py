@@ -75,6 +75,14 @@ def _plan_table(result, title: str) -> Table:
     return table
 
 
+def _print_recovery(recipe) -> None:
+    rec = recipe.recover
+    if rec.steps:
+        console.print(f"then recover: {rec.steps} causal-LM steps of {rec.batch_size} calibration window(s), "
+                      f"lr {rec.lr:g}, training the float {rec.train.replace('+', ' and ')} tensors "
+                      "(bytes, masks and codes unchanged)")
+
+
 def _print_totals(rows: dict) -> None:
     table = Table(show_header=False)
     for k, v in rows.items():
@@ -108,6 +116,7 @@ def cmd_recipe_check(args) -> int:
     recipe = as_recipe(args.recipe)
     result = _check(recipe, args.model, args.trust_remote_code)
     console.print(_plan_table(result, f"{args.recipe} on {args.model} (recipe {recipe.hash()})"))
+    _print_recovery(recipe)
     _print_totals({k: (_mib(v) if k.endswith("bytes") else f"{v:.4f}" if isinstance(v, float) else v)
                    for k, v in result.to_dict().items()})
     return 0
@@ -130,6 +139,7 @@ def cmd_recipe_explain(args) -> int:
                       escape("\n".join(s.structure_in)), escape("\n".join(s.structure_out)), _mib(s.linear_bytes),
                       f"{s.bits_per_weight:.3f}", f"{s.ratio_of_fp16:.3f}", ", ".join(s.applies))
     console.print(table)
+    _print_recovery(recipe)
     used = sorted({r for s in steps for r in s.applies})
     for rid in used:
         rule = RULES[rid]
@@ -195,6 +205,7 @@ def cmd_compress(args) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"output directory {str(out)!r} exists; pass --overwrite to replace it")
     console.print(_plan_table(planned, f"plan: recipe {recipe.hash()} on {args.model}"))
+    _print_recovery(recipe)
     t0 = time.perf_counter()
     model, tokenizer = _load_any(args.model, args.dtype, args.device, args.trust_remote_code)
     cal = recipe.calibration
