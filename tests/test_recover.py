@@ -63,11 +63,12 @@ def test_training_sparse_values_keeps_pruned_entries_exactly_zero():
         assert new.values.dtype == sparse.values.dtype and t.terms[1].u.dtype == m.terms[1].u.dtype
 
 
-def test_compress_runs_the_recipes_recovery_and_reports_it():
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compress_runs_the_recipes_recovery_and_reports_it(dtype):
     model, x = MODELS["llama"](), windows(8, 32)
-    recipe = Recipe.from_dict({"steps": [{"svdllm": {"ratio": 0.6}}],
+    recipe = Recipe.from_dict({"steps": [{"sslc": {"ratio": 0.6, "iterations": 5}}],
                                "recover": {"steps": 20, "lr": 1e-2, "batch_size": 4}})
-    report = compress(model, recipe, x, compute_dtype="fp32")
+    report = compress(model, recipe, x, compute_dtype=dtype)
     rec = report.to_dict()["recovery"]
     assert rec["steps"] == 20 and rec["loss_last"] < rec["loss_first"]
     assert report.to_dict()["recipe"]["recover"]["lr"] == 1e-2

@@ -11,9 +11,12 @@ outside the compressed Linears are frozen, so masks and codes are bit-exact afte
 count does not change (checked). SVD-LLM trains its two factors one after the other; this trains them
 together (a single `steps` budget), which is the simpler reading of SSLC's sentence.
 
-The optimizer is AdamW on fp32 master copies; the forward runs under the recipe's compute dtype
-(autocast). Each step takes `batch_size` windows in order, cycling. The trained tensors are written
-back rounded to their storage dtype. ``Recipe.check`` refuses a recovery with nothing to train.
+The optimizer is AdamW on fp32 master copies; the forward runs under the compute dtype (autocast),
+with each Linear's frozen terms summed once and held in that dtype. Each step takes `batch_size`
+windows in order, cycling. The trained tensors are written back rounded to their storage dtype.
+``Recipe.check`` refuses a recovery with nothing to train. Memory: the whole model on one device,
+16 bytes per trained parameter (fp32 value, gradient, two Adam moments), the frozen weights in the
+compute dtype, and the activations of one batch kept for the backward pass.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import nn
 
 from .. import compute
 from ..algebra.linear import CompressedLinear
-from ..algebra.quant import QTensor, dtype_name
+from ..algebra.quant import FLOAT_DTYPES, QTensor, dtype_name
 from ..algebra.spec import LinearSpec
 from ..algebra.terms import as_float
 
@@ -60,7 +63,7 @@ def _float(t) -> bool:
 class _Trainable:
     """One CompressedLinear during recovery: its frozen terms summed once, its trained ones as Parameters."""
 
-    def __init__(self, module: CompressedLinear, cfg: Recovery):
+    def __init__(self, module: CompressedLinear, cfg: Recovery, dtype: torch.dtype):
         self.module = module
         self.index, self.params, frozen = [], [], []
         for i, term in enumerate(module.terms):
@@ -70,7 +73,8 @@ class _Trainable:
                 self.params.append({k: nn.Parameter(v.detach().float()) for k, v in slots.items()})
             else:
                 frozen.append(term)
-        self.frozen = torch.stack([t.weight(torch.float32) for t in frozen]).sum(0) if frozen else None
+        # the frozen part, summed once and held in the compute dtype (what autocast would cast it to)
+        self.frozen = torch.stack([t.weight(torch.float32) for t in frozen]).sum(0).to(dtype) if frozen else None
         self.bias = None if module.bias_value is None else module.bias_value.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +121,7 @@ def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtyp
     model.to(device)
     modules = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
     specs = {n: m.spec() for n, m in modules.items()}
-    layers = {n: _Trainable(m, cfg) for n, m in modules.items()}
+    layers = {n: _Trainable(m, cfg, FLOAT_DTYPES[compute_dtype]) for n, m in modules.items()}
     layers = {n: t for n, t in layers.items() if t.params}
     if not layers:
         raise ValueError(f"recover.train={cfg.train!r}: no compressed Linear has a float tensor to train")
