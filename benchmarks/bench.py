@@ -75,6 +75,9 @@ def rows_joint():
     # ... and the recipe-level recovery: U, V fine-tuned on the causal-LM loss over the calibration windows
     for method in ("sslc", "svdllm"):
         rows[f"{method} 50% bytes + LM recovery"] = {"steps": [step(method, ratio=0.5)], "recover": RECOVER}
+    # the same recovery for the pruner, on its kept values inside the fixed mask: the fair comparison
+    rows["sparsegpt 50% bytes + LM recovery"] = {"steps": [step("sparsegpt", ratio=0.5)],
+                                                 "recover": {**RECOVER, "train": "lowrank+sparse"}}
     # 50% sparsity + 4 bits, three ways (and S→Q with Wanda's mask, to separate the mask from jointness)
     rows["S→Q sparsegpt 50% → gptq w4"] = [step("sparsegpt", sparsity=0.5), step("gptq", **g64)]
     rows["S→Q wanda 50% → gptq w4"] = [step("wanda", sparsity=0.5), step("gptq", **g64)]

@@ -3,6 +3,7 @@
 import json
 
 import pyarrow as pa
+import torch
 import pyarrow.parquet as pq
 import pytest
 
@@ -103,3 +104,26 @@ def test_search_without_heldout_windows_fails_before_loading(setup, capsys):
                  "--data-dir", str(data)]) == 2
     assert "--heldout-n=0" in capsys.readouterr().err.replace("\n", "")
     assert not out.exists()
+
+
+def test_compress_with_recovery_plans_reports_and_saves_it(setup, capsys):
+    from helpers import logits, windows
+    from lmcompose.models.checkpoint import load_compressed
+
+    root, model_dir, data, _ = setup
+    recipe = root / "recover.yaml"
+    recipe.write_text("calibration: {n: 4, seqlen: 32, batch_size: 2}\nsteps:\n  - svdllm: {ratio: 0.6}\n"
+                      "recover: {steps: 8, lr: 0.01, batch_size: 2}\n")
+    out = root / "recovered"
+    assert main(["compress", "--model", str(model_dir), "--recipe", str(recipe), "--out", str(out),
+                 "--data-dir", str(data), "--eval", "none", "--compute-dtype", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert "then recover: 8 causal-LM steps" in printed and "recovery_loss" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["recovery"]["loss_after"] < report["recovery"]["loss_before"]
+    assert report["recipe"]["recover"]["steps"] == 8 and report["total_bytes"] == file_tensor_bytes(
+        out / "model.safetensors")
+    model, _, meta = load_compressed(out)
+    assert meta["recipe"]["recover"]["lr"] == 0.01
+    x = windows(2, 16)
+    assert torch.isfinite(logits(model, x)).all()

@@ -54,7 +54,9 @@ def test_training_sparse_values_keeps_pruned_entries_exactly_zero():
     model, x = MODELS["llama"](), windows(8, 32)
     compress(model, Recipe.from_dict({"steps": [STEPS[0]]}), x, compute_dtype="fp32")
     tuned = copy.deepcopy(model)
-    recover(tuned, x, Recovery(steps=10, lr=1e-2, batch_size=4, train="lowrank+sparse"))
+    info = recover(tuned, x, Recovery(steps=10, lr=1e-2, batch_size=4, train="lowrank+sparse"))
+    assert info["trained_parameters"] == sum(int(m.terms[0].mask.sum()) + m.terms[1].u.numel() + m.terms[1].v.numel()
+                                             for m in compressed_modules(model).values())
     for m, t in zip(compressed_modules(model).values(), compressed_modules(tuned).values()):
         sparse, new = m.terms[0], t.terms[0]
         assert torch.equal(sparse.mask, new.mask)
@@ -70,7 +72,9 @@ def test_compress_runs_the_recipes_recovery_and_reports_it(dtype):
                                "recover": {"steps": 20, "lr": 1e-2, "batch_size": 4}})
     report = compress(model, recipe, x, compute_dtype=dtype)
     rec = report.to_dict()["recovery"]
-    assert rec["steps"] == 20 and rec["loss_last"] < rec["loss_first"]
+    assert rec["steps"] == 20 and rec["loss_after"] < rec["loss_before"] - 0.05
+    params = {n: m for n, m in compressed_modules(model).items()}
+    assert rec["trained_parameters"] == sum(m.terms[1].u.numel() + m.terms[1].v.numel() for m in params.values())
     assert report.to_dict()["recipe"]["recover"]["lr"] == 1e-2
 
 

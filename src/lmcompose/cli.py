@@ -242,7 +242,8 @@ def cmd_compress(args) -> int:
         summary["protocol"] = json.dumps(report.evaluation["protocol"])
     if report.recovery:
         rec = report.recovery
-        summary["recovery_loss"] = f"{rec['loss_first']:.4f} -> {rec['loss_last']:.4f} ({rec['steps']} steps)"
+        summary["recovery_loss"] = (f"{rec['loss_before']:.4f} -> {rec['loss_after']:.4f} on {rec['probe_windows']} "
+                                    f"calibration windows ({rec['steps']} steps)")
     summary["saved"] = str(out)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     _print_totals(summary)

@@ -114,8 +114,10 @@ def _frozen(model: nn.Module):
 
 def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtype: str = "fp32",
             device=None) -> dict:
-    """Fine-tune `model`'s compressed Linears in place (see the module docstring); returns a record with
-    the mean training loss over the first and the last tenth of the steps."""
+    """Fine-tune `model`'s compressed Linears in place (see the module docstring). Returns a record: the
+    mean LM loss of the first (up to) 8 windows before and after training (`loss_before`, `loss_after`;
+    training windows, so a check that training worked, not an evaluation), and the mean training loss
+    over the first and the last tenth of the steps (different windows, so noisy)."""
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     model.to(device)
@@ -126,14 +128,25 @@ def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtyp
     if not layers:
         raise ValueError(f"recover.train={cfg.train!r}: no compressed Linear has a float tensor to train")
     params = [p for t in layers.values() for d in t.params for p in d.values()]
+    trained = sum(int(t.module.terms[i].mask.sum()) if "values" in d else sum(p.numel() for p in d.values())
+                  for t in layers.values() for i, d in zip(t.index, t.params))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses, t0 = [], time.perf_counter()
     was_training = model.training
+    probe = windows[:min(8, windows.shape[0])].to(device)  # the same windows before and after
+
+    @torch.no_grad()
+    def probe_loss() -> float:
+        with compute.autocast(compute_dtype, device):
+            return sum(float(model(input_ids=probe[i:i + 1], labels=probe[i:i + 1], use_cache=False).loss)
+                       for i in range(probe.shape[0])) / probe.shape[0]
+
     try:
         for t in layers.values():
             t.module.forward = t.forward
-        model.train()
         with _frozen(model):
+            before = probe_loss()
+            model.train()
             for step in range(cfg.steps):
                 rows = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % windows.shape[0]
                 batch = windows[rows].to(device)
@@ -143,6 +156,8 @@ def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtyp
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
+            model.eval()
+            after = probe_loss()
     finally:
         for t in layers.values():
             del t.module.forward  # back to the class's forward
@@ -154,6 +169,7 @@ def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtyp
                                f"{t.module.spec().describe()}")
     model.to(home)
     tenth = max(1, len(losses) // 10)
-    return {**cfg.model_dump(), "trained_linears": len(layers), "trained_parameters": sum(p.numel() for p in params),
+    return {**cfg.model_dump(), "trained_linears": len(layers), "trained_parameters": trained,
+            "loss_before": before, "loss_after": after, "probe_windows": probe.shape[0],
             "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth,
             "seconds": round(time.perf_counter() - t0, 2)}
