@@ -35,6 +35,7 @@ from ..algebra.linear import CompressedLinear
 from ..algebra.quant import FLOAT_DTYPES, QTensor, dtype_name
 from ..algebra.spec import LinearSpec
 from ..algebra.terms import as_float
+from ..models.checkpoint import compressed_modules
 
 
 class Recovery(BaseModel):
@@ -121,7 +122,7 @@ def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtyp
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     model.to(device)
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    modules = compressed_modules(model)
     specs = {n: m.spec() for n, m in modules.items()}
     layers = {n: _Trainable(m, cfg, FLOAT_DTYPES[compute_dtype]) for n, m in modules.items()}
     layers = {n: t for n, t in layers.items() if t.params}
