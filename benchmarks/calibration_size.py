@@ -13,9 +13,9 @@ import os
 import torch
 
 from lmcompose.algebra.quant import QuantSpec, quantize_rtn
+from lmcompose.core.stats import StatsAccumulator
 from lmcompose.data import calibration_windows, eval_tokens
 from lmcompose.models.load import load_model
-from lmcompose.pipeline.stats import StatsAccumulator
 from lmcompose.techniques.quant.gptq import gptq_quantize
 
 DATA = os.environ.get("LMCOMPOSE_DATA_DIR", "../shared/data")

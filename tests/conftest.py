@@ -9,7 +9,6 @@ from __future__ import annotations
 import string
 
 import pytest
-
 from helpers import tiny_gemma3 as _tiny_gemma3
 from helpers import tiny_llama as _tiny_llama
 

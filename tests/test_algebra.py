@@ -3,9 +3,16 @@
 import pytest
 import torch
 
-from lmcompose.algebra import CompressedLinear, Dense, LowRank, QuantSpec, Sparse, quantize_rtn
-from lmcompose.algebra.packing import decode_nm, encode_nm, pack_bits, packed_nbytes, unpack_bits
+from lmcompose.algebra import Dense, LowRank, QuantSpec, Sparse, quantize_rtn
+from lmcompose.algebra.packing import (
+    decode_nm,
+    encode_nm,
+    pack_bits,
+    packed_nbytes,
+    unpack_bits,
+)
 from lmcompose.algebra.quant import QTensor
+from lmcompose.runtime.linear import CompressedLinear
 from lmcompose.techniques.prune.common import nm_mask
 
 

@@ -5,10 +5,10 @@ import itertools
 import random
 
 import pytest
-
 from helpers import MODELS, windows
+
 from lmcompose import Recipe, compress
-from lmcompose.registry import IllegalStep
+from lmcompose.core.errors import IllegalStep
 from lmcompose.techniques.allocation import solve_allocation
 
 

@@ -4,11 +4,16 @@ import json
 
 import pytest
 import torch
-
 from helpers import MODELS, logits, windows
+
 from lmcompose import Recipe, compress
 from lmcompose.models import checkpoint
-from lmcompose.models.checkpoint import export_dense, file_tensor_bytes, load_compressed, save_compressed
+from lmcompose.models.checkpoint import (
+    file_tensor_bytes,
+    load_compressed,
+    save_compressed,
+)
+from lmcompose.models.export.dense import export_dense
 
 RECIPE = Recipe.from_dict({"calibration": {"batch_size": 2},
                            "steps": [{"magnitude": {"sparsity": 0.5}}, {"rtn": {"bits": 4, "group_size": 24}}]})

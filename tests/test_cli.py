@@ -3,11 +3,11 @@
 import json
 
 import pyarrow as pa
-import torch
 import pyarrow.parquet as pq
 import pytest
-
+import torch
 from helpers import tiny_llama
+
 from lmcompose.cli import main
 from lmcompose.models.checkpoint import file_tensor_bytes
 
@@ -108,6 +108,7 @@ def test_search_without_heldout_windows_fails_before_loading(setup, capsys):
 
 def test_compress_with_recovery_plans_reports_and_saves_it(setup, capsys):
     from helpers import logits, windows
+
     from lmcompose.models.checkpoint import load_compressed
 
     root, model_dir, data, _ = setup

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from helpers import MODELS, windows
+
 from lmcompose import Recipe, compress
-from lmcompose import compute
+from lmcompose.core import dtypes as compute
 from lmcompose.techniques.quant.gptq import GPTQ
 
 
@@ -22,7 +22,7 @@ def test_resolve_names_and_auto():
 
 
 def test_cast_for_eval_keeps_stored_terms(tiny_llama):
-    from lmcompose.algebra import CompressedLinear
+    from lmcompose.runtime.linear import CompressedLinear
 
     compress(tiny_llama, Recipe.from_dict({"calibration": {"batch_size": 2},
                                            "steps": [{"rtn": {"bits": 4, "group_size": 32}}]}),

@@ -2,18 +2,23 @@
 
 import pytest
 import torch
-
 from helpers import tiny_llama, windows
+from test_techniques import layer_problem, objective, run
+
 from lmcompose import Recipe, compress
-from lmcompose.algebra import CompressedLinear, Dense, QuantSpec, quantize_rtn
+from lmcompose.algebra import Dense, QuantSpec, quantize_rtn
 from lmcompose.algebra.spec import LinearSpec
 from lmcompose.pipeline.blocks import linear_shapes
-from lmcompose.registry import get_technique
+from lmcompose.runtime.linear import CompressedLinear
 from lmcompose.techniques.joint import dam  # noqa: F401  (registers `dam`)
-from lmcompose.techniques.joint.dam import fake_quantize, smoothquant_diagonal, surrogate_tokens
+from lmcompose.techniques.joint.dam import (
+    fake_quantize,
+    smoothquant_diagonal,
+    surrogate_tokens,
+)
 from lmcompose.techniques.lowrank.svd import truncated_svd
 from lmcompose.techniques.quant.gptq import gptq_quantize
-from test_techniques import layer_problem, objective, run
+from lmcompose.techniques.registry import get_technique
 
 M, N = 48, 128
 

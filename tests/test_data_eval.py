@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import tiny_llama
+
 from lmcompose.data import calibration_windows, load_text
 from lmcompose.eval.perplexity import get_protocol, perplexity, windows_of
 

@@ -1,16 +1,17 @@
 """Exports load back in transformers with the codes we computed: compressed-tensors and GGUF."""
 
-import argparse
 import json
 
 import pytest
 import torch
-
 from helpers import logits, tiny_gemma3, tiny_llama, windows
+
 from lmcompose import Recipe, compress
-from lmcompose.algebra.linear import CompressedLinear
 from lmcompose.models.checkpoint import save_compressed
-from lmcompose.models.export import add_parser, export_compressed_tensors, export_gguf, pack_int32
+from lmcompose.cli import build_parser
+from lmcompose.models.export.compressed_tensors import export_compressed_tensors, pack_int32
+from lmcompose.models.export.gguf import export_gguf
+from lmcompose.runtime.linear import CompressedLinear
 
 
 def quantized(step: dict, model=None, x=None):
@@ -197,8 +198,7 @@ def test_cli_exports_a_saved_run(tmp_path):
     x = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
     quantized({"gptq": {"bits": 4, "group_size": 32, "symmetric": True}}, model, x)
     run = save_compressed(model, tmp_path / "run", byte_bpe())
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
+    parser = build_parser()
     for fmt, out in (("dense", "dense"), ("compressed-tensors", "ct"), ("gguf", "m.gguf")):
         args = parser.parse_args(["export", str(run), "--format", fmt, "--out", str(tmp_path / out)])
         assert args.func(args) == 0

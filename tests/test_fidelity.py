@@ -1,17 +1,21 @@
 """Label-free fidelity: KL(dense ‖ compressed) and top-1 agreement against a direct full-logits formula."""
 
-import argparse
 import copy
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import MODELS, windows
+
 from lmcompose import Recipe, compress
 from lmcompose.data import eval_tokens
-from lmcompose.eval.fidelity import _ChunkedLogits, add_parser, chunked_kl_top1, fidelity
+from lmcompose.eval.fidelity import (
+    _ChunkedLogits,
+    chunked_kl_top1,
+    fidelity,
+)
+from lmcompose.cli import build_parser
 from lmcompose.eval.perplexity import get_protocol, windows_of
 from lmcompose.models.checkpoint import save_compressed
 
@@ -112,8 +116,7 @@ def test_cli_compares_a_saved_checkpoint_with_its_base_model(data_dir, tiny_toke
     recipe = Recipe.from_dict({"calibration": {"batch_size": 2}, "steps": [{"rtn": {"bits": 3, "group_size": 32}}]})
     compress(comp, recipe, windows())
     run = save_compressed(comp, tmp_path / "run", tiny_tokenizer, float_dtype="fp32", base_model=str(base))
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
+    parser = build_parser()
     out = tmp_path / "f.json"
     args = parser.parse_args(["fidelity", "--compressed", str(run), "--data-dir", str(data_dir), "--seqlen", "40",
                               "--max-windows", "2", "--dtype", "fp32", "--json", str(out)])

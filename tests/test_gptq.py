@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from lmcompose import Recipe, compress
-from lmcompose.algebra import CompressedLinear, Dense, QuantSpec, quantize_rtn
+from lmcompose.algebra import Dense, QuantSpec, quantize_rtn
 from lmcompose.algebra.terms import LowRank, Sparse
 from lmcompose.pipeline.blocks import linear_shapes
-from lmcompose.registry import get_technique
+from lmcompose.runtime.linear import CompressedLinear
 from lmcompose.techniques.quant.gptq import gptq_quantize
+from lmcompose.techniques.registry import get_technique
 
 
 def problem(seed=0, m=48, n=128, tokens=1024):
@@ -27,7 +28,7 @@ def objective(w, w_hat, h):
 
 def run(name, terms, h, **params):
     """Plan and apply a technique on one CompressedLinear; plan must cost exactly what apply stores."""
-    from lmcompose.pipeline.stats import Stats
+    from lmcompose.core.stats import Stats
     cfg = get_technique(name)(**params)
     m, n = terms[0].weight().shape
     layer = CompressedLinear(n, m, terms)

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
-from torch import nn
-
-from lmcompose.algebra import CompressedLinear, Dense, LowRank, QuantSpec, Sparse, quantize_rtn
-from lmcompose.algebra.kernels import dequantize_fast, path_error
-from lmcompose.benchspeed import add_parser, bench_model
-from lmcompose.inference import InferencePolicy, held_nbytes, prepare_inference
-from lmcompose.models.checkpoint import save_compressed
-from lmcompose.pipeline.blocks import set_module
-
 from helpers import tiny_llama
 from test_cli import setup  # noqa: F401  (fixture: tiny model dir with a tokenizer)
+from torch import nn
+
+from lmcompose.algebra import Dense, LowRank, QuantSpec, Sparse, quantize_rtn
+from lmcompose.cli import build_parser
+from lmcompose.eval.speed import bench_model
+from lmcompose.models.checkpoint import save_compressed
+from lmcompose.pipeline.blocks import set_module
+from lmcompose.runtime.inference import InferencePolicy, held_nbytes, prepare_inference
+from lmcompose.runtime.kernels import dequantize_fast, path_error
+from lmcompose.runtime.linear import CompressedLinear
 
 OUT, IN = 48, 128  # out_features a multiple of 16 and in_features of 64: the int4 kernel's constraints
 # Tolerances against the default forward, relative to max|y|: fp32 paths differ in summation order, and
@@ -190,8 +190,7 @@ def test_bench_speed_command_writes_json(setup, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     save_compressed(_compressed_tiny("rtn4"), ckpt, AutoTokenizer.from_pretrained(dense_dir), float_dtype="fp16",
                     base_model=str(dense_dir))
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
+    parser = build_parser()
     out = tmp_path / "speed.json"
     args = parser.parse_args(["bench-speed", "--model", str(ckpt), "--prompt-len", "8", "--new-tokens", "2",
                               "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "0", "--dtype", "bf16",

@@ -4,15 +4,17 @@ from typing import ClassVar
 
 import pytest
 import torch
-
 from helpers import tiny_llama, windows
+
 from lmcompose import Recipe, compress
-from lmcompose.algebra import CompressedLinear, Dense, QuantSpec, Sparse, quantize_rtn
-from lmcompose.algebra.invariants import InvariantError, check_step
+from lmcompose.algebra import Dense, QuantSpec, Sparse, quantize_rtn
+from lmcompose.algebra.invariants import check_step
+from lmcompose.core.errors import IllegalStep, InvariantError
+from lmcompose.core.stats import StatsAccumulator
 from lmcompose.pipeline.blocks import linear_shapes
-from lmcompose.pipeline.stats import StatsAccumulator
-from lmcompose.registry import IllegalStep, get_technique
+from lmcompose.runtime.linear import CompressedLinear
 from lmcompose.techniques.prune.magnitude import Magnitude
+from lmcompose.techniques.registry import get_technique
 
 
 def layer(w):

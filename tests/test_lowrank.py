@@ -2,17 +2,20 @@
 
 import pytest
 import torch
-
 from helpers import tiny_llama, windows
+
 from lmcompose import Recipe, compress
-from lmcompose.algebra import CompressedLinear, Dense, QuantSpec, quantize_rtn
+from lmcompose.algebra import Dense, QuantSpec, quantize_rtn
 from lmcompose.algebra.spec import LinearSpec
+from lmcompose.core.errors import IllegalStep
+from lmcompose.core.linalg import randomized_svd
+from lmcompose.core.stats import StatsAccumulator
 from lmcompose.pipeline.blocks import linear_shapes
-from lmcompose.pipeline.stats import StatsAccumulator
-from lmcompose.registry import IllegalStep, get_technique
-from lmcompose.techniques.lowrank.asvd import asvd_factors, asvd_scale, randomized_svd
+from lmcompose.runtime.linear import CompressedLinear
+from lmcompose.techniques.lowrank.asvd import asvd_factors, asvd_scale
 from lmcompose.techniques.lowrank.svd import truncated_svd
 from lmcompose.techniques.lowrank.svdllm import svdllm_factors, whitening_factor
+from lmcompose.techniques.registry import get_technique
 
 M, N = 48, 128
 

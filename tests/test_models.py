@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from lmcompose.models import load as load_mod
-from lmcompose.models.load import HUB_IDS, load_model, model_config, model_linear_shapes, resolve_model
+from lmcompose.models.load import (
+    HUB_IDS,
+    load_model,
+    model_config,
+    model_linear_shapes,
+    resolve_model,
+)
 
 
 def save_tiny(model, tokenizer, path):

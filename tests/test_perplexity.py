@@ -5,10 +5,15 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lmcompose.data import eval_tokens
-from lmcompose.eval.perplexity import PROTOCOLS, Protocol, get_protocol, perplexity, windows_of
+from lmcompose.eval.perplexity import (
+    PROTOCOLS,
+    Protocol,
+    get_protocol,
+    perplexity,
+    windows_of,
+)
 
 
 @pytest.fixture

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-
 from helpers import MODELS, logits, tiny_llama, windows
+
 from lmcompose import Recipe, compress
-from lmcompose.algebra import CompressedLinear
 from lmcompose.pipeline.blocks import find_blocks, linear_shapes, other_param_bytes
 from lmcompose.pipeline.sequential import capture_inputs, observe, run_block
-from lmcompose.registry import Technique
+from lmcompose.runtime.linear import CompressedLinear
+from lmcompose.techniques.base import Technique
 
 
 def recipe(*steps, **kw):
@@ -127,6 +127,6 @@ def test_true_sequential_observes_each_group_after_the_previous():
 
 
 def test_layer_records_default_to_not_skipped():
-    from lmcompose.report import LayerRecord
+    from lmcompose.pipeline.records import LayerRecord
 
     assert LayerRecord("x").skipped is None and LayerRecord.left_unchanged("x", "why").skipped == "why"

@@ -2,18 +2,24 @@
 
 import pytest
 import torch
+from helpers import logits, tiny_llama, windows
+from test_techniques import layer_problem, objective, run
 
 import lmcompose.techniques.joint.qer  # noqa: F401  (registers qer, lqer, l2qer, qera)
-from helpers import logits, tiny_llama, windows
 from lmcompose import Recipe, compress
-from lmcompose.algebra import CompressedLinear, Dense, LowRank, QTensor, QuantSpec, Sparse, quantize_rtn
+from lmcompose.algebra import Dense, LowRank, QTensor, QuantSpec, Sparse, quantize_rtn
 from lmcompose.algebra.spec import LinearSpec
-from lmcompose.models.checkpoint import file_tensor_bytes, load_compressed, save_compressed
+from lmcompose.core.errors import IllegalStep
+from lmcompose.core.stats import StatsAccumulator
+from lmcompose.models.checkpoint import (
+    file_tensor_bytes,
+    load_compressed,
+    save_compressed,
+)
 from lmcompose.pipeline.blocks import linear_shapes, other_param_bytes
-from lmcompose.pipeline.stats import StatsAccumulator
-from lmcompose.registry import IllegalStep, get_technique
+from lmcompose.runtime.linear import CompressedLinear
 from lmcompose.techniques.joint.qer import diag_scale, gram_sqrt, residual_factors
-from test_techniques import layer_problem, objective, run
+from lmcompose.techniques.registry import get_technique
 
 M, N = 48, 128
 

@@ -2,8 +2,9 @@
 
 import pytest
 
+from lmcompose.core.errors import IllegalStep
 from lmcompose.recipe import Recipe
-from lmcompose.registry import IllegalStep, describe_techniques
+from lmcompose.techniques.registry import describe_techniques
 
 GOOD = {"schedule": "step-major", "steps": [{"magnitude": {"pattern": "2:4"}},
                                             {"rtn": {"bits": 4, "group_size": 64, "target": "sparse"}}]}

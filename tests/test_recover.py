@@ -4,12 +4,18 @@ import copy
 
 import pytest
 import torch
-
 from helpers import MODELS, logits, windows
+
 from lmcompose import Recipe, compress
-from lmcompose.models.checkpoint import compressed_modules, file_tensor_bytes, load_compressed, save_compressed
-from lmcompose.pipeline.recover import Recovery, recover
-from lmcompose.registry import IllegalStep
+from lmcompose.core.errors import IllegalStep
+from lmcompose.models.checkpoint import (
+    file_tensor_bytes,
+    load_compressed,
+    save_compressed,
+)
+from lmcompose.pipeline.blocks import compressed_modules
+from lmcompose.recipe import Recovery
+from lmcompose.training.recover import recover
 
 # SSLC leaves S + L; quantizing only S leaves float factors to train next to 4-bit sparse values.
 STEPS = [{"sslc": {"ratio": 0.5, "iterations": 5}}, {"rtn": {"bits": 4, "group_size": 16, "target": "sparse"}}]

@@ -1,21 +1,22 @@
 """`lmcompose report`: runs made by the real CLI on a tiny model, rendered to markdown and self-contained HTML."""
 
-import argparse
-import json
-import shutil
 import base64
+import json
 import random
 import re
+import shutil
 
 import pytest
+from test_cli import setup  # noqa: F401  (module fixture: tiny model dir, tokenizer, data dir)
 
 from lmcompose.algebra.spec import SparseSpec
 from lmcompose.cli import main
 from lmcompose.models.checkpoint import file_tensor_bytes, load_compressed
-from lmcompose.reporting import add_parser, load_runs, pareto_front
+from lmcompose.cli import build_parser
+from lmcompose.core.pareto import pareto_front
+from lmcompose.reporting import load_runs
 from lmcompose.reporting.figures import pareto_figure
 from lmcompose.reporting.runs import step_label
-from test_cli import setup  # noqa: F401  (module fixture: tiny model dir, tokenizer, data dir)
 
 RECIPES = {
     "sparse-quant": "steps:\n  - wanda: {pattern: '2:4'}\n  - gptq: {bits: 4, group_size: 32, target: sparse}\n",
@@ -41,8 +42,7 @@ def runs(setup):  # noqa: F811
 
 
 def report_cli(argv) -> int:
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,12 +1,12 @@
 """Rules as data: explain walks a recipe without weights, and warns where a recipe contradicts a rule."""
 
 import pytest
-
 from helpers import tiny_llama
+
 from lmcompose import Recipe
 from lmcompose.cli import main
+from lmcompose.core.errors import IllegalStep
 from lmcompose.pipeline.blocks import linear_shapes
-from lmcompose.registry import IllegalStep
 from lmcompose.rules import RULES, explain
 
 SHAPES = linear_shapes(tiny_llama(layers=1))

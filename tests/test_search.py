@@ -19,8 +19,14 @@ from lmcompose.recipe import Recipe  # noqa: E402
 from lmcompose.search import objective as objective_mod  # noqa: E402
 from lmcompose.search.objective import DenseStats, Evaluator, rank_correlation, spearman  # noqa: E402
 from lmcompose.search.space import Budget, SearchSpace  # noqa: E402
-from lmcompose.search.study import (EvaluatorSpec, Problem, StudySettings, completed, evaluate_finalists,  # noqa: E402
-                                    finalist_trials, run_local, start_workers, summarize, write_results)
+from lmcompose.search.results import (  # noqa: E402
+    completed,
+    evaluate_finalists,
+    finalist_trials,
+    summarize,
+    write_results,
+)
+from lmcompose.search.study import EvaluatorSpec, Problem, StudySettings, run_local, start_workers  # noqa: E402
 
 SMALL = {"max_steps": 2, "fit": "last", "calibration": {"n": 4, "seqlen": 32},
          "techniques": {"wanda": {"sparsity": [0.3, 0.5]}, "rtn": {"bits": [3, 4], "group_size": [32]},
@@ -230,7 +236,7 @@ def _start_ray(ray, **kwargs) -> None:
 
 def test_ray_backend_finds_the_local_best(setup, tmp_path):
     ray = pytest.importorskip("ray")
-    from lmcompose.search.study import run_ray
+    from lmcompose.search.ray_runner import run_ray
 
     model, ev, spec = setup
     problem = _problem(model)
@@ -255,7 +261,7 @@ def test_trials_record_the_bytes_measured_not_the_uniform_plan(setup, tmp_path):
     planned = recipe.check(linear_shapes(model))
     result = ev.proxy(recipe)
     compressed = ev.compressed(recipe)
-    from lmcompose.algebra.linear import CompressedLinear
+    from lmcompose.runtime.linear import CompressedLinear
     stored = sum(m.nbytes() for m in compressed.modules() if isinstance(m, CompressedLinear))
     assert result.linear_bytes == stored
     assert result.bits_per_weight != pytest.approx(planned.bits_per_weight)  # the plan is not what is stored

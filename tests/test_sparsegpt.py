@@ -2,17 +2,23 @@
 
 import pytest
 import torch
+from helpers import tiny_llama, windows
 from pydantic import ValidationError
 
-from helpers import tiny_llama, windows
 from lmcompose import Recipe, compress
-from lmcompose.algebra import CompressedLinear, Dense, QuantSpec, Sparse, quantize_rtn
+from lmcompose.algebra import Dense, QuantSpec, Sparse, quantize_rtn
 from lmcompose.algebra.spec import SparseSpec
+from lmcompose.core.errors import IllegalStep
+from lmcompose.core.linalg import damped_inverse_cholesky
+from lmcompose.core.stats import StatsAccumulator
 from lmcompose.pipeline.blocks import linear_shapes
-from lmcompose.pipeline.stats import StatsAccumulator
-from lmcompose.registry import IllegalStep, get_technique
-from lmcompose.techniques.prune.sparsegpt import (SparseGPT, block_keep_counts, damped_inverse_cholesky,
-                                                  sparsegpt_prune)
+from lmcompose.runtime.linear import CompressedLinear
+from lmcompose.techniques.prune.sparsegpt import (
+    SparseGPT,
+    block_keep_counts,
+    sparsegpt_prune,
+)
+from lmcompose.techniques.registry import get_technique
 
 M, N = 40, 96
 

@@ -2,16 +2,23 @@
 
 import pytest
 import torch
+from helpers import tiny_llama, windows
+from test_techniques import layer_problem, objective, run
 
 import lmcompose.techniques.joint.sslc  # noqa: F401  (registers sslc and oats)
-from helpers import tiny_llama, windows
 from lmcompose import Recipe, compress
-from lmcompose.algebra import CompressedLinear, Dense, LowRank, QTensor, QuantSpec, Sparse, quantize_rtn
+from lmcompose.algebra import Dense, LowRank, QTensor, QuantSpec, Sparse, quantize_rtn
 from lmcompose.algebra.spec import LinearSpec, SparseSpec
+from lmcompose.core.errors import IllegalStep
 from lmcompose.pipeline.blocks import linear_shapes
-from lmcompose.registry import IllegalStep, get_technique
-from lmcompose.techniques.joint.sslc import channel_scale, salience, sslc_decompose, topk_mask
-from test_techniques import layer_problem, objective, run
+from lmcompose.runtime.linear import CompressedLinear
+from lmcompose.techniques.joint.sslc import (
+    channel_scale,
+    salience,
+    sslc_decompose,
+    topk_mask,
+)
+from lmcompose.techniques.registry import get_technique
 
 M, N = 48, 128
 

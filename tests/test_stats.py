@@ -2,7 +2,7 @@
 
 import torch
 
-from lmcompose.pipeline.stats import StatsAccumulator, relative_error
+from lmcompose.core.stats import StatsAccumulator, relative_error
 
 
 def test_streaming_equals_batch_formula():

@@ -2,21 +2,22 @@
 
 import pytest
 import torch
-
 from helpers import MODELS, tiny_llama, windows
+
 from lmcompose import Recipe, compress
-from lmcompose.algebra import CompressedLinear, Dense, QuantSpec, Sparse, quantize_rtn
+from lmcompose.algebra import Dense, QuantSpec, Sparse, quantize_rtn
 from lmcompose.algebra.spec import LinearSpec
+from lmcompose.core.errors import IllegalStep
+from lmcompose.core.stats import StatsAccumulator
 from lmcompose.pipeline.blocks import linear_shapes
-from lmcompose.pipeline.stats import StatsAccumulator
-from lmcompose.registry import IllegalStep, get_technique, registry
+from lmcompose.runtime.linear import CompressedLinear
 from lmcompose.techniques.lowrank.asvd import asvd_factors
 from lmcompose.techniques.lowrank.svd import truncated_svd
 from lmcompose.techniques.lowrank.svdllm import svdllm_factors, whitening_factor
-from lmcompose.techniques.prune.common import row_topk_mask
 from lmcompose.techniques.prune.sparsegpt import block_keep_counts, sparsegpt_prune
 from lmcompose.techniques.prune.wanda import owl_sparsities, wanda_score
 from lmcompose.techniques.quant.gptq import gptq_quantize
+from lmcompose.techniques.registry import get_technique, registry
 
 
 def layer_problem(seed=0, m=48, n=128, tokens=1024):

@@ -2,17 +2,23 @@
 
 import pytest
 import torch
+from helpers import tiny_llama, windows
 from pydantic import ValidationError
 
-from helpers import tiny_llama, windows
 from lmcompose import Recipe, compress
-from lmcompose.algebra import CompressedLinear, Dense, QuantSpec, Sparse, quantize_rtn
+from lmcompose.algebra import Dense, QuantSpec, Sparse, quantize_rtn
 from lmcompose.algebra.spec import SparseSpec
+from lmcompose.core.stats import StatsAccumulator
 from lmcompose.pipeline.blocks import linear_shapes
-from lmcompose.pipeline.stats import StatsAccumulator
-from lmcompose.registry import get_technique
-from lmcompose.techniques.prune.wanda import (Wanda, block_outlier_ratio, outlier_ratio, owl_sparsities,
-                                              wanda_score)
+from lmcompose.runtime.linear import CompressedLinear
+from lmcompose.techniques.prune.wanda import (
+    Wanda,
+    block_outlier_ratio,
+    outlier_ratio,
+    owl_sparsities,
+    wanda_score,
+)
+from lmcompose.techniques.registry import get_technique
 
 
 def layer_problem(seed=0, m=24, n=64, tokens=512):

@@ -1,6 +1,5 @@
 """Zero-shot through lm-evaluation-harness on local files: brute-force scoring, official prompts, real data."""
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -8,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from helpers import tiny_llama
+
 from lmcompose.eval import zeroshot as zs
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -173,8 +172,9 @@ def test_cli_writes_json_for_a_model_directory(tmp_path, offline, tiny_tokenizer
     model_dir = tmp_path / "model"
     tiny_llama().save_pretrained(model_dir, safe_serialization=True)
     tiny_tokenizer.save_pretrained(model_dir)
-    parser = argparse.ArgumentParser()
-    zs.add_parser(parser.add_subparsers())
+    from lmcompose.cli import build_parser
+
+    parser = build_parser()
     args = parser.parse_args(["zeroshot", "--model", str(model_dir), "--tasks", str(tmp_path / "mc.json"),
                               "--data-dir", str(tmp_path), "--limit", "3", "--batch-size", "2",
                               "--json", str(tmp_path / "out.json")])

@@ -17,14 +17,19 @@ import time
 import torch
 from torch import nn
 
-from . import compute as compute_dtypes
-from .algebra.quant import FLOAT_DTYPES
-from .models.checkpoint import compressed_modules, model_nbytes
-from .pipeline.blocks import linear_shapes, other_param_bytes
-from .pipeline.recover import recover
+from .core import dtypes as compute_dtypes
+from .core.dtypes import FLOAT_DTYPES
+from .core.memory import peak_rss_bytes
+from .pipeline.blocks import (
+    compressed_modules,
+    linear_shapes,
+    model_nbytes,
+    other_param_bytes,
+)
+from .pipeline.records import Report
 from .pipeline.sequential import SequentialCompressor
 from .recipe import Recipe
-from .report import Report, peak_rss_bytes
+from .training.recover import recover
 
 log = logging.getLogger(__name__)
 

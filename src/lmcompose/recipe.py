@@ -27,8 +27,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .algebra.spec import LinearSpec
-from .pipeline.recover import Recovery
-from .registry import IllegalStep, Technique, get_technique, registry
+from .core.errors import IllegalStep
+from .techniques.base import Technique
+from .techniques.registry import get_technique, registry
 
 
 def _format_error(prefix: str, err: ValidationError) -> str:
@@ -85,6 +86,26 @@ class Calibration(BaseModel):
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
 
 
+class Recovery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(0, ge=0, description="optimizer steps on the causal-LM loss; 0 = no recovery")
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    batch_size: int = Field(1, ge=1, description="calibration windows per step")
+    train: Literal["lowrank", "lowrank+sparse"] = Field(
+        "lowrank", description="float tensors that train: low-rank factors, or those and the sparse values")
+
+    def trains(self, kind: str) -> bool:
+        return kind == "lowrank" or (kind == "sparse" and self.train == "lowrank+sparse")
+
+    def trainable(self, spec: LinearSpec) -> bool:
+        """Whether a Linear of this planned structure has a float tensor this recovery trains."""
+        return any(self.trains(term.kind) and not any(t.quantized for t in term.tensors().values())
+                   for term in spec.terms)
+
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -94,7 +115,7 @@ class Recipe(BaseModel):
     calibration: Calibration = Calibration()
     steps: tuple[Technique, ...] = ()
     recover: Recovery = Field(Recovery(), description="optional causal-LM fine-tune after the steps "
-                                                      "(pipeline.recover); steps: 0 = off")
+                                                      "(training.recover); steps: 0 = off")
 
     @field_validator("steps", mode="before")
     @classmethod

@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from ..core.errors import InvariantError
 from .quant import QTensor
 from .terms import Sparse
-
-
-class InvariantError(RuntimeError):
-    """A step broke what an earlier step guaranteed, or stored other than it planned."""
 
 
 def _quantized_slots(layer):

@@ -22,17 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..core.dtypes import FLOAT_BYTES, FLOAT_DTYPES
 from .packing import pack_bits, packed_nbytes, unpack_bits
-
-FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-FLOAT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    for name, dt in FLOAT_DTYPES.items():
-        if dt == dtype:
-            return name
-    raise ValueError(f"dtype {dtype} is not a storage float dtype; allowed: {sorted(FLOAT_DTYPES)}")
 
 
 @dataclass(frozen=True)

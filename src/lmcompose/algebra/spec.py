@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..core.dtypes import FLOAT_BYTES
 from .packing import nm_index_bits, packed_nbytes
-from .quant import FLOAT_BYTES, QuantSpec, quantized_nbytes
+from .quant import QuantSpec, quantized_nbytes
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..core.dtypes import FLOAT_DTYPES, dtype_name
 from .packing import decode_nm, encode_nm, nm_index_bits, pack_bits, unpack_bits
-from .quant import FLOAT_DTYPES, QTensor, QuantSpec, dtype_name
+from .quant import QTensor, QuantSpec
 from .spec import DenseSpec, LowRankSpec, SparseSpec, TensorSpec
 
 Stored = torch.Tensor | QTensor

@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..algebra.invariants import InvariantError
+from ..core.errors import InvariantError
 from ..recipe import Calibration, Recipe
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,8 @@ def analyze(model_name: str, a: dict, b: dict, joint: dict | None = None, *, cal
 
     The dense model is held in fp32; `dtype` is the compute dtype (``lmcompose.compute``) of the
     compression forwards and of every evaluation, the dense one included."""
-    from ..compute import cast_for_eval
     from ..api import compress
+    from ..core.dtypes import cast_for_eval
     from ..data import calibration_windows
     from ..eval.perplexity import get_protocol, perplexity
     from ..models.load import load_model, model_linear_shapes

@@ -34,19 +34,24 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..core.dtypes import dtype_name, model_dtype
 from ..data.calibration import eval_tokens
-from ..algebra.quant import dtype_name
-from ..compute import model_dtype
-from .perplexity import CHUNK, Protocol, _head_path, _head_path_agrees, _softcap, get_protocol, windows_of
+from .perplexity import (
+    CHUNK,
+    Protocol,
+    _head_path,
+    _head_path_agrees,
+    _softcap,
+    get_protocol,
+    windows_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,54 +162,3 @@ def fidelity(dense_model, compressed_model, tokenizer, protocol: Protocol | str 
     log.info("fidelity: KL %.5f nats, top-1 %.4f over %d positions in %.1fs", result.kl_mean,
              result.top1_agreement, n_tokens, result.seconds)
     return result
-
-
-def cmd_fidelity(args) -> int:
-    from ..cli import _eval_dtype, _load_any, _print_totals, _progress, console
-    from ..models.checkpoint import META_FILE, REPORT_FILE, record_result, write_text_atomically
-
-    meta_path = Path(args.compressed) / META_FILE
-    dense_name = args.dense
-    if dense_name is None:
-        if not meta_path.is_file():
-            raise ValueError("--dense is required when --compressed is not an lmcompose checkpoint")
-        dense_name = json.loads(meta_path.read_text()).get("base_model") or None
-        if dense_name is None:
-            raise ValueError(f"{args.compressed} records no base_model: pass --dense")
-    overrides = {k: v for k, v in {"seqlen": args.seqlen, "batch_size": args.batch_size}.items() if v is not None}
-    protocol = get_protocol(args.protocol, **overrides)
-    dense, tokenizer = _load_any(dense_name, _eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
-    compressed, _ = _load_any(args.compressed, _eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
-    with _progress() as prog:
-        task = prog.add_task("fidelity", total=None)
-        result = fidelity(dense, compressed, tokenizer, protocol, data_dir=args.data_dir,
-                          max_windows=args.max_windows,
-                          progress=lambda done, total: prog.update(task, completed=done, total=total))
-    _print_totals({"dense": dense_name, "compressed": args.compressed, "KL(dense‖compressed)": f"{result.kl_mean:.6f}",
-                   "top-1 agreement": f"{result.top1_agreement:.4f}", "positions": result.n_tokens,
-                   "seconds": f"{result.seconds:.1f}", "protocol": json.dumps(result.protocol)})
-    summary = {"dense": dense_name, "compressed": args.compressed, **result.to_dict()}
-    if record_result(args.compressed, "fidelity", summary):
-        console.print(f"recorded in {Path(args.compressed) / REPORT_FILE} (shown by `lmcompose report`)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(Path(args.json), json.dumps(summary, indent=2))
-    return 0
-
-
-def add_parser(sub) -> None:
-    """Add ``lmcompose fidelity`` to an argparse subparsers object."""
-    f = sub.add_parser("fidelity", help="KL(dense ‖ compressed) and top-1 agreement on held-out text")
-    f.add_argument("--dense", default=None, help="the reference model (default: the checkpoint's base_model)")
-    f.add_argument("--compressed", required=True, help="an lmcompose checkpoint directory (or any model)")
-    f.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute dtype; auto = bf16 where it is measurably faster than fp32, else fp32")
-    f.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    f.add_argument("--data-dir", default=None, help="data directory (default $LMCOMPOSE_DATA_DIR)")
-    f.add_argument("--trust-remote-code", action="store_true")
-    f.add_argument("--protocol", default="quick", help="quick (WikiText-2 test, seqlen 512) or full")
-    f.add_argument("--max-windows", type=int, default=16)
-    f.add_argument("--seqlen", type=int, default=None)
-    f.add_argument("--batch-size", type=int, default=None)
-    f.add_argument("--json", default=None, help="also write the result as JSON here")
-    f.set_defaults(func=cmd_fidelity)

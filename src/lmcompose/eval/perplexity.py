@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..algebra.quant import dtype_name
-from ..compute import model_dtype
+from ..core.dtypes import dtype_name, model_dtype
 from ..data.calibration import eval_tokens
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,6 @@ bytes of its data files, so two reports compare the same prompts on the same exa
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -354,57 +353,3 @@ def zeroshot(model, tokenizer=None, tasks=DEFAULT_TASKS, data_dir=None, limit: i
                "seconds": time.perf_counter() - t0}
     log.info("zero-shot %s in %.1fs", {k: v.get("acc") for k, v in summary["tasks"].items()}, summary["seconds"])
     return summary
-
-
-def cmd_zeroshot(args) -> int:
-    from rich.table import Table
-
-    from ..cli import _eval_dtype, _load_any, console
-    from ..models.checkpoint import REPORT_FILE, record_result, write_text_atomically
-
-    model, tokenizer = _load_any(args.model, _eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
-    result = zeroshot(model, tokenizer, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
-                      batch_size=args.batch_size, num_fewshot=args.num_fewshot)
-    table = Table(title=f"zero-shot: {args.model} (lm-eval {result['lm_eval_version']}, limit {args.limit})")
-    for col in ("task", "metric", "value", "stderr", "n", "config hash"):
-        table.add_column(col)
-    for task, metrics in result["tasks"].items():
-        for metric, value in metrics.items():
-            if metric.endswith("_stderr") or metric == "n" or value is None:
-                continue
-            err = metrics.get(f"{metric}_stderr")
-            table.add_row(task, metric, f"{value:.4f}", f"{err:.4f}" if err is not None else "",
-                          str(metrics["n"]), result["task_hashes"][task])
-    console.print(table)
-    if record_result(args.model, "zeroshot", result):
-        console.print(f"recorded in {Path(args.model) / REPORT_FILE} (shown by `lmcompose report`)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(Path(args.json), json.dumps({"model": args.model, **result}, indent=2))
-    return 0
-
-
-def _limit(value: str) -> int | float:
-    number = float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"--limit {value} is not allowed: must be > 0")
-    return int(number) if number >= 1 else number
-
-
-def add_parser(sub) -> None:
-    """Add ``lmcompose zeroshot`` to an argparse subparsers object."""
-    z = sub.add_parser("zeroshot", help="zero-shot accuracy through lm-evaluation-harness, tasks from local files")
-    z.add_argument("--model", default="smollm2-135m",
-                   help="short name, hub id, local dir, .gguf, or an lmcompose checkpoint directory")
-    z.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute dtype; auto = bf16 where it is measurably faster than fp32, else fp32")
-    z.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    z.add_argument("--data-dir", default=None, help="data directory (default $LMCOMPOSE_DATA_DIR)")
-    z.add_argument("--trust-remote-code", action="store_true")
-    z.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                   help="comma-separated built-in task names and/or paths of .yaml/.json task specs")
-    z.add_argument("--limit", type=_limit, default=None, help="examples per task (a fraction if < 1)")
-    z.add_argument("--batch-size", type=int, default=8)
-    z.add_argument("--num-fewshot", type=int, default=0)
-    z.add_argument("--json", default=None, help="also write the result as JSON here")
-    z.set_defaults(func=cmd_zeroshot)

@@ -32,14 +32,13 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..algebra.quant import FLOAT_BYTES, FLOAT_DTYPES
+from ..core.dtypes import FLOAT_BYTES, FLOAT_DTYPES
+from ..core.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -138,22 +137,6 @@ def _gguf_cache_dir(src: ModelSource, cache_dir=None) -> Path:
     return _cache_root(cache_dir) / "gguf" / f"{f.stem}-{key}"
 
 
-def _write_atomically(target: Path, write) -> Path:
-    """Call ``write(tmp_dir)`` then move tmp_dir to `target` in one step; keep a concurrent writer's copy."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: its copy is as good as ours
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def _plain_config(config):
     # transformers marks a GGUF-loaded model as quantized; the dequantized floats are not, so drop the entry.
     data = config.to_dict()
@@ -174,13 +157,12 @@ def _dequantized_dir(src: ModelSource, cache_dir=None) -> Path:
     tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
 
-    def write(tmp: Path) -> None:
+    with atomic_dir(target, keep_existing=True) as tmp:  # a concurrent writer's copy is as good as ours
         # save_pretrained refuses a model marked as GGUF-quantized: write config and weights directly.
         _plain_config(model.config).save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # tied tensors once
         tok.save_pretrained(tmp)
-
-    return _write_atomically(target, write)
+    return target
 
 
 def _check_args(dtype: str, device: str) -> None:
@@ -246,7 +228,8 @@ def model_config(name_or_path: str | os.PathLike, trust_remote_code: bool = Fals
             return AutoConfig.from_pretrained(where)
     log.info("reading the config of %s (parses the whole GGUF once; cached in %s)", src.gguf_file, config_only)
     config = _plain_config(AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file))
-    _write_atomically(config_only, config.save_pretrained)
+    with atomic_dir(config_only, keep_existing=True) as tmp:
+        config.save_pretrained(tmp)
     return config
 
 
@@ -278,3 +261,14 @@ def model_linear_shapes(name_or_path: str | os.PathLike, trust_remote_code: bool
         raise ValueError(f"float_dtype={float_dtype!r} is not allowed; allowed: {sorted(FLOAT_BYTES)}")
     model = meta_model(name_or_path, trust_remote_code, cache_dir)
     return linear_shapes(model), other_param_bytes(model, FLOAT_BYTES[float_dtype])
+
+
+def load_any(name: str, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
+    """Load `name` whatever it is: an lmcompose run directory (a compressed checkpoint), or anything
+    `load_model` takes (short name, hub id, local directory, .gguf). Returns (model, tokenizer)."""
+    from .checkpoint import META_FILE, load_compressed
+
+    if (Path(name) / META_FILE).is_file():
+        model, tokenizer, _ = load_compressed(name, dtype=dtype, device=device if device != "auto" else "cpu")
+        return model, tokenizer
+    return load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

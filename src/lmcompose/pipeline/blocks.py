@@ -1,4 +1,5 @@
-"""Finding decoder blocks and their Linears structurally, never by model family.
+"""Finding decoder blocks and their Linears structurally, never by model family, and counting what a
+model stores.
 
 The blocks are the entries of the ``nn.ModuleList`` whose children are instances of the classes named
 in ``model._no_split_modules`` (the same signal accelerate uses for device maps). A model without that
@@ -8,6 +9,9 @@ attribute falls back to the longest ModuleList of identical non-Linear modules.
 from __future__ import annotations
 
 from torch import nn
+
+from ..core.dtypes import FLOAT_BYTES
+from ..runtime.linear import CompressedLinear
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -32,8 +36,6 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def block_linears(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
     """Linear-like modules inside one block (``nn.Linear`` or an already compressed one), by full name."""
-    from ..algebra.linear import CompressedLinear
-
     return {f"{prefix}.{n}": m for n, m in block.named_modules()
             if isinstance(m, (nn.Linear, CompressedLinear))}
 
@@ -67,3 +69,25 @@ def other_param_bytes(model: nn.Module, dtype_bytes: int = 2) -> int:
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def compressed_modules(model: nn.Module) -> dict[str, CompressedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+
+
+def other_nbytes(model: nn.Module, float_dtype: str) -> int:
+    """Bytes :func:`other_tensors` will write, computed without copying anything."""
+    skip = tuple(f"{n}." for n in compressed_modules(model))
+    total, seen = 0, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else (name,)
+        if name.startswith(skip) or key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * (FLOAT_BYTES[float_dtype] if t.is_floating_point() else t.element_size())
+    return total
+
+
+def model_nbytes(model: nn.Module, float_dtype: str) -> int:
+    """Total tensor bytes of the saved checkpoint."""
+    return sum(m.nbytes() for m in compressed_modules(model).values()) + other_nbytes(model, float_dtype)

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import compute
 from ..algebra.invariants import check_step
-from ..algebra.linear import CompressedLinear
-from ..report import LayerRecord
+from ..core import dtypes as compute
+from ..core.stats import StatsAccumulator, relative_error
+from ..runtime.linear import CompressedLinear
 from .blocks import block_linears, find_blocks, set_module
 from .hooks import owned_hooks
-from .stats import StatsAccumulator, relative_error
+from .records import LayerRecord
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,7 @@ Example::
     write_report(load_runs(["runs/a", "runs/b"]), "reports/ab", title="a vs b")
 """
 
-from .render import add_parser, to_html, to_markdown, write_report
-from .runs import CATEGORIES, Run, byte_breakdown, load_run, load_runs, pareto_front
+from .render import to_html, to_markdown, write_report
+from .runs import CATEGORIES, Run, byte_breakdown, load_run, load_runs
 
-__all__ = ["CATEGORIES", "Run", "add_parser", "byte_breakdown", "load_run", "load_runs", "pareto_front",
-           "to_html", "to_markdown", "write_report"]
+__all__ = ["CATEGORIES", "Run", "byte_breakdown", "load_run", "load_runs", "to_html", "to_markdown", "write_report"]

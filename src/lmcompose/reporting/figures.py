@@ -16,7 +16,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from .runs import CATEGORIES, Run, pareto_front, protocol_key, protocol_label
+from ..core.pareto import pareto_front
+from .runs import CATEGORIES, Run, protocol_key, protocol_label
 
 COLORS = dict(zip(CATEGORIES, ("#4878d0", "#ee854a", "#d65f5f", "#6acc64", "#956cb4", "#b0b0b0")))
 

@@ -14,8 +14,15 @@ import os
 import re
 from pathlib import Path
 
-from ..models.checkpoint import atomic_dir
-from .figures import byte_unit, bytes_figure, heatmap_figure, pareto_figure, png, protocol_groups
+from ..core.io import atomic_dir
+from .figures import (
+    byte_unit,
+    bytes_figure,
+    heatmap_figure,
+    pareto_figure,
+    png,
+    protocol_groups,
+)
 from .runs import CATEGORIES, Run, protocol_key, protocol_label
 
 MIB = 2**20
@@ -229,27 +236,3 @@ def write_report(runs: list[Run], out: str | Path, title: str = "lmcompose repor
         (tmp / "report.md").write_text(to_markdown(runs, title, pngs))
         (tmp / "report.html").write_text(to_html(runs, title, pngs))
     return Path(out)
-
-
-def cmd_report(args) -> int:
-    from rich.console import Console
-
-    from .runs import load_runs
-
-    runs = load_runs(args.runs)
-    out = write_report(runs, args.out, args.title, overwrite=args.overwrite)
-    console = Console()
-    for c in caveats(runs):
-        console.print(f"[yellow]{c}[/]")
-    console.print(f"wrote {out}/report.html, {out}/report.md and {out}/figures/ ({len(runs)} runs)")
-    return 0
-
-
-def add_parser(sub) -> None:
-    """Add `report RUN_DIR [RUN_DIR ...] --out DIR [--title T] [--overwrite]` to argparse subparsers."""
-    p = sub.add_parser("report", help="markdown + self-contained HTML report with figures from run directories")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories written by `lmcompose compress --out`")
-    p.add_argument("--out", required=True, help="output directory for report.html, report.md, figures/")
-    p.add_argument("--title", default="lmcompose report")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_report)

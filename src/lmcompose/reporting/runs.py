@@ -17,7 +17,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models.checkpoint import META_FILE, REPORT_FILE, WEIGHTS_FILE
+from ..models.checkpoint import META_FILE, WEIGHTS_FILE
+from ..models.rundir import REPORT_FILE
 
 CATEGORIES = ("dense", "sparse values", "sparse index", "low-rank factors", "scales/zeros/perm", "other tensors")
 _SLOTS = {"dense": {"a"}, "sparse": {"values", "index", "col", "rowptr"}, "lowrank": {"u", "v", "d"}}
@@ -91,7 +92,7 @@ def _fmt_value(v) -> str:
 
 def step_label(step: dict) -> str:
     """``{"gptq": {"bits": 4, "group_size": 64, ...}}`` -> ``gptq w4 g64`` (+ fields that differ from defaults)."""
-    from ..registry import registry
+    from ..techniques.registry import registry
 
     (name, params), = step.items()
     params = params or {}
@@ -205,14 +206,3 @@ def load_runs(paths) -> list[Run]:
     names = [p.resolve().name for p in paths]
     names = [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
     return [load_run(p, n) for p, n in zip(paths, names)]
-
-
-def pareto_front(points) -> list[int]:
-    """Indices of the (x, y) points no other point beats: lower is better on both axes.
-
-    A point is dominated when another is at most as large on both coordinates and smaller on one; equal
-    points do not dominate each other, so both stay on the front.
-    """
-    pts = list(points)
-    return [i for i, (x, y) in enumerate(pts)
-            if not any(x2 <= x and y2 <= y and (x2 < x or y2 < y) for x2, y2 in pts)]

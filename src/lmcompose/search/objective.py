@@ -49,15 +49,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..algebra.linear import CompressedLinear
 from ..api import compress
-from .. import compute
-from ..compute import cast_for_eval
+from ..core import dtypes as compute
+from ..core.dtypes import cast_for_eval
+from ..core.stats import Stats, relative_error
 from ..eval.perplexity import window_nll
 from ..pipeline.blocks import block_linears, find_blocks
 from ..pipeline.sequential import capture_inputs, observe, run_block
-from ..pipeline.stats import Stats, relative_error
 from ..recipe import Recipe
+from ..runtime.linear import CompressedLinear
 
 log = logging.getLogger(__name__)
 

@@ -52,8 +52,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..algebra.spec import LinearSpec
+from ..core.errors import IllegalStep
 from ..recipe import CheckResult, Recipe
-from ..registry import IllegalStep, get_technique
+from ..techniques.registry import get_technique
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ import math
 
 import torch
 
-from ..algebra.linear import CompressedLinear
 from ..algebra.terms import Dense
-from ..pipeline.stats import relative_error
-from ..registry import IllegalStep
+from ..core.errors import IllegalStep
+from ..core.stats import relative_error
+from ..runtime.linear import CompressedLinear
 
 log = logging.getLogger(__name__)
 

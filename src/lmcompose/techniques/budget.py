@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..algebra.spec import LinearSpec
-from ..registry import IllegalStep
+from ..core.errors import IllegalStep
 
 
 def largest_within(budget: float, lo: int, hi: int, cost: Callable[[int], int], what: str) -> int:

@@ -76,7 +76,7 @@ from pydantic import Field, model_validator
 from ...algebra.quant import QuantSpec, quantize_rtn
 from ...algebra.spec import LinearSpec, LowRankSpec, TensorSpec
 from ...algebra.terms import LowRank, as_float, materialize
-from ...registry import register
+from ..base import register
 from ..lowrank.common import LowRankConfig
 from ..lowrank.svd import SVD
 from ..lowrank.svdllm import SVDLLM, whitening_factor

@@ -64,12 +64,14 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ...algebra.linear import CompressedLinear
 from ...algebra.spec import LinearSpec, LowRankSpec, TensorSpec
 from ...algebra.terms import LowRank, as_float
-from ...registry import IllegalStep, Technique, register
+from ...core.errors import IllegalStep
+from ...core.linalg import PRECISIONS
+from ...runtime.linear import CompressedLinear
+from ..base import Technique, register
 from ..budget import budget_bytes, largest_within
-from ..lowrank.common import PRECISIONS, projected_factors
+from ..lowrank.common import projected_factors
 from ..quant.gptq import GPTQ
 from ..quant.rtn import RTN
 

@@ -75,15 +75,15 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ...algebra.linear import CompressedLinear
 from ...algebra.spec import LinearSpec, LowRankSpec, SparseSpec, TensorSpec
 from ...algebra.terms import LowRank, Sparse, as_float
-from ...registry import IllegalStep, Technique, register
+from ...core.errors import IllegalStep
+from ...core.linalg import damped_inverse_cholesky, randomized_svd
+from ...runtime.linear import CompressedLinear
+from ..base import Technique, register
 from ..budget import budget_bytes, largest_within
-from ..lowrank.asvd import randomized_svd
 from ..lowrank.common import projected_factors
 from ..prune.common import matrix_topk_mask, nm_mask, parse_pattern, row_topk_mask
-from ..prune.sparsegpt import damped_inverse_cholesky
 
 log = logging.getLogger(__name__)
 

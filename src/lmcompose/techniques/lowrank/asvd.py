@@ -37,19 +37,9 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from ...registry import register
-from .common import PRECISIONS, LowRankConfig, projected_factors
-
-
-def randomized_svd(a: torch.Tensor, q: int, niter: int = 2, generator: torch.Generator | None = None):
-    """(U [m, q], S [q]) of the randomized SVD of `a` (Halko et al. 2011, alg. 4.4; torch.svd_lowrank's)."""
-    omega = torch.randn(a.shape[1], q, dtype=a.dtype, device=a.device, generator=generator)
-    basis = torch.linalg.qr(a @ omega).Q
-    for _ in range(niter):
-        basis = torch.linalg.qr(a.T @ basis).Q
-        basis = torch.linalg.qr(a @ basis).Q
-    u, s, _ = torch.linalg.svd(basis.T @ a, full_matrices=False)
-    return basis @ u, s
+from ...core.linalg import PRECISIONS, randomized_svd
+from ..base import register
+from .common import LowRankConfig, projected_factors
 
 
 def asvd_scale(stat: torch.Tensor, alpha: float = 0.5, eps: float = 1e-6) -> torch.Tensor:

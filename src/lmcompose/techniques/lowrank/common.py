@@ -26,13 +26,12 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ...algebra.linear import CompressedLinear
 from ...algebra.spec import LinearSpec, LowRankSpec, TensorSpec
 from ...algebra.terms import LowRank, as_float
-from ...registry import IllegalStep, Technique
+from ...core.errors import IllegalStep
+from ...runtime.linear import CompressedLinear
+from ..base import Technique
 from ..budget import budget_bytes, largest_within
-
-PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 
 
 def split_sigma(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, how: str = "sqrt"):

@@ -20,8 +20,9 @@ from typing import ClassVar
 
 import torch
 
-from ...registry import register
-from .common import PRECISIONS, LowRankConfig, split_sigma
+from ...core.linalg import PRECISIONS
+from ..base import register
+from .common import LowRankConfig, split_sigma
 
 
 def truncated_svd(w: torch.Tensor, rank: int, sigma_split: str = "sqrt", dtype=torch.float32):

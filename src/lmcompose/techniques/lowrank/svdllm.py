@@ -46,8 +46,9 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from ...registry import register
-from .common import PRECISIONS, LowRankConfig, projected_factors
+from ...core.linalg import PRECISIONS
+from ..base import register
+from .common import LowRankConfig, projected_factors
 
 
 def whitening_factor(gram: torch.Tensor, regularization: str = "eig_shift", eps: float = 1e-6,

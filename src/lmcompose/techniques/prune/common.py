@@ -14,7 +14,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ...algebra.spec import DenseSpec, LinearSpec, SparseSpec
-from ...registry import IllegalStep, Technique
+from ...core.errors import IllegalStep
+from ..base import Technique
 from ..budget import budget_bytes, largest_within
 
 _NM = re.compile(r"^(\d+):(\d+)$")

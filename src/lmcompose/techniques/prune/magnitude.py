@@ -17,9 +17,9 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from ...algebra.linear import CompressedLinear
 from ...algebra.terms import Sparse
-from ...registry import register
+from ...runtime.linear import CompressedLinear
+from ..base import register
 from .common import ScopedPruneConfig
 
 

@@ -65,47 +65,21 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ...algebra.linear import CompressedLinear
-from ...algebra.quant import QTensor, QuantSpec, dtype_name, grid_params, quantize_to_grid
+from ...algebra.quant import QTensor, QuantSpec, grid_params, quantize_to_grid
 from ...algebra.spec import LinearSpec, SparseSpec, TensorSpec
 from ...algebra.terms import Sparse, as_float
-from ...registry import register
+from ...core.dtypes import dtype_name
+from ...core.linalg import PRECISIONS, damped_inverse_cholesky
+from ...runtime.linear import CompressedLinear
+from ..base import register
 from ..budget import budget_bytes, largest_within
 from ..quant.common import QuantConfig
 from .common import PruneConfig, matrix_topk_mask, parse_pattern
 
-PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 _QUANT_FIELDS = QuantConfig.model_fields  # the quantization fields mean what they mean for rtn/gptq
 
 
 # -- pure functions ------------------------------------------------------------------------------
-
-
-def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, dead: torch.Tensor | None = None, *,
-                            dtype: torch.dtype = torch.float32, layer_shape: tuple[int, int] | None = None):
-    """Upper Cholesky factor U of (H + λI)⁻¹ with λ = percdamp·mean(diag H); `dead` diagonals set to 1.
-
-    Computed as the reference does (Cholesky, ``cholesky_inverse``, upper Cholesky) in `dtype`.
-    Shared by SparseGPT and GPTQ. Returns (U, λ). Raises ValueError, naming the layer, when H is not
-    finite or not positive definite even after damping (no silent fallback).
-    """
-    cols = h.shape[0]
-    what = f"the {layer_shape[0]}x{layer_shape[1]} layer" if layer_shape else f"a layer with {cols} inputs"
-    h = h.to(dtype=dtype, copy=True)
-    if not torch.isfinite(h).all():
-        raise ValueError(f"the input Gram matrix of {what} has non-finite entries; check the calibration inputs")
-    if dead is not None:
-        h[dead, dead] = 1.0
-    damp = percdamp * torch.mean(torch.diag(h))
-    h.diagonal().add_(damp)
-    chol, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0:
-        chol, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-    if int(info) != 0:
-        raise ValueError(f"the Hessian of {what} is not positive definite after damping "
-                         f"λ={float(damp):.3e} (percdamp={percdamp}, {str(dtype).removeprefix('torch.')}); "
-                         "raise percdamp (e.g. 0.1)")
-    return chol, float(damp)
 
 
 def block_keep_counts(rows: int, cols: int, blocksize: int, sparsity: float | None = None,

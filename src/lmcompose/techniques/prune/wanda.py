@@ -34,9 +34,9 @@ from typing import ClassVar, Sequence
 import torch
 from pydantic import Field, model_validator
 
-from ...algebra.linear import CompressedLinear
 from ...algebra.terms import Sparse
-from ...registry import register
+from ...runtime.linear import CompressedLinear
+from ..base import register
 from .common import ScopedPruneConfig
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from pydantic import Field, model_validator
 from ...algebra.quant import QuantSpec
 from ...algebra.spec import LinearSpec, TensorSpec
 from ...algebra.terms import LowRank, materialize
-from ...registry import IllegalStep, Technique
+from ...core.errors import IllegalStep
+from ..base import Technique
 from ..budget import budget_bytes
 
 Target = Literal["dense", "sparse", "lowrank", "all"]

@@ -45,8 +45,8 @@ import torch
 from pydantic import Field, PrivateAttr
 
 from ...algebra.quant import QTensor, QuantSpec, grid_params, quantize_to_grid
-from ...registry import register
-from ..prune.sparsegpt import damped_inverse_cholesky
+from ...core.linalg import damped_inverse_cholesky
+from ..base import register
 from .common import QuantConfig
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ...algebra.quant import quantize_rtn
-from ...registry import register
+from ..base import register
 from .common import QuantConfig
 
 

@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import json
-import resource
-import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 @dataclass

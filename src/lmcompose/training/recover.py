@@ -23,38 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .. import compute
-from ..algebra.linear import CompressedLinear
-from ..algebra.quant import FLOAT_DTYPES, QTensor, dtype_name
-from ..algebra.spec import LinearSpec
+from ..algebra.quant import QTensor
 from ..algebra.terms import as_float
-from ..models.checkpoint import compressed_modules
-
-
-class Recovery(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    steps: int = Field(0, ge=0, description="optimizer steps on the causal-LM loss; 0 = no recovery")
-    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
-    batch_size: int = Field(1, ge=1, description="calibration windows per step")
-    train: Literal["lowrank", "lowrank+sparse"] = Field(
-        "lowrank", description="float tensors that train: low-rank factors, or those and the sparse values")
-
-    def trains(self, kind: str) -> bool:
-        return kind == "lowrank" or (kind == "sparse" and self.train == "lowrank+sparse")
-
-    def trainable(self, spec: LinearSpec) -> bool:
-        """Whether a Linear of this planned structure has a float tensor this recovery trains."""
-        return any(self.trains(term.kind) and not any(t.quantized for t in term.tensors().values())
-                   for term in spec.terms)
+from ..core import dtypes as compute
+from ..core.dtypes import FLOAT_DTYPES, dtype_name
+from ..pipeline.blocks import compressed_modules
+from ..recipe import Recovery
+from ..runtime.linear import CompressedLinear
 
 
 def _float(t) -> bool:

@@ -19,13 +19,11 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .algebra.spec import LinearSpec
+from ..algebra.spec import LinearSpec
+from ..core.errors import IllegalStep
+from .allocation import allocate_by_sensitivity
 
 _REGISTRY: dict[str, type["Technique"]] = {}
-
-
-class IllegalStep(ValueError):
-    """A recipe step that cannot apply to what the previous steps produced."""
 
 
 class Technique(BaseModel):
@@ -85,8 +83,6 @@ class Technique(BaseModel):
         """Per-Linear copies of this step, from a dense prepass: ``blocks[i]`` lists ``(name, weight, stats)``
         of block i's targeted Linears, computed on the uncompressed model. Only called if `needs_prepass`.
         The default is the sensitivity allocation (`techniques.allocation`)."""
-        from .techniques.allocation import allocate_by_sensitivity
-
         return allocate_by_sensitivity(self, blocks)
 
     def params(self) -> dict:
@@ -101,28 +97,3 @@ def register(cls: type[Technique]) -> type[Technique]:
                          f"({_REGISTRY[cls.name].__name__} and {cls.__name__})")
     _REGISTRY[cls.name] = cls
     return cls
-
-
-def registry() -> dict[str, type[Technique]]:
-    from . import techniques  # noqa: F401  (fills the registry)
-    return dict(_REGISTRY)
-
-
-def get_technique(name: str) -> type[Technique]:
-    techniques = registry()
-    if name not in techniques:
-        raise ValueError(f"unknown technique {name!r}; allowed: {sorted(techniques)}")
-    return techniques[name]
-
-
-def describe_techniques() -> list[dict]:
-    """Name, family, summary and parameters (with defaults and descriptions) of every technique."""
-    out = []
-    for name, cls in sorted(registry().items()):
-        params = []
-        for field, info in cls.model_fields.items():
-            default = info.default if info.default is not None or not info.is_required() else "(required)"
-            params.append({"name": field, "default": default, "type": str(info.annotation).replace("typing.", ""),
-                           "description": info.description or ""})
-        out.append({"name": name, "family": cls.family, "summary": cls.summary, "params": params})
-    return out

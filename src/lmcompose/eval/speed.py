@@ -28,7 +28,13 @@ from pathlib import Path
 
 import torch
 
-from .inference import InferencePolicy, held_nbytes, measure_csr_threshold, median_seconds, prepare_inference
+from ..runtime.inference import (
+    InferencePolicy,
+    held_nbytes,
+    measure_csr_threshold,
+    median_seconds,
+    prepare_inference,
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -90,10 +96,10 @@ def _rss_bytes() -> int:
 
 def run_one(job: dict) -> dict:
     """Load one model, set its inference paths, benchmark it. `job` is plain data (it crosses processes)."""
-    from .cli import _load_any
+    from ..models.load import load_any
 
     t0 = time.perf_counter()
-    model, _ = _load_any(job["model"], job["dtype"], job["device"], job.get("trust_remote_code", False))
+    model, _ = load_any(job["model"], job["dtype"], job["device"], job.get("trust_remote_code", False))
     load_seconds = time.perf_counter() - t0
     policy = job.get("policy")
     modes: dict[str, int] = {}
@@ -137,11 +143,18 @@ def run_isolated(job: dict) -> dict:
     return payload
 
 
+def policy_presets() -> dict[str, dict]:
+    """Named inference policies for the command line: the structure-using default, the old forward
+    (everything cached dense, low rank factored), and the least-memory one."""
+    return {"auto": {}, "dense": {"quant": "dense", "sparse": "dense", "lowrank": "factored"},
+            "dequant": {"quant": "dequant"}, "kernel": {"quant": "kernel", "sparse": "csr"}}
+
+
 def bench_speed(model: str, dense: str | None = None, policies=("auto", "dense"), prompt_len: int = 256,
                 new_tokens: int = 64, batch_sizes=(1, 8), dtype: str = "fp32", device: str = "cpu",
                 repeats: int = 5, warmup: int = 1, isolate: bool = True, trust_remote_code: bool = False) -> dict:
     """Benchmark the dense model (if given) and `model` under each named policy (see `policy_presets`)."""
-    from .models.checkpoint import META_FILE
+    from ..models.checkpoint import META_FILE
 
     if prompt_len < 1 or new_tokens < 1 or repeats < 1 or warmup < 0 or not batch_sizes:
         raise ValueError(f"prompt_len={prompt_len}, new_tokens={new_tokens}, repeats={repeats} must be >= 1, "
@@ -175,63 +188,3 @@ def bench_speed(model: str, dense: str | None = None, policies=("auto", "dense")
         env["csr_measurement"] = measure_csr_threshold(repeats=10)
     return {"config": common | {"model": model, "dense": dense, "policies": list(policies)}, "environment": env,
             "runs": runs}
-
-
-def policy_presets() -> dict[str, dict]:
-    """Named inference policies for the command line: the structure-using default, the old forward
-    (everything cached dense, low rank factored), and the least-memory one."""
-    return {"auto": {}, "dense": {"quant": "dense", "sparse": "dense", "lowrank": "factored"},
-            "dequant": {"quant": "dequant"}, "kernel": {"quant": "kernel", "sparse": "csr"}}
-
-
-# -- command line ------------------------------------------------------------------------------------
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f}"
-
-
-def cmd_bench_speed(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    result = bench_speed(args.model, args.dense, tuple(args.policy), args.prompt_len, args.new_tokens,
-                         tuple(args.batch_sizes), args.dtype, args.device, args.repeats, args.warmup,
-                         isolate=not args.no_isolate, trust_remote_code=args.trust_remote_code)
-    table = Table(title=f"bench-speed ({args.device}, {args.dtype}, {result['environment']['threads']} threads)")
-    cols = ["run", "paths"] + [f"prefill b{b} tok/s" for b in args.batch_sizes] + [
-        "decode tok/s", "RSS loaded MiB", "peak RSS MiB", "weights held MiB"]
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("run", "paths") else "right")
-    for run in result["runs"]:
-        speed = run.get("speedup_vs_dense")
-        def cell(value, ratio):
-            return f"{value:,.1f}" + (f" ({ratio:.2f}x)" if speed else "")
-        row = [run["label"], ", ".join(f"{k}×{v}" for k, v in run["paths"].items()) or "-"]
-        row += [cell(run["prefill_tok_s"][str(b)], speed and speed["prefill"][str(b)]) for b in args.batch_sizes]
-        row += [cell(run["decode_tok_s"], speed and speed["decode"]), _mib(run["rss_after_load_bytes"]),
-                _mib(run["peak_rss_bytes"]),
-                _mib(run["held_bytes"]["total"])]
-        table.add_row(*row)
-    Console(width=max(Console().width, 150)).print(table)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
-
-
-def add_parser(sub) -> None:
-    b = sub.add_parser("bench-speed", help="prefill/decode tokens/s and peak memory, dense vs compressed")
-    b.add_argument("--model", required=True, help="lmcompose checkpoint directory (or any model to time)")
-    b.add_argument("--dense", default=None, help="dense baseline (default: the checkpoint's base model)")
-    b.add_argument("--policy", nargs="+", default=["auto", "dense"], choices=sorted(policy_presets()),
-                   help="inference policies for the compressed model (see lmcompose.inference)")
-    b.add_argument("--prompt-len", type=int, default=256)
-    b.add_argument("--new-tokens", type=int, default=64)
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="prefill batch sizes")
-    b.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
-    b.add_argument("--warmup", type=int, default=1)
-    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    b.add_argument("--no-isolate", action="store_true", help="run in this process (peak RSS then covers all runs)")
-    b.add_argument("--trust-remote-code", action="store_true")
-    b.add_argument("--json", default=None, help="write all numbers here")
-    b.set_defaults(func=cmd_bench_speed)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..algebra.spec import LinearSpec, TensorSpec
+from ..algebra.terms import TERM_TYPES, Dense, as_float
+from ..core.dtypes import dtype_name
 from .kernels import Executor, default_paths, path_error
-from .spec import LinearSpec, TensorSpec
-from .quant import dtype_name
-from .terms import TERM_TYPES, Dense, as_float
 
 
 class CompressedLinear(nn.Module):

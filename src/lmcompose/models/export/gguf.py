@@ -1,28 +1,4 @@
-"""Exports of a compressed model for other engines: compressed-tensors and GGUF.
-
-Both need a *quantization-only* result: every CompressedLinear holds one Dense term whose tensor is a
-:class:`QTensor` (RTN, GPTQ, ...). Anything else (sparse, low-rank, a float dense term) is refused
-with the first offending layer and its structure; such results go out as a merged dense checkpoint
-(:func:`lmcompose.models.checkpoint.export_dense`). Codes are written bit-exactly: nothing is
-re-quantized.
-
-**compressed-tensors** (``pack-quantized``, what vLLM and transformers load; format read from the
-``compressed-tensors`` package, ``compressors/pack_quantized``). Per Linear ``name``:
-``name.weight_packed`` int32 [rows, cols·bits/32], value i of a row at bits ``i·bits`` of word
-``i·bits // 32``, each value the *unsigned* code ``q + 2^(b-1)``; ``name.weight_scale`` [rows, groups]
-in our scale dtype; ``name.weight_shape`` int64 [2]; asymmetric grids add ``name.weight_zero_point``
-(signed zero points, packed the same way along the row axis: int32 [rows·bits/32, groups]).
-compressed-tensors dequantizes ``scale · (q - zp)`` with signed ``q`` in [-2^(b-1), 2^(b-1) - 1], so our
-unsigned ``code`` and ``zero`` map exactly: ``q = code - 2^(b-1)``, ``zp = zero - 2^(b-1)``, and a
-symmetric grid (fixed ``zero = 2^(b-1)``) is ``q = code - 2^(b-1)`` with no zero point. Limits, each
-refused with the reason: bits must divide 32 (2, 4, 8: the packing of other widths changed between
-compressed-tensors versions and vLLM reads 4 and 8); ``group_size`` must divide in_features
-(compressed-tensors has no shorter last group); a stored act-order permutation has no representation
-(``actorder="group"``/``g_idx`` was removed from compressed-tensors; use GPTQ ``static_groups: true``).
-``group_size=None`` (one scale per row) is the ``channel`` strategy. Load it in transformers with
-``quantization_config=CompressedTensorsConfig(dequantize=True)``: with ``dequantize=False``, transformers
-5.23 + compressed-tensors 0.20 allocate an *unpacked* ``weight_zero_point`` and reject asymmetric files,
-even though the package's own ``compress()`` and vLLM use the packed layout written here.
+"""Export to GGUF.
 
 **GGUF** (llama architecture only; ``gguf.GGUFWriter``; tensor names from ``gguf.TensorNameMap``, q/k
 rows permuted as llama.cpp's ``convert_hf_to_gguf.py`` does). A grid maps onto a GGML block type when
@@ -38,137 +14,29 @@ rounded (relative error ≤ 2⁻¹¹ of m; the only inexact value in the file). 
 ``lmcompose.requantized`` metadata key). The tokenizer is written the way ``convert_hf_to_gguf`` writes a
 byte-level BPE (``tokenizer.ggml.model = "gpt2"``: tokens, token types, merges, special ids); other
 tokenizer types are refused (pass ``tokenizer=None`` to write weights only).
-
-Example::
-
-    model, tok, _ = load_compressed("runs/smollm2-gptq4")
-    export_compressed_tensors(model, "out/ct", tok)          # vLLM: LLM("out/ct")
-    export_gguf(model, "out/model.gguf", tok)                 # llama.cpp / from_pretrained(gguf_file=...)
-
-CLI: ``lmcompose export RUN_DIR --format dense|compressed-tensors|gguf --out PATH``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from ..algebra.quant import FLOAT_DTYPES, QTensor
-from ..algebra.terms import Dense
-from .checkpoint import atomic_dir, compressed_modules, other_tensors
+from ...algebra.quant import QTensor
+from ...core.io import atomic_file
+from ...pipeline.blocks import compressed_modules
+from ..checkpoint import other_tensors
+from . import quantized_weights
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("dense", "compressed-tensors", "gguf")
 
-
-def quantized_weights(model, fmt: str) -> dict[str, QTensor]:
-    """The QTensor of every CompressedLinear; refuse anything that is not quantization-only."""
-    out = {}
-    for name, mod in compressed_modules(model).items():
-        terms = mod.terms
-        if len(terms) != 1 or not isinstance(terms[0], Dense) or not isinstance(terms[0].a, QTensor):
-            raise ValueError(f"the {fmt} export needs quantization-only layers (one dense term holding a quantized "
-                             f"tensor); {name} is {mod.spec().describe()}. Use --format dense for other results")
-        out[name] = terms[0].a.to("cpu")
-    return out
-
-
-# -- compressed-tensors ------------------------------------------------------------------------------
-def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned `bits`-bit values [rows, n] along the last axis into int32 words, low bits first."""
-    per_word = 32 // bits
-    rows, n = values.shape
-    padded = torch.zeros(rows, -(-n // per_word) * per_word, dtype=torch.int64)
-    padded[:, :n] = values.to(torch.int64)
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    words = (padded.reshape(rows, -1, per_word) << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's-complement wrap
-
-
-def _ct_check(name: str, q: QTensor) -> None:
-    spec, cols = q.spec, q.shape[1]
-    if 32 % spec.bits:
-        raise ValueError(f"{name}: bits={spec.bits} cannot be written as compressed-tensors pack-quantized; "
-                         "allowed: 2, 4, 8 (widths that divide 32)")
-    if q.perm is not None:
-        raise ValueError(f"{name}: the grid stores an act-order permutation, which compressed-tensors cannot "
-                         "represent (actorder='group' / g_idx was removed); quantize with GPTQ "
-                         "static_groups: true, or act_order: false")
-    if spec.group_size is not None and cols % spec.group_size:
-        raise ValueError(f"{name}: group_size={spec.group_size} does not divide in_features={cols}, and "
-                         "compressed-tensors has no shorter last group; pick a group size that divides it")
-
-
-def _ct_scheme(spec) -> dict:
-    grouped = spec.group_size is not None
-    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
-            "group_size": spec.group_size, "strategy": "group" if grouped else "channel",
-            "dynamic": False}
-
-
-def ct_tensors(name: str, q: QTensor) -> dict[str, torch.Tensor]:
-    """One Linear's tensors in compressed-tensors pack-quantized layout (see the module docstring)."""
-    out = {f"{name}.weight_packed": pack_int32(q.codes, q.spec.bits),
-           f"{name}.weight_scale": q.scale.contiguous(),
-           f"{name}.weight_shape": torch.tensor(q.shape, dtype=torch.int64)}
-    if q.zero is not None:  # packed along rows: transpose, pack, transpose back
-        out[f"{name}.weight_zero_point"] = pack_int32(q.zero.T, q.spec.bits).T.contiguous()
-    return out
-
-
-def export_compressed_tensors(model, out_dir: str | Path, tokenizer=None, float_dtype: str = "fp16",
-                              overwrite: bool = False) -> Path:
-    """Write a Hugging Face checkpoint in compressed-tensors ``pack-quantized`` format.
-
-    Args:
-        model: a model whose CompressedLinears are quantization-only.
-        out_dir: output directory (written atomically).
-        tokenizer: saved beside the weights when given.
-        float_dtype: dtype of every other tensor (embeddings, norms, unquantized Linears) and of config ``dtype``.
-        overwrite: replace an existing `out_dir`.
-    """
-    weights = quantized_weights(model, "compressed-tensors")
-    for name, q in weights.items():
-        _ct_check(name, q)
-    layers = compressed_modules(model)
-    tensors = other_tensors(model, float_dtype)
-    groups: dict[tuple, list[str]] = {}
-    for name, q in weights.items():
-        tensors.update(ct_tensors(name, q))
-        bias = layers[name].bias_value
-        if bias is not None:
-            tensors[f"{name}.bias"] = bias.to(FLOAT_DTYPES[float_dtype]).cpu().contiguous()
-        groups.setdefault((q.spec.bits, q.spec.group_size, q.spec.symmetric), []).append(name)
-    config_groups = {f"group_{i}": {"targets": names, "weights": _ct_scheme(weights[names[0]].spec),
-                                    "input_activations": None, "output_activations": None,
-                                    "format": "pack-quantized"}
-                     for i, names in enumerate(groups.values())}
-    qconfig = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-               "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None,
-               "global_compression_ratio": None}
-    with atomic_dir(out_dir, overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        config = json.loads((tmp / "config.json").read_text())
-        config["quantization_config"] = qconfig
-        config["dtype"] = str(FLOAT_DTYPES[float_dtype]).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
-
-
-# -- GGUF ----------------------------------------------------------------------------------------------
 GGUF_BLOCK = 32
-# (symmetric, bits) -> GGML type name; the dequantization each type applies is in the module docstring
+
+
 GGUF_TYPES = {(True, 4): "Q4_0", (False, 4): "Q4_1", (True, 5): "Q5_0", (False, 5): "Q5_1", (True, 8): "Q8_0"}
 
 
@@ -331,11 +199,8 @@ def export_gguf(model, out_path: str | Path, tokenizer=None, *, allow_requant: b
             tensors[f"{name}.bias"] = layers[name].bias_value.float().cpu()
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         writer.add_name(getattr(config, "_name_or_path", "") or "lmcompose export")
         _gguf_hparams(writer, config)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -365,44 +230,4 @@ def export_gguf(model, out_path: str | Path, tokenizer=None, *, allow_requant: b
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out
-
-
-# -- command line -------------------------------------------------------------------------------------
-def cmd_export(args) -> int:
-    from rich.console import Console
-
-    from .checkpoint import export_dense, load_compressed
-
-    model, tokenizer, meta = load_compressed(args.run_dir)
-    if args.no_tokenizer:
-        tokenizer = None
-    if args.format == "dense":
-        out = export_dense(model, args.out, tokenizer, dtype=args.dtype, overwrite=args.overwrite)
-    elif args.format == "compressed-tensors":
-        out = export_compressed_tensors(model, args.out, tokenizer, float_dtype=args.dtype, overwrite=args.overwrite)
-    else:
-        out = export_gguf(model, args.out, tokenizer, allow_requant=args.allow_requant, float_dtype=args.dtype,
-                          overwrite=args.overwrite)
-    Console().print(f"wrote {args.format} export of {args.run_dir} ({meta.get('base_model') or 'model'}) to {out}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    """``lmcompose export RUN_DIR --format dense|compressed-tensors|gguf --out PATH``."""
-    p = sub.add_parser("export", help="write a compressed checkpoint for other engines: merged dense HF, "
-                                      "compressed-tensors (vLLM) or GGUF (llama.cpp)")
-    p.add_argument("run_dir", help="an lmcompose checkpoint directory (from `lmcompose compress`)")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--out", required=True, help="output directory (dense, compressed-tensors) or .gguf file")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
-                   help="dtype of the float tensors written (GGUF: fp16 or fp32)")
-    p.add_argument("--allow-requant", action="store_true",
-                   help="GGUF: write Linears whose grid has no GGML type as F16 dense instead of refusing")
-    p.add_argument("--no-tokenizer", action="store_true", help="write the weights without the tokenizer")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_export)

@@ -1,4 +1,4 @@
-"""The compute dtype of forward passes: ``fp32``, ``bf16``, ``fp16`` or ``auto``.
+"""Float dtypes: the storage dtypes' names and sizes, and the compute dtype of forward passes: ``fp32``, ``bf16``, ``fp16`` or ``auto``.
 
 Weights keep their storage precision; only the matmuls of forward passes (block forwards during
 compression, evaluation) run in the compute dtype. ``auto`` picks bf16 where it is measurably faster
@@ -27,11 +27,19 @@ import time
 import torch
 from torch import nn
 
-from .algebra.quant import FLOAT_DTYPES, dtype_name
-
 log = logging.getLogger(__name__)
+
+FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FLOAT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 CHOICES = ("auto", "fp32", "bf16", "fp16")
 SPEEDUP_NEEDED = 1.5  # bf16 must beat fp32 by this factor for `auto` to take it
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in FLOAT_DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} is not a storage float dtype; allowed: {sorted(FLOAT_DTYPES)}")
 
 
 def check(name: str, field: str = "dtype") -> str:
@@ -99,3 +107,11 @@ def cast_for_eval(model: nn.Module, name: str = "auto") -> str:
     if FLOAT_DTYPES[resolved] != model_dtype(model):
         model.to(FLOAT_DTYPES[resolved])
     return resolved
+
+
+def eval_dtype(dtype: str, device: str) -> str:
+    """The dtype to load a model in for evaluation: `dtype`, with ``auto`` resolved for `device`
+    (``auto`` meaning CUDA when present)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve(dtype, device)

@@ -33,8 +33,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .quant import QTensor
-from .terms import Dense, LowRank, Sparse
+from ..algebra.quant import QTensor
+from ..algebra.terms import Dense, LowRank, Sparse
 
 PATHS = ("dense", "lowrank", "csr", "int8", "int4", "dequant")
 INT4_GROUPS = (32, 64, 128, 256)

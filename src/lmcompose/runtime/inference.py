@@ -33,10 +33,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .algebra.kernels import path_error, quantized_slot, to_csr
-from .algebra.linear import CompressedLinear
-from .algebra.quant import QTensor
-from .algebra.terms import LowRank, Sparse
+from ..algebra.quant import QTensor
+from ..algebra.terms import LowRank, Sparse
+from .kernels import path_error, quantized_slot, to_csr
+from .linear import CompressedLinear
 
 # Largest density at which torch's CPU CSR matmul beat the dense fp32 GEMM for one input row
 # (1536x576, one core, torch 2.13+cpu; `measure_csr_threshold` reproduces the measurement).

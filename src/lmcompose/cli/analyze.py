@@ -1,0 +1,58 @@
+"""``lmcompose analyze``: how two techniques interact (A, B, A→B, B→A and a joint method)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import console, model_options, progress
+
+
+def _step_arg(text: str | None, flag: str):
+    import yaml
+
+    if text is None:
+        return None
+    try:
+        step = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{flag}={text!r} is not YAML: {err}") from None
+    if not isinstance(step, dict) or len(step) != 1:
+        raise ValueError(f"{flag}={text!r} must be one step, e.g. \"wanda: {{sparsity: 0.5}}\"")
+    return step
+
+
+def cmd_analyze(args) -> int:
+    from ..analysis.orthogonality import analyze, to_markdown, write
+    from ..eval.perplexity import get_protocol
+
+    a, b, joint = _step_arg(args.a, "--a"), _step_arg(args.b, "--b"), _step_arg(args.joint, "--joint")
+    overrides = {k: v for k, v in (("max_windows", args.max_windows), ("max_tokens", args.max_tokens)) if v}
+    protocol = get_protocol(args.protocol, **overrides)
+    calibration = {"n": args.calib_n, "seqlen": args.calib_seqlen, "seed": args.seed}
+    out = Path(args.out)
+    with progress() as prog:
+        task = prog.add_task("analyze (variants)", total=5 if joint else 4)
+        an = analyze(args.model, a, b, joint, calibration=calibration, protocol=protocol, data_dir=args.data_dir,
+                     dtype=args.dtype, device=args.device,
+                     on_variant=lambda name, steps: prog.update(task, advance=1, description=f"analyze: {name}"))
+    write(an, out)
+    console.print(to_markdown(an))
+    console.print(f"wrote {out}/analysis.json, analysis.md, analysis.png")
+    return 0
+
+
+def add_parser(sub) -> None:
+    an = sub.add_parser("analyze", help="orthogonality of two techniques: A, B, A→B, B→A and a joint method")
+    model_options(an)
+    an.add_argument("--a", required=True, help='first step as YAML, e.g. "wanda: {sparsity: 0.5}"')
+    an.add_argument("--b", required=True, help='second step, e.g. "gptq: {bits: 4, group_size: 64}"')
+    an.add_argument("--joint", default=None, help="optional joint method doing both at once")
+    an.add_argument("--out", required=True, help="directory for analysis.json/.md/.png")
+    an.add_argument("--protocol", default="quick")
+    an.add_argument("--max-windows", type=int, default=None)
+    an.add_argument("--max-tokens", type=int, default=None)
+    an.add_argument("--calib-n", type=int, default=128)
+    an.add_argument("--calib-seqlen", type=int, default=512)
+    an.add_argument("--seed", type=int, default=0)
+    an.set_defaults(func=cmd_analyze)
+

@@ -1,0 +1,195 @@
+"""Evaluation commands: ``eval`` (perplexity), ``zeroshot``, ``fidelity`` and ``bench-speed``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..core.dtypes import CHOICES as DTYPE_CHOICES
+from ..eval.speed import policy_presets
+from ..eval.zeroshot import DEFAULT_TASKS
+from .common import (
+    DTYPE_HELP,
+    console,
+    model_options,
+    print_totals,
+    progress,
+    write_json_output,
+)
+
+
+def mib_number(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def cmd_eval(args) -> int:
+    from ..core.dtypes import eval_dtype
+    from ..eval.perplexity import get_protocol, perplexity
+    from ..models.load import load_any
+
+    overrides = {k: v for k, v in {"seqlen": args.seqlen, "batch_size": args.batch_size,
+                                   "max_tokens": args.max_tokens}.items() if v is not None}
+    protocol = get_protocol(args.protocol, **overrides)
+    model, tokenizer = load_any(args.model, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
+    with progress() as prog:
+        task = prog.add_task("perplexity", total=None)
+        result = perplexity(model, tokenizer, protocol, data_dir=args.data_dir,
+                            progress=lambda done, total: prog.update(task, completed=done, total=total))
+    print_totals({"model": args.model, "perplexity": f"{result.ppl:.4f}", "tokens": result.n_tokens,
+                   "windows": result.n_windows, "seconds": f"{result.seconds:.1f}",
+                   "protocol": json.dumps(result.protocol)})
+    write_json_output(args.json, {"model": args.model, **result.to_dict()})
+    return 0
+
+
+def cmd_zeroshot(args) -> int:
+    from rich.table import Table
+
+    from ..core.dtypes import eval_dtype
+    from ..eval.zeroshot import zeroshot
+    from ..models.load import load_any
+    from ..models.rundir import REPORT_FILE, record_result
+
+    model, tokenizer = load_any(args.model, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
+    result = zeroshot(model, tokenizer, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
+                      batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+    table = Table(title=f"zero-shot: {args.model} (lm-eval {result['lm_eval_version']}, limit {args.limit})")
+    for col in ("task", "metric", "value", "stderr", "n", "config hash"):
+        table.add_column(col)
+    for task, metrics in result["tasks"].items():
+        for metric, value in metrics.items():
+            if metric.endswith("_stderr") or metric == "n" or value is None:
+                continue
+            err = metrics.get(f"{metric}_stderr")
+            table.add_row(task, metric, f"{value:.4f}", f"{err:.4f}" if err is not None else "",
+                          str(metrics["n"]), result["task_hashes"][task])
+    console.print(table)
+    if record_result(args.model, "zeroshot", result):
+        console.print(f"recorded in {Path(args.model) / REPORT_FILE} (shown by `lmcompose report`)")
+    write_json_output(args.json, {"model": args.model, **result})
+    return 0
+
+
+def _limit(value: str) -> int | float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"--limit {value} is not allowed: must be > 0")
+    return int(number) if number >= 1 else number
+
+
+def cmd_fidelity(args) -> int:
+    from ..core.dtypes import eval_dtype
+    from ..eval.fidelity import fidelity
+    from ..eval.perplexity import get_protocol
+    from ..models.checkpoint import META_FILE
+    from ..models.load import load_any
+    from ..models.rundir import REPORT_FILE, record_result
+
+    meta_path = Path(args.compressed) / META_FILE
+    dense_name = args.dense
+    if dense_name is None:
+        if not meta_path.is_file():
+            raise ValueError("--dense is required when --compressed is not an lmcompose checkpoint")
+        dense_name = json.loads(meta_path.read_text()).get("base_model") or None
+        if dense_name is None:
+            raise ValueError(f"{args.compressed} records no base_model: pass --dense")
+    overrides = {k: v for k, v in {"seqlen": args.seqlen, "batch_size": args.batch_size}.items() if v is not None}
+    protocol = get_protocol(args.protocol, **overrides)
+    dense, tokenizer = load_any(dense_name, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
+    compressed, _ = load_any(args.compressed, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
+    with progress() as prog:
+        task = prog.add_task("fidelity", total=None)
+        result = fidelity(dense, compressed, tokenizer, protocol, data_dir=args.data_dir,
+                          max_windows=args.max_windows,
+                          progress=lambda done, total: prog.update(task, completed=done, total=total))
+    print_totals({"dense": dense_name, "compressed": args.compressed, "KL(dense‖compressed)": f"{result.kl_mean:.6f}",
+                   "top-1 agreement": f"{result.top1_agreement:.4f}", "positions": result.n_tokens,
+                   "seconds": f"{result.seconds:.1f}", "protocol": json.dumps(result.protocol)})
+    summary = {"dense": dense_name, "compressed": args.compressed, **result.to_dict()}
+    if record_result(args.compressed, "fidelity", summary):
+        console.print(f"recorded in {Path(args.compressed) / REPORT_FILE} (shown by `lmcompose report`)")
+    write_json_output(args.json, summary)
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from ..eval.speed import bench_speed
+
+    result = bench_speed(args.model, args.dense, tuple(args.policy), args.prompt_len, args.new_tokens,
+                         tuple(args.batch_sizes), args.dtype, args.device, args.repeats, args.warmup,
+                         isolate=not args.no_isolate, trust_remote_code=args.trust_remote_code)
+    table = Table(title=f"bench-speed ({args.device}, {args.dtype}, {result['environment']['threads']} threads)")
+    cols = ["run", "paths"] + [f"prefill b{b} tok/s" for b in args.batch_sizes] + [
+        "decode tok/s", "RSS loaded MiB", "peak RSS MiB", "weights held MiB"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("run", "paths") else "right")
+    for run in result["runs"]:
+        speed = run.get("speedup_vs_dense")
+        def cell(value, ratio):
+            return f"{value:,.1f}" + (f" ({ratio:.2f}x)" if speed else "")
+        row = [run["label"], ", ".join(f"{k}×{v}" for k, v in run["paths"].items()) or "-"]
+        row += [cell(run["prefill_tok_s"][str(b)], speed and speed["prefill"][str(b)]) for b in args.batch_sizes]
+        row += [cell(run["decode_tok_s"], speed and speed["decode"]), mib_number(run["rss_after_load_bytes"]),
+                mib_number(run["peak_rss_bytes"]),
+                mib_number(run["held_bytes"]["total"])]
+        table.add_row(*row)
+    Console(width=max(console.width, 150)).print(table)
+    write_json_output(args.json, result)
+    return 0
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("eval", help="perplexity of a model or a compressed checkpoint")
+    model_options(e)
+    e.add_argument("--protocol", default="quick", help="quick (WikiText-2 test, seqlen 512, 64 windows) or full")
+    e.add_argument("--seqlen", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--json", default=None, help="also write the result as JSON here")
+    e.set_defaults(func=cmd_eval)
+
+    z = sub.add_parser("zeroshot", help="zero-shot accuracy through lm-evaluation-harness, tasks from local files")
+    model_options(z)
+    z.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help="comma-separated built-in task names and/or paths of .yaml/.json task specs")
+    z.add_argument("--limit", type=_limit, default=None, help="examples per task (a fraction if < 1)")
+    z.add_argument("--batch-size", type=int, default=8)
+    z.add_argument("--num-fewshot", type=int, default=0)
+    z.add_argument("--json", default=None, help="also write the result as JSON here")
+    z.set_defaults(func=cmd_zeroshot)
+
+    f = sub.add_parser("fidelity", help="KL(dense ‖ compressed) and top-1 agreement on held-out text")
+    f.add_argument("--dense", default=None, help="the reference model (default: the checkpoint's base_model)")
+    f.add_argument("--compressed", required=True, help="an lmcompose checkpoint directory (or any model)")
+    f.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES), help=DTYPE_HELP)
+    f.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    f.add_argument("--data-dir", default=None, help="data directory (default $LMCOMPOSE_DATA_DIR)")
+    f.add_argument("--trust-remote-code", action="store_true")
+    f.add_argument("--protocol", default="quick", help="quick (WikiText-2 test, seqlen 512) or full")
+    f.add_argument("--max-windows", type=int, default=16)
+    f.add_argument("--seqlen", type=int, default=None)
+    f.add_argument("--batch-size", type=int, default=None)
+    f.add_argument("--json", default=None, help="also write the result as JSON here")
+    f.set_defaults(func=cmd_fidelity)
+
+    b = sub.add_parser("bench-speed", help="prefill/decode tokens/s and peak memory, dense vs compressed")
+    b.add_argument("--model", required=True, help="lmcompose checkpoint directory (or any model to time)")
+    b.add_argument("--dense", default=None, help="dense baseline (default: the checkpoint's base model)")
+    b.add_argument("--policy", nargs="+", default=["auto", "dense"], choices=sorted(policy_presets()),
+                   help="inference policies for the compressed model (see lmcompose.runtime.inference)")
+    b.add_argument("--prompt-len", type=int, default=256)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="prefill batch sizes")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--no-isolate", action="store_true", help="run in this process (peak RSS then covers all runs)")
+    b.add_argument("--trust-remote-code", action="store_true")
+    b.add_argument("--json", default=None, help="write all numbers here")
+    b.set_defaults(func=cmd_bench_speed)
+

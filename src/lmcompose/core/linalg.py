@@ -1,0 +1,46 @@
+"""Linear-algebra helpers shared by several techniques: the damped inverse-Hessian Cholesky factor of
+the OBS methods (SparseGPT, GPTQ, OBS salience) and a seeded randomized SVD."""
+
+from __future__ import annotations
+
+import torch
+
+PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, dead: torch.Tensor | None = None, *,
+                            dtype: torch.dtype = torch.float32, layer_shape: tuple[int, int] | None = None):
+    """Upper Cholesky factor U of (H + λI)⁻¹ with λ = percdamp·mean(diag H); `dead` diagonals set to 1.
+
+    Computed as the reference does (Cholesky, ``cholesky_inverse``, upper Cholesky) in `dtype`.
+    Shared by SparseGPT and GPTQ. Returns (U, λ). Raises ValueError, naming the layer, when H is not
+    finite or not positive definite even after damping (no silent fallback).
+    """
+    cols = h.shape[0]
+    what = f"the {layer_shape[0]}x{layer_shape[1]} layer" if layer_shape else f"a layer with {cols} inputs"
+    h = h.to(dtype=dtype, copy=True)
+    if not torch.isfinite(h).all():
+        raise ValueError(f"the input Gram matrix of {what} has non-finite entries; check the calibration inputs")
+    if dead is not None:
+        h[dead, dead] = 1.0
+    damp = percdamp * torch.mean(torch.diag(h))
+    h.diagonal().add_(damp)
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0:
+        chol, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    if int(info) != 0:
+        raise ValueError(f"the Hessian of {what} is not positive definite after damping "
+                         f"λ={float(damp):.3e} (percdamp={percdamp}, {str(dtype).removeprefix('torch.')}); "
+                         "raise percdamp (e.g. 0.1)")
+    return chol, float(damp)
+
+
+def randomized_svd(a: torch.Tensor, q: int, niter: int = 2, generator: torch.Generator | None = None):
+    """(U [m, q], S [q]) of the randomized SVD of `a` (Halko et al. 2011, alg. 4.4; torch.svd_lowrank's)."""
+    omega = torch.randn(a.shape[1], q, dtype=a.dtype, device=a.device, generator=generator)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a.T @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    u, s, _ = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    return basis @ u, s

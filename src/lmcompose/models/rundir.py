@@ -1,0 +1,35 @@
+"""The files of a run directory beside the checkpoint: ``report.json`` (what the run did and every
+evaluation recorded since) and the checkpoint's metadata, each edited atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..core.io import write_json_atomically
+from .checkpoint import META_FILE
+
+
+def update_metadata(out_dir: str | Path, **fields) -> dict:
+    """Set top-level `fields` of a saved checkpoint's lmcompose.json (atomically)."""
+    path = Path(out_dir) / META_FILE
+    meta = json.loads(path.read_text())
+    meta.update(fields)
+    write_json_atomically(path, meta)
+    return meta
+
+
+REPORT_FILE = "report.json"
+
+
+def record_result(run_dir: str | Path, key: str, value: dict) -> bool:
+    """Store an evaluation of a saved run (``zeroshot``, ``fidelity``) under `key` of its report.json, where
+    ``lmcompose report`` shows it beside perplexity. Returns False (and writes nothing) when `run_dir` is
+    not a run directory of ``lmcompose compress``."""
+    path = Path(run_dir) / REPORT_FILE
+    if not path.is_file():
+        return False
+    report = json.loads(path.read_text())
+    report[key] = value
+    write_json_atomically(path, report)
+    return True
