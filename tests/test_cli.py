@@ -2,40 +2,11 @@
 
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import tiny_llama
 
 from lmcompose.cli import main
 from lmcompose.models.checkpoint import file_tensor_bytes
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("cli")
-    words = [f"w{i}" for i in range(120)]
-    vocab = {w: i for i, w in enumerate(words)} | {"[UNK]": 120, "</s>": 121}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]")
-    model_dir = root / "model"
-    tiny_llama().save_pretrained(model_dir, safe_serialization=True)
-    fast.save_pretrained(model_dir)
-    data = root / "data"
-    (data / "wikitext-2").mkdir(parents=True)
-    (data / "c4").mkdir()
-    text = " ".join(words[i % 120] for i in range(4000))
-    (data / "wikitext-2" / "wiki.test.raw").write_text((text + "\n") * 3)
-    pq.write_table(pa.table({"text": [text] * 20}), data / "c4" / "c4_validation_2k.parquet")
-    recipe = root / "recipe.yaml"
-    recipe.write_text("calibration: {n: 4, seqlen: 32, batch_size: 2}\nsteps:\n  - wanda: {pattern: '2:4'}\n"
-                      "  - gptq: {bits: 4, group_size: 32, target: sparse}\n")
-    return root, model_dir, data, recipe
 
 
 def test_compress_eval_check_techniques(setup, capsys):

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-from helpers import tiny_llama, windows
-from test_techniques import layer_problem, objective, run
+from helpers import compress_as_checked, layer_problem, objective, tiny_llama, windows
+from helpers import run_technique as run
 
-from lmcompose import Recipe, compress
+from lmcompose import Recipe
 from lmcompose.algebra import Dense, QuantSpec, quantize_rtn
 from lmcompose.algebra.spec import LinearSpec
-from lmcompose.pipeline.blocks import linear_shapes
 from lmcompose.runtime.linear import CompressedLinear
 from lmcompose.techniques.joint import dam  # noqa: F401  (registers `dam`)
 from lmcompose.techniques.joint.dam import (
@@ -24,11 +23,10 @@ M, N = 48, 128
 
 
 def dam_run(w, stats, **params):
-    """Plan + apply on a fp16 Dense layer; also checks the stored tensors' bytes and the file round trip."""
+    """Plan + apply on a fp16 Dense layer (run() checks the stored bytes); also checks the file round trip."""
     new, info = run("dam", [Dense(w.half())], stats, **params)
-    state = new.state("x")
-    assert sum(t.numel() * t.element_size() for t in state.values()) == new.nbytes()
-    torch.testing.assert_close(CompressedLinear.from_state("x", new.meta(), state).to_dense(), new.to_dense())
+    again = CompressedLinear.from_state("x", new.meta(), new.state("x"))
+    torch.testing.assert_close(again.to_dense(), new.to_dense())
     return new, info
 
 
@@ -79,8 +77,8 @@ def test_surrogate_tokens_have_the_calibration_second_moments():
     dict(rank=16, act_order=True, group_size=8), dict(ratio=0.3, decomposition="svdllm"),
     dict(ratio=0.3, fold_d=False, bits=3, group_size=32), dict(rank=16, mode="l_then_q", group_size=8),
     dict(ratio=0.3, mode="q_then_l"), dict(rank=16, act_bits=8, act_tokens=512, steps=20)])
-def test_plan_is_what_apply_stores(params):
-    w, stats = layer_problem()
+def test_plan_is_what_apply_stores(params, device):
+    w, stats = layer_problem(device=device)
     if params.get("mode", "dam") == "dam":
         params = {"steps": 30, **params}  # a short fit: this test is about storage
     new, info = dam_run(w, stats, **params)
@@ -195,10 +193,8 @@ def test_recipes_round_trip_whatever_the_mode():
 
 def test_tiny_llama_recipe_bytes_as_checked():
     model = tiny_llama()
-    recipe = Recipe.from_dict({"calibration": {"batch_size": 2}, "steps": [
-        {"dam": {"ratio": 0.3, "bits": 4, "group_size": 32, "steps": 10, "fold_d": False}}]})
-    planned = recipe.check(linear_shapes(model))
-    report = compress(model, recipe, windows(4, 16))
+    report, planned = compress_as_checked(
+        model, [{"dam": {"ratio": 0.3, "bits": 4, "group_size": 32, "steps": 10, "fold_d": False}}], windows(4, 16))
     assert report.linear_bytes == planned.linear_bytes <= 0.3 * planned.linear_dense_bytes
     assert all(0 < l.rel_error < 1 and l.steps[-1]["fit_loss_final"] <= l.steps[-1]["fit_loss_initial"]
                for l in report.layers)

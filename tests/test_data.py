@@ -64,9 +64,12 @@ def test_unknown_sources_list_what_is_allowed(tmp_path):
         load_text("c4", "train", tmp_path)
 
 
-def test_local_files_are_sources(tmp_path):
+def test_local_files_are_sources(tmp_path, tiny_tokenizer):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(3)) + "\n")
     assert load_documents(str(tmp_path / "a.jsonl"), "any") == ["doc 0", "doc 1", "doc 2"]
+    (tmp_path / "long.jsonl").write_text((json.dumps({"text": "hello world, a document"}) + "\n") * 30)
+    w = calibration_windows(tiny_tokenizer, str(tmp_path / "long.jsonl"), n=3, seqlen=8, seed=0)
+    assert w.shape == (3, 8) and w.dtype == torch.long
     (tmp_path / "b.txt").write_text("one\n\ntwo\n")
     assert load_text(str(tmp_path / "b.txt"), "any") == "one\n" + "\n\n" + "" + "\n\n" + "two\n"
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')

@@ -2,51 +2,36 @@
 
 import pytest
 import torch
+from helpers import compress_as_checked, layer_problem, objective, run_technique, tiny_llama
 
-from lmcompose import Recipe, compress
 from lmcompose.algebra import Dense, QuantSpec, quantize_rtn
 from lmcompose.algebra.terms import LowRank, Sparse
-from lmcompose.pipeline.blocks import linear_shapes
+from lmcompose.core.stats import Stats
 from lmcompose.runtime.linear import CompressedLinear
 from lmcompose.techniques.quant.gptq import gptq_quantize
 from lmcompose.techniques.registry import get_technique
 
 
-def problem(seed=0, m=48, n=128, tokens=1024):
+def problem(seed=0, m=48, n=128, tokens=1024, device=None):
     """A weight and the Gram E[x xᵀ] of strongly correlated inputs with a few outlier channels."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.eye(n) + 0.5 * torch.randn(n, n, generator=g) / n ** 0.5
-    x = torch.randn(tokens, n, generator=g) @ mix
-    x[:, :4] *= 8
-    return torch.randn(m, n, generator=g), x.T @ x / tokens
-
-
-def objective(w, w_hat, h):
-    dw = (w - w_hat).double()
-    return float(((dw @ h.double()) * dw).sum())
+    w, stats = layer_problem(seed, m, n, tokens, mix=0.5, device=device)
+    return w, stats.gram
 
 
 def run(name, terms, h, **params):
     """Plan and apply a technique on one CompressedLinear; plan must cost exactly what apply stores."""
-    from lmcompose.core.stats import Stats
-    cfg = get_technique(name)(**params)
-    m, n = terms[0].weight().shape
-    layer = CompressedLinear(n, m, terms)
-    planned = cfg.plan(layer.spec())
-    new, info = cfg.apply(layer, Stats(1000, h, torch.ones(n), torch.ones(n)))
-    assert new.spec() == planned
-    state = new.state("x")
-    assert sum(t.numel() * t.element_size() for t in state.values()) == new.nbytes() == planned.nbytes()
-    return new, info
+    ones = torch.ones(h.shape[0], device=h.device)
+    return run_technique(name, terms, Stats(1000, h, ones, ones), **params)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [None, 64])
-def test_gptq_objective_at_most_rtn(seed, bits, group_size):
-    w, h = problem(seed)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_objective_at_most_rtn(seed, bits, group_size, act_order, device):
+    w, h = problem(seed, device=device)
     spec = QuantSpec(bits, group_size)
-    q, info = gptq_quantize(w, h, spec)
+    q, info = gptq_quantize(w, h, spec, act_order=act_order)
     gptq, rtn = objective(w, q.dequantize(), h), objective(w, quantize_rtn(w, spec).dequantize(), h)
     assert gptq <= rtn and gptq < 0.9 * rtn  # the compensation is worth something on correlated inputs
     assert info["bits"] == bits and info["group_size"] == group_size and info["damp"] > 0
@@ -54,10 +39,10 @@ def test_gptq_objective_at_most_rtn(seed, bits, group_size):
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size,static", [(None, False), (32, False), (48, False), (48, True)])
-def test_sweep_error_identity_checks_the_stored_codes(act_order, group_size, static):
+def test_sweep_error_identity_checks_the_stored_codes(act_order, group_size, static, device):
     """ΔW = E U with U the Cholesky factor of (H+λI)⁻¹, so tr(ΔW (H+λI) ΔWᵀ) = ‖E‖² = 2·obs_loss exactly:
     fails if a code, a scale, a group or the permutation of what is stored differs from the sweep."""
-    w, h = problem(3, n=200)
+    w, h = problem(3, n=200, device=device)
     w[:, 7] = 0.3
     h[7, :], h[:, 7] = 0, 0  # a dead input
     q, info = gptq_quantize(w, h, QuantSpec(3, group_size), act_order=act_order, static_groups=static,
@@ -65,7 +50,7 @@ def test_sweep_error_identity_checks_the_stored_codes(act_order, group_size, sta
     assert info["dead_columns"] == 1 and (q.dequantize()[:, 7] == 0).all()
     hd = h.double().clone()
     hd[7, 7] = 1
-    hd += info["damp"] * torch.eye(200, dtype=torch.float64)
+    hd += info["damp"] * torch.eye(200, dtype=torch.float64, device=device)
     wz = w.clone()
     wz[:, 7] = 0
     assert objective(wz, q.dequantize(), hd) == pytest.approx(2 * info["obs_loss"], rel=1e-3)
@@ -188,22 +173,11 @@ def test_bad_arguments_are_value_errors():
         get_technique("gptq")(bits=4, percdamp=-1)
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("params", [dict(bits=4, group_size=32, true_sequential=True),
                                     dict(bits=3, group_size=48, act_order=True, true_sequential=True)])
 def test_pipeline_on_tiny_llama_costs_what_it_stores(params):
     model = tiny_llama()
-    recipe = Recipe.from_dict({"calibration": {"batch_size": 2}, "steps": [{"gptq": params}]})
-    planned = recipe.check(linear_shapes(model))
-    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
-    report = compress(model, recipe, windows)
+    report, planned = compress_as_checked(model, [{"gptq": params}])
     linears = [m for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
     assert len(linears) == 14
     real = sum(t.numel() * t.element_size() for m in linears for t in m.state("x").values())

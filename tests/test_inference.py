@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from helpers import tiny_llama
-from test_cli import setup  # noqa: F401  (fixture: tiny model dir with a tokenizer)
 from torch import nn
 
 from lmcompose.algebra import Dense, LowRank, QuantSpec, Sparse, quantize_rtn

@@ -2,15 +2,14 @@
 
 import pytest
 import torch
-from helpers import tiny_llama, windows
+from helpers import compress_as_checked, layer_problem, objective, tiny_llama, windows
+from helpers import run_technique as run
 
-from lmcompose import Recipe, compress
+from lmcompose import Recipe
 from lmcompose.algebra import Dense, QuantSpec, quantize_rtn
 from lmcompose.algebra.spec import LinearSpec
 from lmcompose.core.errors import IllegalStep
 from lmcompose.core.linalg import randomized_svd
-from lmcompose.core.stats import StatsAccumulator
-from lmcompose.pipeline.blocks import linear_shapes
 from lmcompose.runtime.linear import CompressedLinear
 from lmcompose.techniques.lowrank.asvd import asvd_factors, asvd_scale
 from lmcompose.techniques.lowrank.svd import truncated_svd
@@ -20,30 +19,10 @@ from lmcompose.techniques.registry import get_technique
 M, N = 48, 128
 
 
-def problem(seed=0, m=M, n=N, tokens=1024, dead=()):
+def problem(seed=0, m=M, n=N, tokens=1024, dead=(), device=None):
     """A weight and the statistics of correlated inputs with a few outlier channels."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, n, generator=g) @ (torch.eye(n) + 0.5 * torch.randn(n, n, generator=g) / n ** 0.5)
-    x[:, :4] *= 8
-    x[:, list(dead)] = 0
-    acc = StatsAccumulator(n)
-    acc.update(x)
-    return torch.randn(m, n, generator=g, dtype=torch.float64).float(), acc.result()
-
-
-def objective(w, w_hat, gram):
-    dw = (w.double() - w_hat.double())
-    return float(((dw @ gram.double()) * dw).sum())
-
-
-def run(name, terms, stats, **params):
-    cfg = get_technique(name)(**params)
-    m, n = terms[0].weight().shape
-    layer = CompressedLinear(n, m, terms)
-    planned = cfg.plan(layer.spec())
-    new, info = cfg.apply(layer, stats)
-    assert new.spec() == planned, "plan() must cost exactly what apply() produces"
-    return new, info
+    return layer_problem(seed, m, n, tokens, mix=0.5, dead=dead, inputs_first=True, weight_dtype=torch.float64,
+                         device=device)
 
 
 # -- the math ----------------------------------------------------------------------------------
@@ -131,8 +110,8 @@ def test_sigma_split_keeps_the_product(name, split):
 # -- budget and typing -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["svd", "asvd", "svdllm"])
-def test_ratio_is_the_largest_rank_that_fits_and_error_falls(name):
-    w, stats = problem()
+def test_ratio_is_the_largest_rank_that_fits_and_error_falls(name, device):
+    w, stats = problem(device=device)
     errs, ranks = [], []
     for ratio in (0.2, 0.4, 0.6, 0.8, 1.0):
         new, info = run(name, [Dense(w.half())], stats, ratio=ratio)
@@ -209,10 +188,7 @@ def test_fewer_tokens_than_channels_and_rank_beyond_the_data():
 
 def test_svdllm_pipeline_on_a_tiny_llama_bytes_as_planned():
     model = tiny_llama()
-    recipe = Recipe.from_dict({"calibration": {"batch_size": 2}, "steps": [{"svdllm": {"ratio": 0.8}}]})
-    planned = recipe.check(linear_shapes(model))
-    report = compress(model, recipe, windows(4, 16))
-    assert report.linear_bytes == planned.linear_bytes
+    report, planned = compress_as_checked(model, [{"svdllm": {"ratio": 0.8}}], windows(4, 16))
     real = sum(m.nbytes() for m in model.modules() if isinstance(m, CompressedLinear))
     assert real == planned.linear_bytes <= 0.8 * planned.linear_dense_bytes
     assert len(report.layers) == 14 and all(l.steps for l in report.layers)

@@ -90,18 +90,62 @@ def test_error_falls_as_bits_rise():
     assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-3
 
 
-def test_schedules_agree_for_one_step_and_differ_for_two():
-    x = windows()
-    outs = {}
-    for schedule in ("layer-major", "step-major"):
-        model = tiny_llama()
-        compress(model, recipe({"magnitude": {"sparsity": 0.5, "scope": "row"}}, schedule=schedule), x)
-        outs[schedule] = logits(model, x)
-    assert torch.equal(outs["layer-major"], outs["step-major"])
-    for schedule in ("layer-major", "step-major"):
-        model = tiny_llama()
-        rep = compress(model, recipe({"magnitude": {"sparsity": 0.5}}, {"rtn": {"bits": 3}}, schedule=schedule), x)
-        assert all(len(l.steps) == 2 for l in rep.layers)
+def compressed_weights(model):
+    return {n: m.to_dense() for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+
+
+def assert_same_model(a, b, x):
+    wa, wb = compressed_weights(a), compressed_weights(b)
+    assert wa.keys() == wb.keys() and len(wa) == 14
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    assert torch.equal(logits(a, x), logits(b, x))
+
+
+def compress_fp32(*steps, model=None, **kw):
+    """Compress in fp32 storage and compute, so nothing is rounded between or after steps and split runs
+    can be compared bit for bit. Returns the model and the report."""
+    model = model if model is not None else tiny_llama()
+    report = compress(model, recipe(*steps, float_dtype="fp32", **kw), windows(), compute_dtype="fp32")
+    return model, report
+
+
+# Wanda reads its inputs' statistics, and RTN changes what the next block receives: layer-major prunes
+# block 1 on the output of a pruned and quantized block 0, step-major on the output of a pruned block 0.
+PRUNE, QUANT = {"wanda": {"sparsity": 0.5}}, {"rtn": {"bits": 2, "group_size": 32}}
+
+
+def only_block(step, i):
+    ((name, params),) = step.items()
+    return {name: {**params, "include": [f"model.layers.{i}.*"]}}
+
+
+def test_schedules_agree_for_one_step():
+    a, _ = compress_fp32(PRUNE, schedule="layer-major")
+    b, _ = compress_fp32(PRUNE, schedule="step-major")
+    assert_same_model(a, b, windows())
+
+
+def test_step_major_runs_each_step_over_the_whole_model_before_the_next():
+    step_major, rep = compress_fp32(PRUNE, QUANT, schedule="step-major")
+    pruned, _ = compress_fp32(PRUNE)
+    reference, _ = compress_fp32(QUANT, model=pruned)  # a second compress call, on the pruned model
+    assert_same_model(step_major, reference, windows())
+    assert all([s["technique"] for s in l.steps] == ["wanda", "rtn"] for l in rep.layers)
+
+
+def test_layer_major_finishes_each_block_before_the_next_and_differs_from_step_major():
+    layer_major, rep = compress_fp32(PRUNE, QUANT, schedule="layer-major")
+    reference = tiny_llama()
+    for i in range(2):  # one compress call per block, on a model whose earlier blocks are final
+        compress_fp32(only_block(PRUNE, i), only_block(QUANT, i), model=reference)
+    assert_same_model(layer_major, reference, windows())
+    assert all([s["technique"] for s in l.steps] == ["wanda", "rtn"] for l in rep.layers)
+    # block 0 sees the same inputs under both schedules; block 1 does not
+    step_major, _ = compress_fp32(PRUNE, QUANT, schedule="step-major")
+    lm, sm = compressed_weights(layer_major), compressed_weights(step_major)
+    assert all(torch.equal(lm[n], sm[n]) for n in lm if n.startswith("model.layers.0."))
+    assert not all(torch.equal(lm[n], sm[n]) for n in lm if n.startswith("model.layers.1."))
 
 
 def test_checked_bytes_equal_real_bytes():
@@ -115,15 +159,24 @@ def test_checked_bytes_equal_real_bytes():
         assert layer.nbytes == planned.specs[layer.name].nbytes()
 
 
+GROUPS = (["*q_proj", "*k_proj", "*v_proj"], ["*o_proj"], ["*gate_proj", "*up_proj"], ["*down_proj"])
+
+
 def test_true_sequential_observes_each_group_after_the_previous():
     x = windows()
-    plain, seq = tiny_llama(), tiny_llama()
-    compress(plain, recipe({"rtn": {"bits": 2}}), x)
-    rep = compress(seq, recipe({"rtn": {"bits": 2, "true_sequential": True}}), x)
-    # RTN ignores statistics, so the weights agree; the reported errors for later groups differ
-    # because they were measured on inputs from the already quantized groups.
-    torch.testing.assert_close(logits(plain, x), logits(seq, x))
-    assert len(rep.layers) == 14
+    seq, rep = compress_fp32({"wanda": {"sparsity": 0.5, "true_sequential": True}})
+    # the reference: one layer-major step per group, so each group is observed after the previous ones
+    reference, _ = compress_fp32(*({"wanda": {"sparsity": 0.5, "include": g}} for g in GROUPS))
+    assert_same_model(seq, reference, x)
+    assert len(rep.layers) == 14 and all(len(l.steps) == 1 for l in rep.layers)
+    # without it all of block 0 is observed on dense inputs: its first group agrees, each later one does not
+    plain, _ = compress_fp32({"wanda": {"sparsity": 0.5}})
+    ws, wp = compressed_weights(seq), compressed_weights(plain)
+    block0 = "model.layers.0."
+    assert all(torch.equal(ws[block0 + n], wp[block0 + n]) for n in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                       "self_attn.v_proj"))
+    for later in ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        assert not torch.equal(ws[block0 + later], wp[block0 + later]), later
 
 
 def test_layer_records_default_to_not_skipped():

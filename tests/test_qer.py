@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers import logits, tiny_llama, windows
-from test_techniques import layer_problem, objective, run
+from helpers import layer_problem, logits, objective, tiny_llama, windows
+from helpers import run_technique as run
 
 import lmcompose.techniques.joint.qer  # noqa: F401  (registers qer, lqer, l2qer, qera)
 from lmcompose import Recipe, compress
@@ -44,8 +44,8 @@ def three_scalings(stats):
     ("qera", dict(bits=3, group_size=32, rank=5, quantizer="gptq", act_order=True, sigma_split="u")),
     ("qera", dict(bits=4, group_size=16, symmetric=True, ratio=0.45, scale_dtype="fp32", precision="fp64")),
 ])
-def test_plan_equals_apply_and_output_terms(name, params):
-    w, stats = layer_problem()
+def test_plan_equals_apply_and_output_terms(name, params, device):
+    w, stats = layer_problem(device=device)
     new, info = run(name, [Dense(w.half())], stats, **params)  # run() asserts new.spec() == plan()
     dense, *rest = new.terms
     assert isinstance(dense, Dense) and isinstance(dense.a, QTensor)

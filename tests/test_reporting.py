@@ -7,7 +7,6 @@ import re
 import shutil
 
 import pytest
-from test_cli import setup  # noqa: F401  (module fixture: tiny model dir, tokenizer, data dir)
 
 from lmcompose.algebra.spec import SparseSpec
 from lmcompose.cli import main
@@ -26,7 +25,7 @@ RECIPES = {
 
 
 @pytest.fixture(scope="module")
-def runs(setup):  # noqa: F811
+def runs(setup):  # the tiny model and data of conftest.setup
     root, model_dir, data, _ = setup
     dirs = []
     for name, steps in RECIPES.items():

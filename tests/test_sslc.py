@@ -2,15 +2,13 @@
 
 import pytest
 import torch
-from helpers import tiny_llama, windows
-from test_techniques import layer_problem, objective, run
+from helpers import compress_as_checked, layer_problem, objective, tiny_llama, windows
+from helpers import run_technique as run
 
 import lmcompose.techniques.joint.sslc  # noqa: F401  (registers sslc and oats)
-from lmcompose import Recipe, compress
 from lmcompose.algebra import Dense, LowRank, QTensor, QuantSpec, Sparse, quantize_rtn
 from lmcompose.algebra.spec import LinearSpec, SparseSpec
 from lmcompose.core.errors import IllegalStep
-from lmcompose.pipeline.blocks import linear_shapes
 from lmcompose.runtime.linear import CompressedLinear
 from lmcompose.techniques.joint.sslc import (
     channel_scale,
@@ -42,8 +40,8 @@ def rel(w, w_hat, gram):
                                     dict(ratio=0.5, scope="matrix"), dict(sparsity=0.5, rank=8),
                                     dict(sparsity=0.7, rank=4, scope="matrix", salience="obs"),
                                     dict(ratio=0.5, protect_values="weight", solver="bilateral")])
-def test_plan_is_exactly_what_apply_produces(params):
-    w, stats = layer_problem()
+def test_plan_is_exactly_what_apply_produces(params, device):
+    w, stats = layer_problem(device=device)
     new, info = run("sslc", [Dense(w.half())], stats, **params)   # run() asserts new.spec() == plan
     sparse, lowrank = new.terms
     assert isinstance(sparse, Sparse) and isinstance(lowrank, LowRank)
@@ -274,11 +272,9 @@ def test_illegal_steps_name_the_reason():
 @pytest.mark.parametrize("name, extra", [("sslc", {}), ("oats", {}), ("sslc", {"pattern": "2:4", "ratio": 0.7})])
 def test_tiny_llama_then_gptq_all_costs_what_recipe_check_says(name, extra):
     model = tiny_llama()
-    recipe = Recipe.from_dict({"calibration": {"batch_size": 2}, "steps": [
-        {name: {"ratio": 0.6, "iterations": 10, **extra}}, {"gptq": {"bits": 4, "group_size": 32, "target": "all"}}]})
-    planned = recipe.check(linear_shapes(model))
-    report = compress(model, recipe, windows(4, 16))
-    assert report.linear_bytes == planned.linear_bytes
+    report, planned = compress_as_checked(model, [{name: {"ratio": 0.6, "iterations": 10, **extra}},
+                                                  {"gptq": {"bits": 4, "group_size": 32, "target": "all"}}],
+                                          windows(4, 16))
     layers = [m for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
     assert len(layers) == len(planned.compressed) == 14
     for layer in layers:

@@ -9,6 +9,7 @@ import torch
 import yaml
 from helpers import tiny_llama
 
+from lmcompose.eval import tasks as zs_tasks
 from lmcompose.eval import zeroshot as zs
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -93,7 +94,7 @@ def test_lambada_style_task_equals_greedy_last_word_check(tmp_path, offline, tin
 
 @pytest.mark.parametrize("name", list(OFFICIAL))
 def test_builtin_prompts_are_the_official_ones(name):
-    official, spec = official_yaml(name), zs.builtin_spec(name)
+    official, spec = official_yaml(name), zs_tasks.builtin_spec(name)
     if name == "winogrande":
         from lm_eval.tasks.winogrande import preprocess_winogrande as pw
 
@@ -101,7 +102,7 @@ def test_builtin_prompts_are_the_official_ones(name):
                                                                              pw.doc_to_target)
         assert official["doc_to_text"] == "!function preprocess_winogrande.doc_to_text"
     else:
-        config, _ = zs.task_config(spec, SHARED) if SHARED.is_dir() else (spec.model_dump(), None)
+        config, _ = zs_tasks.task_config(spec, SHARED) if SHARED.is_dir() else (spec.model_dump(), None)
         for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
             assert config.get(key) == official.get(key), key
     assert [m if isinstance(m, str) else m["metric"] for m in spec.metrics] == \
@@ -119,7 +120,7 @@ EXPECTED = {  # from ../shared/data/README.md: rows and the number of examples w
 def test_six_local_tasks_resolve_and_run_offline(offline, tiny_tokenizer):
     from lm_eval.tasks import TaskManager
 
-    configs = {name: zs.task_config(name, SHARED)[0] for name in zs.DEFAULT_TASKS}
+    configs = {name: zs_tasks.task_config(name, SHARED)[0] for name in zs.DEFAULT_TASKS}
     tasks = TaskManager(include_defaults=False).load(list(configs.values()))["tasks"]
     for name, (rows, ones) in EXPECTED.items():
         docs = list(tasks[name].eval_docs)
@@ -140,19 +141,19 @@ def test_six_local_tasks_resolve_and_run_offline(offline, tiny_tokenizer):
 def test_bad_specs_name_the_field(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"t": "a"}\n{"t": "b"}\n')
     with pytest.raises(ValueError, match="colour"):
-        zs.task_config({"task": "x", "file": "x.jsonl", "colour": 1}, tmp_path)
+        zs_tasks.task_config({"task": "x", "file": "x.jsonl", "colour": 1}, tmp_path)
     with pytest.raises(ValueError, match="convert='nope'"):
-        zs.task_config({"task": "x", "file": "x.jsonl", "convert": "nope", "doc_to_text": "t",
+        zs_tasks.task_config({"task": "x", "file": "x.jsonl", "convert": "nope", "doc_to_text": "t",
                         "doc_to_choice": ["a"], "doc_to_target": 0}, tmp_path)
     with pytest.raises(ValueError, match="doc_to_choice"):
-        zs.task_config({"task": "x", "file": "x.jsonl", "doc_to_text": "t", "doc_to_target": 0}, tmp_path)
+        zs_tasks.task_config({"task": "x", "file": "x.jsonl", "doc_to_text": "t", "doc_to_target": 0}, tmp_path)
     with pytest.raises(ValueError, match="task='hellaswag'"):
-        zs.builtin_spec("hellaswag")
+        zs_tasks.builtin_spec("hellaswag")
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        zs.task_config({"task": "x", "file": "missing.jsonl"}, tmp_path)
+        zs_tasks.task_config({"task": "x", "file": "missing.jsonl"}, tmp_path)
     (tmp_path / "x.txt").write_text("a\n")
     with pytest.raises(ValueError, match="suffix '.txt'"):
-        zs.task_config({"task": "x", "file": "x.txt"}, tmp_path)
+        zs_tasks.task_config({"task": "x", "file": "x.txt"}, tmp_path)
 
 
 def test_labels_file_must_match_the_rows(tmp_path, offline, tiny_tokenizer):

@@ -64,7 +64,7 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
     The recipe is type-checked and costed on the model's shapes before any block is touched. With
     `device` set (e.g. "cuda") and the model elsewhere (e.g. CPU), blocks move to `device` one at a
     time, so device memory holds one block plus the calibration activations. `compute_dtype`
-    (``auto``, ``fp32``, ``bf16``, ``fp16``; see `lmcompose.compute`) is the dtype of the block
+    (``auto``, ``fp32``, ``bf16``, ``fp16``; see `lmcompose.core.dtypes`) is the dtype of the block
     forwards that collect statistics and propagate activations; the weights the techniques read, their
     arithmetic and the statistics themselves stay in full precision. The resolved dtype is recorded in
     the report's environment. A recipe's ``recover`` section then fine-tunes the float factors on the

@@ -21,7 +21,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -171,40 +171,68 @@ class Recipe(BaseModel):
         return hash(self.hash())
 
     # -- typing and costing --------------------------------------------------------------------
-    def check(self, shapes: dict[str, tuple[int, int]] | dict[str, LinearSpec],
-              other_bytes: int = 0) -> "CheckResult":
-        """Walk every step over every targeted Linear; raise ``IllegalStep`` naming the step and reason.
+    def linear_specs(self, shapes: dict[str, tuple[int, int]] | dict[str, LinearSpec]) -> dict[str, LinearSpec]:
+        """``{name: LinearSpec}``: a shape ``(out_features, in_features)`` is a dense Linear in `float_dtype`."""
+        return {name: s if isinstance(s, LinearSpec) else LinearSpec.dense(*s, dtype=self.float_dtype)
+                for name, s in shapes.items()}
 
-        Args:
-            shapes: ``{linear name: (out_features, in_features)}`` (or a LinearSpec) of the Linears
-                inside decoder blocks, e.g. from ``lmcompose.models.model_linear_shapes``.
-            other_bytes: bytes of everything else the saved model holds (embeddings, norms, head).
+    def walk(self, shapes: dict[str, tuple[int, int]] | dict[str, LinearSpec]) -> Iterator["StepWalk"]:
+        """Plan every step on every Linear it targets, without weights: one `StepWalk` per step.
+
+        Raises ``IllegalStep`` naming the step, the Linear and the reason where a step cannot apply (the
+        hard rules), and, once the last step is walked, where `recover` would find nothing to train.
+        `check` (the costing) and ``rules.explain`` are both this walk.
         """
-        specs = {}
-        for name, s in shapes.items():
-            specs[name] = s if isinstance(s, LinearSpec) else LinearSpec.dense(*s, dtype=self.float_dtype)
-        dense = {n: s.dense_fp16_nbytes() for n, s in specs.items()}
+        specs = self.linear_specs(shapes)
         touched = set()
         for i, step in enumerate(self.steps):
-            hits = [n for n in specs if step.targets(n)]
-            if not hits:
+            names = [n for n in specs if step.targets(n)]
+            if not names:
                 raise IllegalStep(f"steps[{i}].{step.name}: include={list(step.include)} "
                                   f"exclude={list(step.exclude)} select no Linear")
-            for n in hits:
+            before = {n: specs[n] for n in names}
+            for n in names:
                 try:
-                    if step.allocation == "sensitivity" and (
-                            specs[n].kinds() != ("dense",) or specs[n].terms[0].a.quantized):
-                        raise IllegalStep("allocation='sensitivity' measures each Linear on the dense model, so "
-                                          "it must be the first step on a Linear (it got an already compressed one)")
+                    if step.needs_dense_input and (specs[n].kinds() != ("dense",) or specs[n].terms[0].a.quantized):
+                        raise IllegalStep(f"{step.dense_input_reason}, so it must be the first step on a Linear "
+                                          "(it got an already compressed one)")
                     specs[n] = step.plan(specs[n])
                 except IllegalStep as err:
                     raise IllegalStep(f"steps[{i}].{step.name} on {n} ({specs[n].describe()}): {err}") from None
-                touched.add(n)
+            touched.update(names)
+            yield StepWalk(i, step, names, before, {n: specs[n] for n in names})
         if self.recover.steps and not any(self.recover.trainable(specs[n]) for n in touched):
             raise IllegalStep(f"recover: train={self.recover.train!r} finds no float tensor to train: no step "
                               f"leaves an unquantized low-rank term{'' if self.recover.train == 'lowrank' else ' or sparse term'}"
                               f" (quantize with target: sparse or dense, or drop recover)")
+
+    def check(self, shapes: dict[str, tuple[int, int]] | dict[str, LinearSpec],
+              other_bytes: int = 0) -> "CheckResult":
+        """Walk every step over every targeted Linear (`walk`); raise ``IllegalStep`` naming the step and reason.
+
+        Args:
+            shapes: ``{linear name: (out_features, in_features)}`` (or a LinearSpec) of the Linears
+                inside decoder blocks, e.g. from ``lmcompose.models.load.model_linear_shapes``.
+            other_bytes: bytes of everything else the saved model holds (embeddings, norms, head).
+        """
+        specs = self.linear_specs(shapes)
+        dense = {n: s.dense_fp16_nbytes() for n, s in specs.items()}
+        touched = set()
+        for walked in self.walk(specs):
+            specs.update(walked.after)
+            touched.update(walked.names)
         return CheckResult(specs, dense, sorted(touched), other_bytes)
+
+
+@dataclass
+class StepWalk:
+    """One step of `Recipe.walk`: the Linears it targets, in model order, and their specs before and after."""
+
+    index: int
+    step: Technique
+    names: list[str]
+    before: dict[str, LinearSpec]
+    after: dict[str, LinearSpec]
 
 
 @dataclass

@@ -83,11 +83,6 @@ def _is_quantized(spec: LinearSpec) -> bool:
     return any(t.quantized for term in spec.terms for t in term.tensors().values())
 
 
-def _trains(step) -> bool:
-    return bool(getattr(step, "finetune_steps", 0)) or (step.name == "dam" and getattr(step, "mode", "") == "dam"
-                                                        and getattr(step, "steps", 0) > 0)
-
-
 # Each preference check sees one Linear's structure before and after the step and returns a message
 # when the step contradicts the rule.
 Check = Callable[[object, LinearSpec, LinearSpec], "str | None"]
@@ -106,7 +101,7 @@ def _r2(step, before, after):
 
 
 def _r5(step, before, after):
-    if _trains(step) and _is_quantized(before):
+    if step.trains and _is_quantized(before):
         return f"{step.name} trains after a quantization step"
     return None
 
@@ -123,21 +118,24 @@ APPLIES = {"prune": ["R1", "R4", "R6"], "lowrank": ["R2", "R3", "R7", "R6"], "qu
            "joint": ["R5", "R6"]}
 
 
+def _applies(step) -> list[str]:
+    """The rules that bear on `step`: those of its family, and R5 for any step that trains."""
+    rules = list(APPLIES.get(step.family, ["R6"]))
+    return rules if not step.trains or "R5" in rules else ["R5", *rules]
+
+
 def explain(recipe: Recipe, shapes: dict[str, tuple[int, int]]) -> list[StepExplanation]:
     """Walk `recipe` over the model's Linear shapes (no weights), one explanation per step.
 
-    Raises ``IllegalStep`` (a hard rule) exactly as ``Recipe.check`` does.
+    Raises ``IllegalStep`` (a hard rule) exactly as ``Recipe.check`` does: both are ``Recipe.walk``.
     """
-    recipe.check(shapes)  # hard rules first: an illegal chain is refused, not explained
-    specs = {n: LinearSpec.dense(*s, dtype=recipe.float_dtype) for n, s in shapes.items()}
+    specs = recipe.linear_specs(shapes)
     dense_fp16 = {n: s.dense_fp16_nbytes() for n, s in specs.items()}
     touched: set[str] = set()
     out = []
-    for i, step in enumerate(recipe.steps):
-        names = [n for n in specs if step.targets(n)]
-        before = {n: specs[n] for n in names}
-        for n in names:
-            specs[n] = step.plan(specs[n])
+    for walked in recipe.walk(specs):  # a hard rule raises: an illegal chain is refused, not explained
+        i, step, names, before = walked.index, walked.step, walked.names, walked.before
+        specs.update(walked.after)
         touched.update(names)
         linear_bytes = sum(specs[n].nbytes() for n in touched)
         weights = sum(specs[n].out_features * specs[n].in_features for n in touched)
@@ -145,7 +143,7 @@ def explain(recipe: Recipe, shapes: dict[str, tuple[int, int]]) -> list[StepExpl
             i, step.name, step.family, step.model_dump(mode="json", exclude_defaults=True), len(names),
             sorted({before[n].describe() for n in names}), sorted({specs[n].describe() for n in names}),
             linear_bytes, 8 * linear_bytes / weights, linear_bytes / sum(dense_fp16[n] for n in touched),
-            applies=list(APPLIES.get(step.family, ["R6"])))
+            applies=_applies(step))
         for rid, check in PREFERENCE_CHECKS.items():
             hits = [m for n in names if (m := check(step, before[n], specs[n]))]
             if hits:  # one finding per rule and step, with the first Linear's words

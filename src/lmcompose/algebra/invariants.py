@@ -7,8 +7,8 @@ A chain composes only if every step keeps what earlier steps made:
 * **codes survive** (quantize → prune): every quantized tensor before the step is still stored
   afterwards with the same codes, scales and zeros (a mask-only pruner wraps the codes in a sparse
   term; only the kept entries are then stored, so codes are compared where the new mask keeps them).
-  The one exception is a step that says it leaves the grid (``allow_offgrid: true``, the analysis-only
-  SVD of a quantized matrix), which is meant to replace the codes;
+  The one exception is a step that says it leaves the grid (its ``leaves_grid`` capability, e.g. the
+  analysis-only SVD of a quantized matrix with ``allow_offgrid: true``), which is meant to replace the codes;
 * **bytes as planned**: the layer the step made stores exactly what ``plan`` said it would, so the
   bytes ``Recipe.check`` reported before loading any weights are the bytes in the file.
 
@@ -46,7 +46,9 @@ def _same_codes(a: QTensor, b: QTensor, where: torch.Tensor | None) -> bool:
 
 
 def check_step(before, after, step, layer_name: str = "") -> None:
-    """Raise `InvariantError` if `after` (what `step` made of `before`) breaks an invariant above."""
+    """Raise `InvariantError` if `after` (what `step` made of `before`) breaks an invariant above.
+
+    `step` is a technique; its ``name``, ``plan`` and ``leaves_grid`` are read."""
     what = f"{layer_name}: step {step.name!r}"
     planned = step.plan(before.spec())
     if after.spec() != planned:
@@ -59,7 +61,7 @@ def check_step(before, after, step, layer_name: str = "") -> None:
             if not any(m.shape == mask.shape and torch.equal(m.to(mask.device), mask) for m in new_masks):
                 raise InvariantError(f"{what} changed the mask of an earlier sparse term "
                                      f"({int(mask.sum())} kept weights): a mask must survive later steps bit-exactly")
-    if getattr(step, "allow_offgrid", False):
+    if step.leaves_grid:
         return
     after_q = list(_quantized_slots(after))
     for _, _, slot, q in _quantized_slots(before):

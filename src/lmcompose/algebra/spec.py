@@ -132,12 +132,14 @@ TermSpec = DenseSpec | SparseSpec | LowRankSpec
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """What one Linear stores: a sum of terms plus an optional bias."""
+    """What one Linear stores: a sum of terms plus an optional bias, behind optional input operations
+    (`lmcompose.algebra.ops`: a stored diagonal scale, or an online rotation that stores nothing)."""
 
     out_features: int
     in_features: int
     terms: tuple = ()
     bias: TensorSpec | None = None
+    input_ops: tuple = ()
 
     @classmethod
     def dense(cls, out_features: int, in_features: int, dtype: str = "fp16", bias: bool = False) -> "LinearSpec":
@@ -145,7 +147,8 @@ class LinearSpec:
                    TensorSpec(out_features, 1, dtype) if bias else None)
 
     def nbytes(self) -> int:
-        return sum(t.nbytes() for t in self.terms) + (self.bias.nbytes() if self.bias else 0)
+        return (sum(t.nbytes() for t in self.terms) + (self.bias.nbytes() if self.bias else 0)
+                + sum(op.nbytes() for op in self.input_ops))
 
     def dense_fp16_nbytes(self) -> int:
         """The reference every `ratio` refers to: this Linear in fp16, bias included."""
@@ -160,5 +163,10 @@ class LinearSpec:
     def kinds(self) -> tuple[str, ...]:
         return tuple(t.kind for t in self.terms)
 
+    def with_input_ops(self, ops) -> "LinearSpec":
+        return replace(self, input_ops=tuple(ops))
+
     def describe(self) -> str:
-        return " + ".join(t.describe() for t in self.terms)
+        terms = " + ".join(t.describe() for t in self.terms)
+        return f"({terms}) · {' · '.join(op.describe() for op in reversed(self.input_ops))}" if self.input_ops \
+            else terms

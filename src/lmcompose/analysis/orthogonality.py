@@ -139,7 +139,7 @@ def analyze(model_name: str, a: dict, b: dict, joint: dict | None = None, *, cal
             on_variant=None) -> Analysis:
     """Run the orthogonality analysis of steps `a` and `b` (``{technique: {params}}``) on one model.
 
-    The dense model is held in fp32; `dtype` is the compute dtype (``lmcompose.compute``) of the
+    The dense model is held in fp32; `dtype` is the compute dtype (``lmcompose.core.dtypes``) of the
     compression forwards and of every evaluation, the dense one included."""
     from ..api import compress
     from ..core.dtypes import cast_for_eval

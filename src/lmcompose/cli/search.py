@@ -51,7 +51,8 @@ def add_parser(sub) -> None:
 def cmd_search(args) -> int:
     from ..data import calibration_windows
     from ..models.load import load_model, model_linear_shapes
-    from ..search.objective import DenseStats, Evaluator
+    from ..pipeline.dense_stats import DenseStats
+    from ..search.objective import Evaluator
     from ..search.ray_runner import run_ray
     from ..search.results import (
         completed,

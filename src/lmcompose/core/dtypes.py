@@ -3,7 +3,7 @@
 Weights keep their storage precision; only the matmuls of forward passes (block forwards during
 compression, evaluation) run in the compute dtype. ``auto`` picks bf16 where it is measurably faster
 than fp32 on the device at hand and fp32 elsewhere, so one default serves a CPU with AMX (bf16
-matmuls ~8× faster than fp32, measured on the Xeon of BENCHMARKS.md), a CPU without fast bf16 (where
+matmuls several times faster than fp32; measured in BENCHMARKS.md), a CPU without fast bf16 (where
 bf16 is several times *slower*), and a GPU. The choice is measured once per process and per device
 type by timing one matmul in each dtype (a few milliseconds), then recorded in every result.
 
@@ -12,8 +12,8 @@ Two ways of using it, and where each is used:
 * `autocast(name, device)`: keeps fp32 master weights and casts inside each matmul. The compression
   pipeline runs its block forwards so, because techniques must read the weights in full precision.
 * `cast_for_eval(model, name)`: casts the model's float weights to the dtype (in place). Faster than
-  autocast (norms, attention and the residual stream run in bf16 too: 2.4× against 1.5× for SmolLM2 on
-  the AMX CPU); evaluation uses it, on models whose weights are saved or no longer needed. A
+  autocast (norms, attention and the residual stream run in bf16 too; BENCHMARKS.md, "Compute dtype:
+  cast against autocast"); evaluation uses it, on models whose weights are saved or no longer needed. A
   `CompressedLinear` keeps its stored terms whatever the cast (only its forward cache follows).
 """
 

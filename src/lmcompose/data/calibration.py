@@ -1,15 +1,11 @@
 """Calibration windows and evaluation tokens.
 
 Calibration follows GPTQ/Wanda (``get_c4`` in IST-DASLab/gptq ``datautils.py``): for each of the `n`
-windows, draw documents at random until one has more than `seqlen` tokens, then take a random window
-of `seqlen` tokens from it. Tokenizations are cached for the call, so a document drawn twice is
-tokenized once. If no document at all is long enough (e.g. one-line rows of ``wiki.valid.tokens`` with
-a long `seqlen`), the documents are concatenated with the tokenizer's EOS between them and the windows
-are drawn from the concatenation. The sampler owns a `torch.Generator` seeded with `seed`: the same
-seed gives the same windows, and nothing global is seeded.
+windows, a random document longer than `seqlen` tokens and a random window of it, drawn from a
+`torch.Generator` seeded with `seed` (nothing global is seeded). A calibration source that resolves to the
+evaluation file is refused unless ``force=True`` (DESIGN §6).
 
-Calibration never overlaps evaluation (DESIGN §6): a calibration source that resolves to the
-evaluation file (WikiText-2 test by default) is refused unless ``force=True``.
+Method notes: docs/methods/data.md
 
 Example::
 

@@ -1,26 +1,11 @@
 """Text sources: named datasets found in a local data directory first, the Hugging Face hub second.
 
-Named sources (file layout of ``../shared/data``, see its README):
+Named sources: ``wikitext2`` (``test`` for evaluation only, ``validation`` for calibration) and ``c4``
+(``validation``), read from `data_dir` or ``$LMCOMPOSE_DATA_DIR`` (the layout of ``../shared/data``); any
+local ``.txt``/``.raw``/``.tokens``/``.jsonl``/``.parquet`` file is a source too. Rows follow the hub's
+``wikitext-2-raw-v1`` rows exactly, so the evaluation text is the string GPTQ/SparseGPT evaluate on.
 
-| name | split | file under the data directory |
-|---|---|---|
-| ``wikitext2`` | ``test`` (evaluation only) | ``wikitext-2/wiki.test.raw`` |
-| ``wikitext2`` | ``validation`` (calibration) | ``wikitext-2/wiki.valid.tokens`` |
-| ``c4`` | ``validation`` (calibration) | ``c4/c4_validation_2k.parquet`` (column ``text``) |
-
-The data directory is the `data_dir` argument, else ``$LMCOMPOSE_DATA_DIR``. When the file is absent and
-the ``datasets`` package is importable and ``HF_HUB_OFFLINE`` is unset, the hub copy is used
-(``wikitext``/``wikitext-2-raw-v1``; for C4 the first ``allenai/c4`` ``en`` validation shard, the one the
-GPTQ code uses); otherwise a `FileNotFoundError` names the path that was expected. Any local
-``.txt``/``.raw``/``.tokens``/``.jsonl`` (field ``text``)/``.parquet`` (column ``text``) file is a source too.
-
-Rows of text files follow the hub's ``wikitext-2-raw-v1`` rows exactly, because the evaluation text
-(DESIGN §6) must be the string ``"\\n\\n".join(dataset["text"])`` that GPTQ/SparseGPT evaluate on. The
-hub rows were made by the dataset script ``for row in open(file, encoding="utf-8")``: one row per line
-of the raw file, read in universal-newline mode (so CRLF becomes LF), each row keeping its trailing
-``"\\n"``, and a whitespace-only line (``" \\n"`` in the raw file) becoming the empty row ``""``. We read
-local files the same way, so ``load_text("wikitext2", "test")`` starts
-``" = Robert Boulter = \\n\\n\\n Robert Boulter is ..."``.
+Method notes: docs/methods/data.md (the file table, the hub fallback, how rows are read)
 """
 
 from __future__ import annotations

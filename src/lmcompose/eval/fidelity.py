@@ -1,30 +1,12 @@
 """Fidelity without labels: how far the compressed model's next-token distribution is from the dense one.
 
-On the evaluation protocol's held-out windows (`windows_of(eval_tokens(...), protocol)`, at most
-`max_windows` of them) both models predict every position; we report
+Both models predict every position of the protocol's held-out windows; we report ``kl_mean``, the mean
+KL(p_dense ‖ p_compressed) in nats, and ``top1_agreement``, the fraction of positions where both argmaxes
+agree (the KL/top-1 metrics of e.g. llama.cpp's ``perplexity --kl-divergence``). The output head runs in
+chunks of `CHUNK` positions, so no ``[B, L, V]`` fp32 logits exist; the cost is that of two perplexity
+evaluations over the same windows.
 
-* ``kl_mean``: the mean over positions of KL(p_dense ‖ p_compressed) = Σ_v p_d(v) (log p_d(v) − log p_c(v))
-  in nats, the expected extra code length of the compressed model on text the dense model would write;
-* ``top1_agreement``: the fraction of positions where both argmaxes agree (greedy decoding agreement).
-
-Every position of a window is scored, the last one included (no label is needed), so
-``n_tokens = n_windows * seqlen``; tokens are the same for both models, so both use the dense model's
-tokenizer. This follows the KL/top-1 "flip" metrics used to compare quantized models with their base
-(e.g. llama.cpp's ``perplexity --kl-divergence``); it needs no task labels and is zero exactly when the
-distributions agree.
-
-Memory: as in `perplexity`, each model runs its trunk once per batch (hidden states ``[B, L, H]``) and the
-output head is applied in chunks of `CHUNK` positions, so at any time only one ``[B, CHUNK, V]`` fp32
-log-softmax per model exists, never ``[B, L, V]`` fp32 logits (V = 262k for Gemma-3). A model whose logits
-the head path does not reproduce falls back to its full forward in its own dtype, still converted to fp32
-chunk by chunk.
-
-Cost: two forward passes (dense and compressed) over ``max_windows * seqlen`` tokens, i.e. the price of two
-perplexity evaluations over the same windows, plus one fp32 log-softmax per position and model. Measured
-for SmolLM2-135M in fp32 on one busy CPU core: ``quick`` protocol, ``max_windows=16`` (8,192 positions)
-took 43 s for both models together, 7 s for one window; peak memory is the two models plus
-``2 × batch × CHUNK × V`` fp32. (RTN 4-bit g128 gave KL 0.41 nats, top-1 0.63 there, with quick-protocol
-perplexity 29.9 → 40.5 on 4 windows.)
+Method notes: docs/methods/evaluation.md
 
 Example::
 

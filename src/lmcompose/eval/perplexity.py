@@ -1,19 +1,11 @@
 """Perplexity under a fixed, recorded protocol (DESIGN §6).
 
-The evaluation text (WikiText-2 raw test by default, built by `lmcompose.data.load_text`) is tokenized
-once and cut into non-overlapping windows of `seqlen` tokens; the trailing partial window is dropped.
-`max_tokens` first limits the tokens used (floored to whole windows), then `max_windows` limits the
-number of windows. Each window is an independent sequence and predicts its last ``seqlen - 1`` tokens
-from the ones before: position t's logits score token t+1, so the first token of a window is never
-scored. This is the GPTQ/SparseGPT ``eval`` convention (``shift_logits = lm_logits[:, :-1]``).
-Perplexity is token level: ``exp(sum of NLL / number of predicted tokens)``, with
-``number of predicted tokens = n_windows * (seqlen - 1)``.
+The evaluation text (WikiText-2 raw test by default) is tokenized once and cut into non-overlapping
+windows of `seqlen` tokens; each window predicts its last ``seqlen - 1`` tokens (the GPTQ/SparseGPT
+``eval`` convention), and perplexity is token level. The log-softmax runs in fp32 over chunks of
+positions, so a large vocabulary never materialises as ``batch × seqlen × vocab`` fp32 logits.
 
-Memory: the log-softmax runs in fp32 over chunks of positions, from the hidden states through the
-output head, so a 262k (Gemma-3) or 49k (SmolLM2) vocabulary never materialises as
-``batch × seqlen × vocab`` fp32 logits. Before using that path, its logits are checked once against the
-model's own forward on a short prefix; a model that post-processes logits in a way the path does not
-reproduce (only Gemma's final soft-capping is reproduced) falls back to the full forward.
+Method notes: docs/methods/evaluation.md
 
 Example::
 
@@ -170,7 +162,7 @@ def perplexity(model, tokenizer, protocol: Protocol | str, data_dir=None, device
     ran_in = dtype_name(model_dtype(model))
     if protocol.dtype not in (None, ran_in):
         raise ValueError(f"protocol dtype={protocol.dtype!r} but the model's weights are {ran_in}; cast the model "
-                         "first (lmcompose.compute.cast_for_eval)")
+                         "first (lmcompose.core.dtypes.cast_for_eval)")
     protocol = protocol.model_copy(update={"dtype": ran_in})
     device = device or next(model.parameters()).device
     t0 = time.perf_counter()

@@ -1,19 +1,16 @@
 """`lmcompose bench-speed`: prefill and decode throughput and peak memory, dense vs compressed.
 
-    lmcompose bench-speed --model runs/smollm2-rtn4 [--dense smollm2-135m] --prompt-len 256 --new-tokens 64 \
+Every model (the dense baseline, then the compressed one under each inference policy of
+`lmcompose.runtime.inference`) is measured in a fresh process, so that peak RSS belongs to it alone:
+prefill tokens/s, decode tokens/s (greedy, KV cache, batch 1) and memory, each timing the median of
+`repeats` runs after `warmup` runs. Thread count and CPU affinity are recorded with the numbers.
+
+Method notes: docs/methods/inference.md
+
+Example::
+
+    lmcompose bench-speed --model runs/smollm2-rtn4 --dense smollm2-135m --prompt-len 256 --new-tokens 64
         --dtype bf16 --device cpu --policy auto dense --json speed.json
-
-For every model (the dense baseline, then the compressed one under each inference policy, see
-`lmcompose.inference`) it measures, in a fresh process so that peak RSS belongs to that model alone:
-
-* prefill tokens/s: one forward over `prompt_len` random tokens (no KV cache), at each batch size;
-* decode tokens/s: greedy decoding of `new_tokens` tokens with the KV cache, batch 1, after a prefill of
-  `prompt_len` tokens that is not timed;
-* peak RSS of the process (``ru_maxrss``), RSS after loading, the bytes the weights hold (parameters,
-  stored terms, forward caches), and on CUDA ``torch.cuda.max_memory_allocated``.
-
-Every timing is the median of `repeats` runs after `warmup` runs. Random token ids (seeded) are used:
-throughput does not depend on the text. Thread count and CPU affinity are recorded with the numbers.
 """
 
 from __future__ import annotations

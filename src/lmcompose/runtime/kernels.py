@@ -1,29 +1,12 @@
 """Execution paths of a CompressedLinear's forward: which kernel multiplies the input by which term.
 
-A layer's forward is ``y = b + Σ_k part_k(x)``; every term is assigned one *path*, and the terms on the
-``dense`` path are summed into one cached matrix (the default forward). Paths:
+A layer's forward is ``y = b + Σ_k part_k(x)``; every term is assigned one path (`PATHS`): ``dense``
+(materialized and summed into one cached matrix, the default forward), ``lowrank`` (two thin matmuls),
+``csr`` (``torch.sparse_csr``), ``int8`` / ``int4`` (torch's weight-only CPU kernels, used for a handful
+of input rows only; more rows dequantize on the fly), or ``dequant`` (no cached copy). `path_error` says
+why a term cannot take a path.
 
-* ``dense``   — the term materialized in the compute dtype and cached (summed with the other dense-path
-  terms): one GEMM, the fastest for large batches, and the most memory (a full float copy).
-* ``lowrank`` — a LowRank term as two thin matmuls ``U (diag(d) V x)`` with cached factors.
-* ``csr``     — a Sparse term as a ``torch.sparse_csr`` matrix in the compute dtype. Only pays below a
-  density that must be measured (``lmcompose.inference.measure_csr_threshold``); on CPU torch's CSR
-  matmul (MKL) runs fp32/fp64 only.
-* ``int8``    — weight-only int8 through ``aten._weight_int8pack_mm`` (CPU): per-output-channel scale only,
-  so a QTensor with one group per row. Codes ``c`` with zero ``z`` run as signed ``c - z`` when that
-  fits in int8 (always for bits <= 7 and symmetric grids); otherwise as ``c - 128`` with the zero folded
-  into a rank-1 correction ``W x = s ⊙ ((c-128) x) + s (128-z) Σx`` (which cancels: less precise).
-* ``int4``    — weight-only int4 through ``aten._weight_int4pack_mm_for_cpu``: group-wise with
-  ``W = (q - 8) · scale + zero``, group size 32/64/128/256 dividing ``in_features``, ``out_features`` a
-  multiple of 16. Any QTensor with ``bits <= 4`` fits: ``s (c - z) = s (c - 8) + s (8 - z)``. An
-  act-order permutation is handled by gathering the input columns (groups are contiguous in that order).
-* ``dequant`` — no cached copy: the stored term is dequantized (or cast) on every call, then one GEMM.
-
-The weight-only kernels are GEMV kernels: on this project's CPU they beat a dense bf16 GEMM only for a
-handful of rows (decode) and lose badly for prefill, and with fp32 activations they lose everywhere.
-So the int8/int4 parts run the kernel for at most ``kernel_max_rows`` input rows and dequantize on the
-fly above that (no float copy is ever cached). Pruned entries of a quantized Sparse term are given
-their group's zero point as code, which dequantizes to exactly 0.
+Method notes: docs/methods/inference.md (each path's conditions and costs)
 """
 
 from __future__ import annotations

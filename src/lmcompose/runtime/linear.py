@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..algebra.ops import effective_weight, op_from_state
 from ..algebra.spec import LinearSpec, TensorSpec
 from ..algebra.terms import TERM_TYPES, Dense, as_float
 from ..core.dtypes import dtype_name
@@ -17,17 +18,18 @@ class CompressedLinear(nn.Module):
     dtype the module was last cast to); the stored tensors keep their storage dtype whatever
     ``model.to(dtype)`` does, so a cast never loses stored precision.
 
-    ``paths`` records, per term, how the forward multiplies by it (see `algebra.kernels`: dense,
-    lowrank, csr, int8, int4, dequant); `set_paths` changes it (``lmcompose.inference.prepare_inference``
+    ``paths`` records, per term, how the forward multiplies by it (see `runtime.kernels`: dense,
+    lowrank, csr, int8, int4, dequant); `set_paths` changes it (``lmcompose.runtime.inference.prepare_inference``
     chooses them for a whole model). The default is the forward described above.
     """
 
     def __init__(self, in_features: int, out_features: int, terms, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, input_ops=()):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.terms = tuple(terms)
         self.bias_value = bias
+        self.input_ops = tuple(input_ops)  # applied to x before the terms (algebra.ops)
         # A zero-size buffer follows .to()/.cuda()/.half(): it tells us the device and compute dtype.
         self.register_buffer("_probe", torch.empty(0, dtype=compute_dtype,
                                                    device=self._term_device()), persistent=False)
@@ -75,7 +77,8 @@ class CompressedLinear(nn.Module):
         return 0 if self._cache is None else self._cache.nbytes()
 
     def with_terms(self, terms) -> "CompressedLinear":
-        new = CompressedLinear(self.in_features, self.out_features, terms, self.bias_value, self._probe.dtype)
+        new = CompressedLinear(self.in_features, self.out_features, terms, self.bias_value, self._probe.dtype,
+                               self.input_ops)
         return new.to(self._probe.device)
 
     # -- nn.Module plumbing ----------------------------------------------------------------------
@@ -83,6 +86,7 @@ class CompressedLinear(nn.Module):
         super()._apply(fn, recurse)
         device = self._probe.device
         self.terms = tuple(t.to(device) for t in self.terms)
+        self.input_ops = tuple(op.to(device) for op in self.input_ops)
         if self.bias_value is not None:
             self.bias_value = self.bias_value.to(device)
         dtype = self._probe.dtype
@@ -97,12 +101,24 @@ class CompressedLinear(nn.Module):
                                    self.kernel_max_rows)
         return self._cache
 
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input the terms multiply: ``A_n ⋯ A_1 x`` (x itself without input operations)."""
+        for op in self.input_ops:
+            x = op.apply(x)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._executor()(x)
+        return self._executor()(self.transform_input(x) if self.input_ops else x)
 
     # -- the algebra -----------------------------------------------------------------------------
-    def to_dense(self, dtype=torch.float32) -> torch.Tensor:
+    def terms_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """Σ_k T_k: the matrix the terms store, in the basis behind the input operations."""
         return torch.stack([t.weight(torch.float32) for t in self.terms]).sum(0).to(dtype)
+
+    def to_dense(self, dtype=torch.float32) -> torch.Tensor:
+        """The effective weight, ``(Σ_k T_k) · A_n ⋯ A_1``: what the layer multiplies its input by."""
+        w = self.terms_weight(torch.float32)
+        return effective_weight(w, self.input_ops).to(dtype) if self.input_ops else w.to(dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -117,7 +133,8 @@ class CompressedLinear(nn.Module):
         bias = None
         if self.bias_value is not None:
             bias = TensorSpec(self.out_features, 1, dtype_name(self.bias_value.dtype))
-        return LinearSpec(self.out_features, self.in_features, tuple(t.spec() for t in self.terms), bias)
+        return LinearSpec(self.out_features, self.in_features, tuple(t.spec() for t in self.terms), bias,
+                          tuple(op.spec() for op in self.input_ops))
 
     def nbytes(self) -> int:
         return self.spec().nbytes()
@@ -129,18 +146,24 @@ class CompressedLinear(nn.Module):
             out.update(term.to("cpu").state(f"{prefix}.terms.{i}"))
         if self.bias_value is not None:
             out[f"{prefix}.bias"] = self.bias_value.cpu().contiguous()
+        for i, op in enumerate(self.input_ops):
+            out.update(op.state(f"{prefix}.input_ops.{i}"))
         return out
 
     def meta(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features,
+        meta = {"in_features": self.in_features, "out_features": self.out_features,
                 "terms": [t.meta() for t in self.terms], "bias": self.bias_value is not None}
+        if self.input_ops:  # absent without operations, so older checkpoints read the same
+            meta["input_ops"] = [op.meta() for op in self.input_ops]
+        return meta
 
     @classmethod
     def from_state(cls, prefix: str, meta: dict, state: dict, compute_dtype=torch.float32) -> "CompressedLinear":
         terms = [TERM_TYPES[m["kind"]].from_state(f"{prefix}.terms.{i}", m, state)
                  for i, m in enumerate(meta["terms"])]
         bias = state[f"{prefix}.bias"] if meta["bias"] else None
-        return cls(meta["in_features"], meta["out_features"], terms, bias, compute_dtype)
+        ops = [op_from_state(f"{prefix}.input_ops.{i}", m, state) for i, m in enumerate(meta.get("input_ops", []))]
+        return cls(meta["in_features"], meta["out_features"], terms, bias, compute_dtype, ops)
 
     def extra_repr(self) -> str:
         spec = self.spec()

@@ -1,34 +1,12 @@
 """A declarative search space over recipes, cut by the hard rules and the byte budget before any work.
 
 A space names a pool of techniques with the range of each hyperparameter, the longest chain `max_steps`
-(k), and the schedules to try. A **chain** is an ordered choice of distinct pool entries with at most one
-member of each family (one pruner, one low-rank, one quantizer); a joint method (family ``joint``) is a
-chain on its own unless ``joint_alone: false``. Every concrete recipe is type-checked and costed with
-``Recipe.check`` on the model's Linear shapes (``lmcompose.models.load.model_linear_shapes``, no weights):
-a chain that raises ``IllegalStep`` (a hard rule: R3 "never SVD a quantized matrix", a pruner that would
-leave the quantization grid, ...) or whose bytes exceed the budget is *cut* and never evaluated.
+and the schedules to try. Every concrete recipe is type-checked and costed with ``Recipe.check`` on the
+model's Linear shapes (no weights): a chain that breaks a hard rule or the budget is cut and never
+evaluated. By default (``fit: last``) the last step of a chain is given ``ratio = budget`` in place of its
+native knob, so it spends whatever the earlier steps left.
 
-**Budget.** ``Budget(ratio=0.5)`` keeps at most 50% of the fp16 bytes of the compressed Linears
-(``CheckResult.linear_bytes / linear_dense_bytes``, what ``Report.ratio`` measures after compressing);
-``Budget(bits_per_weight=4.2)`` bounds ``CheckResult.bits_per_weight``.
-
-**How the budget is split between steps (``fit: last``, the default).** Every step but the last keeps its
-searched knob: its own share of the budget in that step's currency (a pruner's `sparsity`, a low-rank
-step's `ratio` or `rank`, a quantizer's `bits`). The last step of the chain is given ``ratio = budget``
-(for a bits budget: ``bits·weights / (8·fp16 bytes)``, which is ``bits/16`` for Linears without bias)
-in place of its native knob (``ratio_replaces``: sparsity for pruners, rank for low-rank and joint
-methods, bits for quantizers), so it spends whatever the earlier steps left, down to the budget: its
-technique picks the largest sparsity-kept count, rank or bit width whose exact bytes fit (budgets.py
-``largest_within``). When the earlier steps already exceed the budget the last step cannot fit and the
-chain is cut. With ``fit: none`` every knob is searched and over-budget recipes are cut. For the
-bytes-versus-quality front (NSGA-II) the last step's ratio is itself a searched knob in
-``[front_floor·budget, budget]`` (``suggest(..., front=True)``).
-
-**Discrete or continuous.** A knob given as a list is a categorical choice; ``{low, high}`` (with
-optional ``log`` and ``step``; integers when both bounds are integers) is a range. A space whose knobs
-are all lists and whose product has at most ``max_grid`` recipes is enumerated exhaustively
-(`enumerate`); otherwise Optuna samples it define-by-run (`suggest`), and a sampled recipe that breaks
-a rule or the budget is cut the same way, before any work.
+Method notes: docs/methods/search.md (chains, budgets, how the budget is split, grid or sampled)
 
 Example (YAML, ``lmcompose search --space space.yaml``)::
 
@@ -59,7 +37,6 @@ from ..techniques.registry import get_technique
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("layer-major", "step-major")
-RATIO_REPLACES = {"prune": ("sparsity",), "lowrank": ("rank",), "quantize": ("bits",), "joint": ("rank", "sparsity")}
 
 
 class Range(BaseModel):
@@ -102,7 +79,7 @@ class StepSpace(BaseModel):
     technique: str
     knobs: dict[str, Knob] = Field(default_factory=dict)
     ratio_replaces: tuple[str, ...] | None = Field(None, description="knobs dropped when the step is given "
-                                                   "ratio=budget (default by family, see RATIO_REPLACES)")
+                                                   "ratio=budget (default: the technique's `ratio_replaces`)")
 
     @model_validator(mode="after")
     def _known(self):
@@ -117,7 +94,9 @@ class StepSpace(BaseModel):
         return get_technique(self.technique).family
 
     def replaced(self) -> tuple[str, ...]:
-        return self.ratio_replaces if self.ratio_replaces is not None else RATIO_REPLACES.get(self.family, ())
+        if self.ratio_replaces is not None:
+            return self.ratio_replaces
+        return get_technique(self.technique).ratio_replaces
 
     def can_fit(self) -> bool:
         return "ratio" in get_technique(self.technique).model_fields

@@ -1,30 +1,13 @@
 """The study: Optuna trials over a `SearchSpace` on shared database storage (Ray tasks: `ray_runner`;
 reading the finished study: `results`).
 
-Scheduling is Optuna's and Ray's, never ours:
+Scheduling is Optuna's and Ray's, never ours. Every worker opens the same study in an RDB storage
+(SQLite by default, any SQLAlchemy URL for many machines); a killed study resumes by running the same
+command again, and trials a killed process left RUNNING are re-queued through the storage's heartbeat.
+A small discrete space is enumerated with ``GridSampler`` (the same trials and front after a kill); larger
+ones use TPE, or NSGA-II for a front (seeded but adaptive: only the trial count is reproducible).
 
-* **Storage.** Every worker opens the same study (``load_if_exists=True``) in an RDB storage: SQLite by
-  default (``sqlite:///<out>/study.db``) or any SQLAlchemy URL (``postgresql://...``) for many machines.
-  Several processes (``--workers W`` starts W−1 more beside this one) or machines run ``study.optimize``
-  on it; Optuna's ``MaxTrialsCallback`` stops all of them at ``--trials`` finished trials. A killed study
-  resumes by running the same command again. Trials left RUNNING by a killed process are found by the
-  storage's heartbeat (``heartbeat`` seconds, grace 2×) and re-queued once (``RetryHeartbeatStaleTrialCallback``).
-* **Ray** (``--backend ray``, the optional extra ``lmcompose[search]``): the driver asks the study for
-  trials (Optuna's ask-and-tell) and runs each evaluation as a Ray task on a local or remote cluster
-  (``ray.init(address=...)``), keeping `workers` tasks in flight; Ray places them. Each Ray worker process
-  builds its `Evaluator` once (model, cached dense statistics) and reuses it for later tasks.
-
-**Samplers.** ``auto``: a discrete space small enough (``max_grid``) is enumerated exhaustively: the
-admitted recipes (cut ones never become trials) are one categorical parameter ``recipe`` (their hashes)
-under Optuna's ``GridSampler``; otherwise TPE (single objective: the level's score at the budget) or, with
-``front=True``, NSGA-II on (bytes ratio or bits/weight, score). ``random`` is a seeded RandomSampler.
-
-**What "the same" means after a kill.** ``GridSampler`` assigns grid point i to trial i and re-queues
-failed points, so a killed and resumed grid study, with any number of workers, ends with the same set of
-COMPLETE trials (one per admitted recipe) and the same objective values, hence the same front, as an
-uninterrupted one. TPE and NSGA-II are seeded but adaptive: with parallel workers (or after a resume,
-which restarts the sampler's random stream) the trials they propose depend on the order in which earlier
-trials finished, so only the trial count is reproducible, not the front; compare fronts with the grid.
+Method notes: docs/methods/search.md
 
 Example::
 
@@ -43,8 +26,9 @@ from typing import Callable
 import torch
 
 from ..core.errors import IllegalStep
+from ..pipeline.dense_stats import DenseStats
 from ..recipe import Recipe
-from .objective import DenseStats, Evaluator
+from .objective import Evaluator
 from .space import Budget, Candidate, SearchSpace
 
 log = logging.getLogger(__name__)

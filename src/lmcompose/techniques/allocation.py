@@ -1,24 +1,17 @@
 """Sensitivity-based allocation of one step's byte budget across Linears (ASVD-style, METHODS §4.6).
 
-A step with ``ratio`` and ``allocation: sensitivity`` does not give every Linear the same ratio. From
-the pipeline's dense prepass (every block's weights and input statistics on the uncompressed model) it
-measures, for every targeted Linear l and every candidate ratio r in ``allocation_ratios × ratio``,
-the exact bytes ``c_l(r)`` the technique would store (its own ``plan``) and the relative output error
-``e_l(r) = tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)`` of actually applying it (its own ``apply`` on the dense weight).
-It then solves the multiple-choice knapsack
+A step with ``ratio`` and ``allocation: sensitivity`` tries every targeted Linear at each candidate ratio
+(``allocation_ratios × ratio``) on the dense prepass, with the technique's own ``plan`` (exact bytes) and
+``apply`` (relative output error), and a multiple-choice knapsack (`solve_allocation`) picks one ratio per
+Linear to minimise the parameter-weighted error within the step's total bytes. ASVD measures perplexity
+with one layer compressed at a time; we measure the layer's own output error, with no extra forward.
 
-    minimise Σ_l w_l e_l(r_l)   subject to   Σ_l c_l(r_l) ≤ ratio · Σ_l fp16 bytes of l
+Method notes: docs/methods/allocation.md
 
-with w_l = out·in (the parameter weighting of the search proxy, so allocation and proxy optimise the
-same quantity), by Lagrangian relaxation (bisection on the multiplier) followed by a greedy fill of the
-remaining bytes (`solve_allocation`). The step then runs per Linear at its chosen ratio; every layer
-stores exactly what its own plan says, and the total stays within the step's budget.
+Example::
 
-Two readings of ASVD's "sensitivity" (a config-free choice documented here): ASVD measures calibration
-*perplexity* with one layer compressed at a time (#Linears × #candidates model evaluations: 1,890 full
-forwards for SmolLM2-135M with 9 candidates, out of reach on a CPU); we measure the layer's own output
-error, which costs #candidates applications of the technique per Linear and no extra forward. The
-error ignores how errors propagate through later blocks, as every layer-wise method here does.
+    steps:
+      - gptq: {ratio: 0.2, group_size: 128, allocation: sensitivity}   # mixes 2-, 3- and 4-bit Linears
 """
 
 from __future__ import annotations
@@ -26,12 +19,10 @@ from __future__ import annotations
 import logging
 import math
 
-import torch
-
-from ..algebra.terms import Dense
+from ..algebra.terms import Dense, as_float
 from ..core.errors import IllegalStep
-from ..core.stats import relative_error
 from ..runtime.linear import CompressedLinear
+from .apply import apply_steps
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +84,18 @@ def candidate_ratios(ratio: float, multiples) -> list[float]:
     return sorted({round(min(1.0, ratio * m), 6) for m in multiples if ratio * m > 0})
 
 
-def allocate_by_sensitivity(step, blocks, float_dtype: str = "fp16") -> dict[str, object]:
+def allocate_by_sensitivity(step, blocks, float_dtype: str) -> dict[str, object]:
     """Per-Linear copies of `step` (``allocation: sensitivity``) from the dense prepass `blocks`:
-    ``blocks[i]`` lists ``(name, weight, stats)`` of block i's targeted Linears. See the module docstring."""
+    ``blocks[i]`` lists ``(name, weight, stats)`` of block i's targeted Linears. Each candidate runs through
+    `apply_steps` (checks included) on the weight stored in `float_dtype`, the recipe's, as the pipeline runs
+    the chosen one; a Linear's statistics move to its weight's device for that. See the module docstring."""
     uniform = {"allocation": "uniform"}
     ratios = candidate_ratios(step.ratio, step.allocation_ratios)
     names, options, chosen_steps, fp16 = [], [], [], 0
     for linears in blocks:
         for name, weight, stats in linears:
-            layer = CompressedLinear(weight.shape[1], weight.shape[0], [Dense(weight.to(torch.float16))])
+            layer = CompressedLinear(weight.shape[1], weight.shape[0], [Dense(as_float(weight, float_dtype))])
+            stats = stats.to(weight.device)
             spec = layer.spec()
             fp16 += spec.dense_fp16_nbytes()
             seen, opts, steps = {}, [], []
@@ -114,10 +108,9 @@ def allocate_by_sensitivity(step, blocks, float_dtype: str = "fp16") -> dict[str
                 key = planned.describe(), planned.nbytes()
                 if key in seen:  # another ratio that stores the same thing (e.g. the same bit width)
                     continue
-                new, _ = candidate.apply(layer, stats)
-                err = relative_error(weight, new.to_dense(torch.float32), stats.gram)
+                _, (result,) = apply_steps(layer, [candidate], stats, name, original=weight)
                 seen[key] = True
-                opts.append((planned.nbytes(), weight.numel() * err))
+                opts.append((planned.nbytes(), weight.numel() * result.rel_error))
                 steps.append(candidate)
             if not opts:
                 raise IllegalStep(f"{step.name}: no candidate ratio of {ratios} applies to {name} {spec.describe()}")

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..algebra.spec import LinearSpec
 from ..core.errors import IllegalStep
 from .allocation import allocate_by_sensitivity
+from .fields import check_settings
 
 _REGISTRY: dict[str, type["Technique"]] = {}
 
@@ -34,6 +35,7 @@ class Technique(BaseModel):
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    ratio_replaces: ClassVar[tuple[str, ...]] = ()  # the native knobs a `ratio` budget stands in for
 
     include: tuple[str, ...] = Field(("*",), description="globs (fnmatch, not regexes) over full Linear names")
     exclude: tuple[str, ...] = Field((), description="globs of Linear names to leave alone")
@@ -74,16 +76,40 @@ class Technique(BaseModel):
     def apply(self, layer, stats):
         raise NotImplementedError
 
+    # -- capabilities: what the rules, the invariants and the costing ask of a step, never its name --
+    @property
+    def trains(self) -> bool:
+        """True when the step trains continuous parameters by gradient steps (rule R5 wants it before the
+        final quantization)."""
+        return False
+
+    @property
+    def leaves_grid(self) -> bool:
+        """True when the step may replace the codes of an earlier quantization (analysis only, e.g. an SVD
+        of a quantized matrix); the codes-survive invariant (`algebra.invariants`) then does not apply."""
+        return False
+
+    @property
+    def needs_dense_input(self) -> bool:
+        """True when the step must be the first on every Linear it targets because it measures the dense
+        weights; `Recipe.check` refuses it on a compressed Linear, saying `dense_input_reason`."""
+        return self.allocation == "sensitivity"
+
+    @property
+    def dense_input_reason(self) -> str:
+        return "allocation='sensitivity' measures each Linear on the dense model"
+
     @property
     def needs_prepass(self) -> bool:
         """True when the step splits its budget across Linears from dense statistics (see `allocate`)."""
         return self.allocation == "sensitivity"
 
-    def allocate(self, blocks: list[list[tuple]]) -> dict[str, "Technique"]:
+    def allocate(self, blocks: list[list[tuple]], *, float_dtype: str) -> dict[str, "Technique"]:
         """Per-Linear copies of this step, from a dense prepass: ``blocks[i]`` lists ``(name, weight, stats)``
-        of block i's targeted Linears, computed on the uncompressed model. Only called if `needs_prepass`.
+        of block i's targeted Linears, computed on the uncompressed model (`pipeline.dense_stats`);
+        `float_dtype` is the recipe's storage dtype of the weights. Only called if `needs_prepass`.
         The default is the sensitivity allocation (`techniques.allocation`)."""
-        return allocate_by_sensitivity(self, blocks)
+        return allocate_by_sensitivity(self, blocks, float_dtype)
 
     def params(self) -> dict:
         return self.model_dump(mode="json")
@@ -95,5 +121,6 @@ def register(cls: type[Technique]) -> type[Technique]:
     if cls.name in _REGISTRY:
         raise ValueError(f"technique name {cls.name!r} is registered twice "
                          f"({_REGISTRY[cls.name].__name__} and {cls.__name__})")
+    check_settings(cls)
     _REGISTRY[cls.name] = cls
     return cls

@@ -1,22 +1,15 @@
 """Recovery: fine-tune the float factors of a compressed model on a causal-LM loss, everything else frozen.
 
-METHODS §2.3 step 7 (SSLC's optional recovery: "train U', V' with S frozen, mask fixed, with a
-causal-LM loss"; dataset, steps and learning rate unknown) and SVD-LLM's "parameter update" (LoRA on
-its factors). Runs once over the whole model after the sequential pass, on the calibration windows.
+SSLC's optional recovery (METHODS §2.3 step 7: "train U', V' with S frozen, mask fixed") and SVD-LLM's
+parameter update, read as one pass over the whole model after the sequential pass, on the calibration
+windows: the float low-rank factors (with ``train: lowrank+sparse`` also the float sparse values, inside
+their masks) train with AdamW; codes, masks and the byte count do not change.
 
-What trains (`train`): ``lowrank`` the float U and V of every LowRank term (a diagonal d stays as it
-is); ``lowrank+sparse`` also the float values of every Sparse term, multiplied by its mask so pruned
-entries stay exactly zero. Quantized tensors (codes, scales), Dense terms, biases and every weight
-outside the compressed Linears are frozen, so masks and codes are bit-exact afterwards and the byte
-count does not change (checked). SVD-LLM trains its two factors one after the other; this trains them
-together (a single `steps` budget), which is the simpler reading of SSLC's sentence.
+Method notes: docs/methods/recover.md
 
-The optimizer is AdamW on fp32 master copies; the forward runs under the compute dtype (autocast),
-with each Linear's frozen terms summed once and held in that dtype. Each step takes `batch_size`
-windows in order, cycling. The trained tensors are written back rounded to their storage dtype.
-``Recipe.check`` refuses a recovery with nothing to train. Memory: the whole model on one device,
-16 bytes per trained parameter (fp32 value, gradient, two Adam moments), the frozen weights in the
-compute dtype, and the activations of one batch kept for the backward pass.
+Example::
+
+    recover: {steps: 200, lr: 1.0e-4, batch_size: 1, train: lowrank}
 """
 
 from __future__ import annotations

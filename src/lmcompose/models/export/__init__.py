@@ -13,6 +13,8 @@ Example::
     export_gguf(model, "out/model.gguf", tok)                 # llama.cpp / from_pretrained(gguf_file=...)
 
 CLI: ``lmcompose export RUN_DIR --format dense|compressed-tensors|gguf --out PATH``.
+
+Method notes: docs/methods/formats.md (the formats, their limits, and loading)
 """
 
 from __future__ import annotations

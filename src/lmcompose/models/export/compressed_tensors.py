@@ -1,22 +1,11 @@
-"""Export to compressed-tensors.
+"""Export to compressed-tensors (``pack-quantized``: what vLLM and transformers load).
 
-**compressed-tensors** (``pack-quantized``, what vLLM and transformers load; format read from the
-``compressed-tensors`` package, ``compressors/pack_quantized``). Per Linear ``name``:
-``name.weight_packed`` int32 [rows, cols·bits/32], value i of a row at bits ``i·bits`` of word
-``i·bits // 32``, each value the *unsigned* code ``q + 2^(b-1)``; ``name.weight_scale`` [rows, groups]
-in our scale dtype; ``name.weight_shape`` int64 [2]; asymmetric grids add ``name.weight_zero_point``
-(signed zero points, packed the same way along the row axis: int32 [rows·bits/32, groups]).
-compressed-tensors dequantizes ``scale · (q - zp)`` with signed ``q`` in [-2^(b-1), 2^(b-1) - 1], so our
-unsigned ``code`` and ``zero`` map exactly: ``q = code - 2^(b-1)``, ``zp = zero - 2^(b-1)``, and a
-symmetric grid (fixed ``zero = 2^(b-1)``) is ``q = code - 2^(b-1)`` with no zero point. Limits, each
-refused with the reason: bits must divide 32 (2, 4, 8: the packing of other widths changed between
-compressed-tensors versions and vLLM reads 4 and 8); ``group_size`` must divide in_features
-(compressed-tensors has no shorter last group); a stored act-order permutation has no representation
-(``actorder="group"``/``g_idx`` was removed from compressed-tensors; use GPTQ ``static_groups: true``).
-``group_size=None`` (one scale per row) is the ``channel`` strategy. Load it in transformers with
-``quantization_config=CompressedTensorsConfig(dequantize=True)``: with ``dequantize=False``, transformers
-5.23 + compressed-tensors 0.20 allocate an *unpacked* ``weight_zero_point`` and reject asymmetric files,
-even though the package's own ``compress()`` and vLLM use the packed layout written here.
+Codes are written bit-exactly, as unsigned values packed into int32 words, with one scale per group (and
+packed zero points for asymmetric grids). Widths that do not divide 32, groups that do not divide
+in_features and stored act-order permutations are refused with the reason. Load it in transformers with
+``quantization_config=CompressedTensorsConfig(dequantize=True)``.
+
+Method notes: docs/methods/formats.md (the layout, the limits and why)
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
-"""Export to GGUF.
+"""Export to GGUF (llama architecture only; for llama.cpp).
 
-**GGUF** (llama architecture only; ``gguf.GGUFWriter``; tensor names from ``gguf.TensorNameMap``, q/k
-rows permuted as llama.cpp's ``convert_hf_to_gguf.py`` does). A grid maps onto a GGML block type when
-blocks of 32 columns never straddle two of our groups (``cols % 32 == 0`` and ``group_size`` a multiple
-of 32, or per row) and the scales are fp16 values:
+A grid whose 32-column blocks never straddle two of our groups and whose scales are fp16 values maps
+bit-exactly onto Q4_0, Q5_0 or Q8_0 (symmetric) or Q4_1, Q5_1 (asymmetric; the offset is rounded to fp16).
+Other grids are refused unless ``allow_requant=True`` (written as F16, listed in the
+``lmcompose.requantized`` metadata key). The tokenizer is written as a byte-level BPE.
 
-    symmetric 4-bit → Q4_0 (d·(q-8)),  symmetric 5-bit → Q5_0 (d·(q-16)),  symmetric 8-bit → Q8_0 (d·q)
-    asymmetric 4-bit → Q4_1 (d·q + m), asymmetric 5-bit → Q5_1 (d·q + m)
-
-Codes and d are bit-exact. For Q4_1/Q5_1 the offset ``m = -scale·zero`` is stored as fp16, so it is
-rounded (relative error ≤ 2⁻¹¹ of m; the only inexact value in the file). Other grids are refused unless
-``allow_requant=True``, which writes those Linears as F16 dense weights (logged, and listed in the
-``lmcompose.requantized`` metadata key). The tokenizer is written the way ``convert_hf_to_gguf`` writes a
-byte-level BPE (``tokenizer.ggml.model = "gpt2"``: tokens, token types, merges, special ids); other
-tokenizer types are refused (pass ``tokenizer=None`` to write weights only).
+Method notes: docs/methods/formats.md (the type table, the tokenizer, the limits)
 """
 
 from __future__ import annotations

@@ -1,61 +1,13 @@
 """DAM, the Diagonal Adhesive Method: low rank, then quantization, with a learned diagonal between the
 factors (Huang, Wang, Wang, Zhao, Liu, "Break Through the Compression Bottleneck: From Theory to
-Practice", Findings of ACL 2026, arXiv 2607.20434; no public code). The paper argues that low rank (L)
-and quantization (Q) are not orthogonal and that L → Q beats Q → L; DAM adds a learnable rank-wise
-scaling between the two SVD factors. Only that much is known [S]; the algorithm below is the
-reconstruction of METHODS.md §1.4, and every ambiguity of §1.6 that matters here is a config field.
+Practice", Findings of ACL 2026, arXiv 2607.20434; no public code: the reconstruction of METHODS.md §1.4).
 
-Algorithm (``mode: dam``), per Linear with input Gram H = E[x xᵀ]:
+W ≈ A B (plain or SVD-LLM SVD) becomes W ≈ (A D)(D⁻¹ B) with D = diag(d); log d is learned with Adam on
+the layer error of the fake-quantized factors, then both factors are quantized with GPTQ, and d is folded
+into them by default (zero inference cost). ``mode: l_then_q`` and ``mode: q_then_l`` run the two plain
+orders from the same code, at the same rank and grid.
 
-1. Rank-r factors A B ≈ W: plain truncated SVD (the paper [S]) or SVD-LLM's whitened SVD
-   (``decomposition``), Σ split by ``sigma_split`` (√Σ on both by default; the paper's split is unknown).
-2. Insert D = diag(d), d > 0: W ≈ (A D)(D⁻¹ B). Exact in full precision; after quantization d decides how
-   the range is shared between U = A D (whose quantization groups run along the rank dimension) and the
-   rank activations z = D⁻¹ B x (which feed U).
-3. Initialise d SmoothQuant-style on the rank dimension: d_i = rms(z_i)^α / max_j|A_ji|^(1−α) with
-   z = B x (``init: smoothquant``; ``init: ones`` starts from plain L → Q). SmoothQuant uses max|z_i|;
-   the statistics hold the Gram, not the tokens, so the exact rms √(B H Bᵀ)_ii takes its place.
-4. Learn log d with Adam (``steps``, ``lr``) on the layer output error of the fake-quantized factors,
-   tr((W − Ŵ(d)) H (W − Ŵ(d))ᵀ), Ŵ(d) = Q(A D) · Q(D⁻¹ B), Q the RTN grid of ``algebra/quant.py``
-   per group (``fake_quantize``: exact RTN values forward; straight-through rounding plus the
-   quantization-step gradient, as LSQ, backward). Pure straight-through would see Ŵ(d) = A B and give
-   d no gradient at all: d only acts through the grids. d is kept at geometric mean 1 (a common scale
-   changes nothing). The best d seen is kept, among the iterates, the initialisation and d = 1, so the
-   fit never ends worse than its start or than plain L → Q (in the fit's own loss).
-5. Quantize both factors with GPTQ (``quantizer: gptq``; ``rtn`` for the plain grid): V = D⁻¹ B with the
-   input Gram H, then U = A D with the Gram of its inputs V̂ H V̂ᵀ (``quant/common.slot_hessians``).
-
-Folding d (``fold_d``). V's quantization groups run along its input columns, row by row, so scaling row i
-by 1/d_i scales that row's scales and leaves its codes unchanged (RTN and GPTQ alike; only the fp16
-rounding of the scales differs): folding d into V is free, before or after quantization. Folding it into
-U's columns is free only *before* U is quantized; afterwards it would change U's grids. ``fold_d: true``
-(default) therefore stores U = Q(A D), V = Q(D⁻¹ B) and no d: zero inference cost. ``fold_d: false`` keeps
-the paper's picture of a diagonal between the factors, W ≈ Q(A D)·diag(d⁻¹)·Q(B): the same codes, and d⁻¹
-stored in the float dtype (r values, counted by ``LowRankSpec``).
-
-Activation quantization (``act_bits: 8``) is a fit-time option only. The layer's forward in the algebra
-(``CompressedLinear``) runs float activations, so nothing about activations is stored, costed or used
-after the fit, and the pipeline's reported error is weight-only. During the fit the objective becomes the
-sampled output error ‖W x − Q(A D)·Q_a(Q(D⁻¹ B)·Q_a(x))‖² with Q_a per-token 8-bit fake quantization (the
-shared symmetric grid, fp32 scale) of both factor inputs. The statistics hold no tokens, so the fit draws
-``act_tokens`` Gaussian surrogate tokens x = L ξ with L Lᵀ = H (the calibration second moments exactly,
-outlier channels included; the heavy tails of real per-token maxima are not reproduced).
-
-The other two orders run from the same code, so the three compare at one rank and one grid:
-
-* ``mode: l_then_q``: steps 1 and 5 with d = 1 (plain L → Q, the order the paper recommends).
-* ``mode: q_then_l``: quantize W with the same quantizer and grid, then factorize the dequantized matrix
-  and keep the factors in float (the paper's Eq. 6). Not deployable (the factors are on no grid):
-  ``info["analysis_only"] = True``. Its bytes are the float factors', planned exactly; with ``ratio`` it
-  takes the rank the deployable modes get at that ratio, so its bytes exceed the budget (analysis only).
-
-Cost per Linear: one SVD (or SVD-LLM's Cholesky + SVD), ``steps`` evaluations of the loss and its
-gradient at O(m·n² + m·n·r) each (the weight-only loss goes through H; the sampled one through the
-tokens), and GPTQ on the two thin factors.
-
-Budget: ``rank``, or ``ratio`` = the largest rank whose quantized U and V (codes, scales, zeros, a stored
-permutation, and a stored d) fit ratio × the Linear's fp16 bytes. The paper's own ratio convention is
-unknown (§1.6); this is the library's one currency.
+Method notes: docs/methods/dam.md
 
 Example::
 
@@ -77,6 +29,7 @@ from ...algebra.quant import QuantSpec, quantize_rtn
 from ...algebra.spec import LinearSpec, LowRankSpec, TensorSpec
 from ...algebra.terms import LowRank, as_float, materialize
 from ..base import register
+from ..fields import ScaleDtype, only_with, setting
 from ..lowrank.common import LowRankConfig
 from ..lowrank.svd import SVD
 from ..lowrank.svdllm import SVDLLM, whitening_factor
@@ -227,15 +180,15 @@ class DAM(LowRankConfig):
         "q_then_l: SVD of the quantized matrix, float factors (analysis only)")
     decomposition: Literal["svd", "svdllm"] = Field("svd", description="plain truncated SVD (paper) or "
                                                     "SVD-LLM's whitened SVD")
-    bits: int = Field(4, ge=2, le=8, description="bits per code of U and V")
-    group_size: int | None = Field(None, ge=1, description="input columns per scale (U: rank columns); None = per row")
-    symmetric: bool = Field(True, description="symmetric grid (the paper's Eq. 1) or asymmetric min-max")
+    bits: int = setting("bits", doc="bits per code of U and V")
+    group_size: int | None = setting("group_size", doc="input columns per scale (U: rank columns); None = per row")
+    symmetric: bool = setting("symmetric", True, doc="symmetric grid (the paper's Eq. 1) or asymmetric min-max")
+    scale_dtype: ScaleDtype = setting("scale_dtype")
     quantizer: Literal["gptq", "rtn"] = Field("gptq", description="how the factors are quantized (the fit "
                                               "always uses the RTN grid)")
-    act_order: bool = Field(False, description="gptq: columns by decreasing diag(H) (stores a permutation "
-                            "with a group size)")
-    percdamp: float = Field(0.01, ge=0, description="gptq: damping as a fraction of mean(diag H)")
-    blocksize: int = Field(128, ge=1, description="gptq: columns per lazy-update block")
+    act_order: bool = setting("act_order", when="gptq only")
+    percdamp: float = setting("percdamp", when="gptq only")
+    blocksize: int = setting("blocksize", when="gptq only")
     init: Literal["smoothquant", "ones"] = Field("smoothquant", description="initial d: SmoothQuant on the rank "
                                                  "dimension, or all ones (plain L→Q)")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="SmoothQuant migration strength")
@@ -250,19 +203,18 @@ class DAM(LowRankConfig):
 
     @model_validator(mode="after")
     def _fit_fields(self):
-        # A field that has no effect must keep its default (defaults pass, so recipes round-trip).
-        def changed(fields):
-            return sorted(f for f in fields if getattr(self, f) != type(self).model_fields[f].default)
-        for fields, applies, when in ((FIT_ONLY, self.mode == "dam", f"mode='dam' (got mode={self.mode!r})"),
-                                      (("act_tokens", "seed"), self.act_bits is not None, "act_bits=8"),
-                                      (("act_order", "percdamp", "blocksize"), self.quantizer == "gptq",
-                                       "quantizer='gptq'")):
-            if not applies and changed(fields):
-                raise ValueError(f"{', '.join(changed(fields))} only apply with {when}")
+        only_with(self, FIT_ONLY, self.mode == "dam", f"only applies with mode='dam' (got mode={self.mode!r})")
+        only_with(self, ("act_tokens", "seed"), self.act_bits is not None, "only applies with act_bits=8")
+        only_with(self, ("act_order", "percdamp", "blocksize"), self.quantizer == "gptq",
+                  f"only applies with quantizer='gptq' (got quantizer={self.quantizer!r})")
         return self
 
+    @property
+    def trains(self) -> bool:
+        return self.mode == "dam" and self.steps > 0
+
     def qspec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.symmetric)
+        return QuantSpec(self.bits, self.group_size, self.symmetric, self.scale_dtype)
 
     @property
     def stores_perm(self) -> bool:

@@ -1,59 +1,17 @@
-"""QER: quantize W, then add a float low-rank term for the quantization error (METHODS §4.8, §6 items 2 and 4).
+"""QER: quantize W, then add a float low-rank term for the quantization error (METHODS §4.8).
 
 LQER (Zhang et al., ICML 2024; ChengZhang-98/lqer), L²QER (same paper) and QERA (Zhang et al., ICLR 2025;
-ChengZhang-98/QERA) share one recipe. Quantize, Q = Q(W), with RTN or GPTQ (the project's own quantizers,
-configured by this step's fields). Take the residual E = W − Q. Keep the rank-k truncated SVD of E·S, mapped
-back through S⁻¹. The layer then stores W ≈ Q + A B, as ``[Dense(QTensor), LowRank(A, B)]``, with A and B in the
-input's float storage dtype, so a later ``gptq``/``rtn`` step with ``target: lowrank`` can quantize them. Since
-this reconstructs the residual, it is the deployable form of "Q then low rank" (it never takes the SVD of Q).
+ChengZhang-98/QERA) share one recipe: Q = Q(W) with RTN or GPTQ, E = W − Q, and the rank-k truncation of
+E·S mapped back (built from U_kᵀ E, with no solve with S), stored as ``[Dense(QTensor), LowRank(A, B)]``.
+`scaling` chooses S: ``none`` (LQER), ``diag`` (L²QER) or ``exact`` (QERA, S = H^{1/2}); the aliases
+``lqer``, ``l2qer`` and ``qera`` fix it.
 
-S is chosen by `scaling`:
-
-* ``none``: LQER. S = I: plain SVD of E. It is Frobenius-optimal for ‖E − AB‖_F and blind to the data.
-* ``diag``: L²QER. S = diag(s), the diagonal surrogate of the layer objective. The two references read s
-  differently, so `diag_stat` chooses:
-  - ``abs_mean`` (default): the L²QER reference statistic. Its ``ScaleHookFactoryMeanAbs`` takes the running
-    max over calibration batches of each batch's mean |x_j|, clamps it at 1e-4 and divides by
-    √(min s · max s). Here the statistic is E|x_j| over all calibration tokens (``Stats.abs_mean``), because
-    per-batch maxima of means are not collected. It is the same statistic when batches are alike.
-  - ``rms``: QERA's "diag" mode, s_j = √E[x_j²].
-  Both are clamped below at `diag_clamp` (reference 1e-4, in activation units) and normalised by
-  √(min s · max s), as in the reference. A uniform scale changes neither the truncation nor A B.
-* ``exact``: QERA ("rxx" mode), the closed-form optimum of E_x‖x(W − Q − AB)ᵀ‖², i.e. of the layer
-  objective tr(ΔW H ΔWᵀ) with H = E[x xᵀ] (``Stats.gram``). S = R = H^{1/2}, the symmetric square root.
-  It is computed by an fp64 eigendecomposition, H = Q_H Λ Q_Hᵀ, R = Q_H √Λ Q_Hᵀ. The reference uses
-  scipy's blocked or iterative ``sqrtm``. Eigenvalues below `eig_floor` · λ_max are raised to that floor
-  (default 0: only numerically negative ones). The count and the smallest eigenvalue are recorded in
-  ``info``. The residual of this choice is exactly Σ_{i>k} σ_i(E R)² (Eckart–Young under H). That equals
-  SVD-LLM's whitening applied to E, because E·chol(H) and E·R have the same left singular vectors and
-  singular values.
-
-Map back without S⁻¹. Truncating E S = U Σ Vᵀ and mapping back gives U_k Σ_k V_kᵀ S⁻¹ = U_k U_kᵀ E
-(``lowrank.common.projected_factors``). The factors are therefore built from U_kᵀ E. No solve with an
-ill-conditioned or singular S is needed. A clamped eigenvalue (a dead input direction) then loses nothing:
-the product is still the optimum of the objective. The references call ``torch.linalg.solve(S, U)`` and
-fall back to adding eps to the singular values when it fails, with a logged warning.
-
-Σ split. The references' factors, in x-row convention ``x @ A @ B`` with A = S⁻¹U_k and B = Σ_k V_kᵀ, put Σ
-in the output-side factor, which is our U (``sigma_split: u``). The default here is ``sqrt`` (√Σ on both),
-the split METHODS §6 item 8 recommends when the factors are quantized later. The product is the same.
-
-The references also quantize A and B (LQER: 8-bit block formats). Here that is a separate step
-(``gptq``/``rtn`` with ``target: lowrank``), costed by that step.
-
-Budget. Give exactly one of `rank` and `ratio`. The quantized dense term costs codes, scales and zeros; the
-factors cost r·(m + n) values in the storage dtype. ``ratio`` picks the largest rank whose total fits
-``ratio`` × the Linear's fp16 bytes. ``rank: 0`` (or a ratio that only fits rank 0) gives the plain
-quantized Dense and no low-rank term. A rank whose total would cost more than the float input is refused
-at ``Recipe.check``.
-
-Aliases: ``lqer``, ``l2qer`` and ``qera`` are ``qer`` with `scaling` fixed to none, diag and exact.
+Method notes: docs/methods/qer.md
 
 Example::
 
     steps:
       - qer: {bits: 3, group_size: 32, rank: 4, scaling: exact}
-      - l2qer: {bits: 4, group_size: 128, ratio: 0.3, quantizer: gptq}
       - gptq: {bits: 8, group_size: 64, target: lowrank}      # then quantize the factors (as the references)
 """
 
@@ -71,11 +29,13 @@ from ...core.linalg import PRECISIONS
 from ...runtime.linear import CompressedLinear
 from ..base import Technique, register
 from ..budget import budget_bytes, largest_within
+from ..fields import ScaleDtype, only_with, setting
 from ..lowrank.common import projected_factors
 from ..quant.gptq import GPTQ
 from ..quant.rtn import RTN
 
 REFERENCE_CLAMP = 1e-4  # L²QER reference SCALE_CLAMP_MIN
+GPTQ_ONLY = ("act_order", "static_groups", "percdamp", "blocksize")
 
 
 # -- the math ----------------------------------------------------------------------------------------
@@ -134,6 +94,7 @@ class QER(Technique):
     name: ClassVar[str] = "qer"
     family: ClassVar[str] = "joint"
     summary: ClassVar[str] = "quantize (RTN/GPTQ), then a float low-rank term for the residual W − Q(W)"
+    ratio_replaces: ClassVar[tuple[str, ...]] = ("rank",)
 
     scaling: Literal["none", "diag", "exact"] = Field(
         "exact", description="input scaling of the residual SVD: none (LQER), diag (L²QER), exact (QERA, H^{1/2})")
@@ -143,14 +104,14 @@ class QER(Technique):
     eig_floor: float = Field(0.0, ge=0, description="exact: eigenvalues of H below eig_floor·λ_max are raised to it "
                              "(0 = only negative ones; recorded in info)")
     quantizer: Literal["rtn", "gptq"] = Field("rtn", description="how the dense weight is quantized")
-    bits: int = Field(4, ge=2, le=8, description="bits per weight code of the quantized dense term")
-    group_size: int | None = Field(None, ge=1, description="input columns per scale; None = one scale per row")
-    symmetric: bool = Field(False, description="symmetric grid (no stored zero point) or asymmetric (min-max)")
-    scale_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="storage dtype of the scales")
-    act_order: bool = Field(False, description="gptq only: process columns by decreasing diag(H)")
-    static_groups: bool = Field(False, description="gptq only: every group's grid up front (no permutation)")
-    percdamp: float = Field(0.01, ge=0, description="gptq only: damping as a fraction of mean(diag H)")
-    blocksize: int = Field(128, ge=1, description="gptq only: columns per lazy-update block")
+    bits: int = setting("bits", doc="bits per weight code of the quantized dense term")
+    group_size: int | None = setting("group_size")
+    symmetric: bool = setting("symmetric")
+    scale_dtype: ScaleDtype = setting("scale_dtype")
+    act_order: bool = setting("act_order", when="gptq only")
+    static_groups: bool = setting("static_groups", when="gptq only")
+    percdamp: float = setting("percdamp", when="gptq only")
+    blocksize: int = setting("blocksize", when="gptq only")
     rank: int | None = Field(None, ge=0, description="rank of the residual term (0 = plain quantization)")
     ratio: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the Linear's fp16 bytes to keep "
                                 "(quantized dense + factors); picks the largest rank that fits")
@@ -162,12 +123,8 @@ class QER(Technique):
     def _check_fields(self):
         if (self.rank is None) == (self.ratio is None):
             raise ValueError(f"give exactly one of rank, ratio (got rank={self.rank}, ratio={self.ratio})")
-        if self.quantizer == "rtn":
-            for field, default in (("act_order", False), ("static_groups", False), ("percdamp", 0.01),
-                                   ("blocksize", 128)):
-                if getattr(self, field) != default:
-                    raise ValueError(f"{field}={getattr(self, field)!r} applies to quantizer='gptq' only; "
-                                     f"got quantizer='rtn'")
+        only_with(self, GPTQ_ONLY, self.quantizer == "gptq",
+                  f"applies to quantizer='gptq' only; got quantizer={self.quantizer!r}")
         return self
 
     def quantize_step(self) -> RTN | GPTQ:
@@ -176,8 +133,7 @@ class QER(Technique):
                     scale_dtype=self.scale_dtype, target="dense")
         if self.quantizer == "rtn":
             return RTN(**grid)
-        return GPTQ(**grid, act_order=self.act_order, static_groups=self.static_groups, percdamp=self.percdamp,
-                    blocksize=self.blocksize)
+        return GPTQ(**grid, **{f: getattr(self, f) for f in GPTQ_ONLY})
 
     # -- typing and costing --------------------------------------------------------------------
     def _float_dtype(self, spec: LinearSpec) -> str:

@@ -1,61 +1,15 @@
-"""SSLC and OATS: W ≈ S + L, a sparse term plus a low-rank term fitted together (METHODS §2.3, §4.4).
+"""SSLC and OATS: W ≈ S + L, a sparse term plus a low-rank term fitted together.
 
 SSLC: Zong et al., "1+1>2: A Synergistic Sparse and Low-Rank Compression Method for LLMs", Findings of
 EMNLP 2025, arXiv 2510.26446 (no public code; METHODS §2.3 is a reconstruction). OATS: Zhang & Papyan,
 ICLR 2025, stephenqz/OATS (verified, METHODS §4.4). OATS is this code with a preset (`oats`).
 
-Idea. Scale the weight by the input second moment, W̃ = W D with D = diag(√E[x²]), so that the layer
-error ‖(W − Ŵ)X‖² becomes ‖W̃ − Ŵ D‖²_F under the diagonal approximation of H. Protect the top
-`protect` fraction of weights by salience (they always sit in S). Then alternate for T `iterations`:
+On the input-scaled weight W̃ = W·diag(√E[x²]), a rank-r approximation of W̃ − S̃ and a hard threshold of
+W̃ − L̃ alternate (block coordinate descent; the best iterate is kept); both terms are then scaled back and
+stored as ``[Sparse, LowRank]`` in float, for a later quantize step. Every reading the papers leave open
+(budget, comparison group, salience, protected values, solver, pattern) is a config field.
 
-    L̃ ← rank-r approximation of W̃ − S̃           (solver: exact SVD, randomized SVD, or bilateral projection)
-    S̃ ← hard threshold of R = W̃ − L̃: the protected entries plus the largest |R| up to k per group
-
-Both steps minimise ‖W̃ − L̃ − S̃‖_F over one block with the other fixed (block coordinate descent), so
-with the exact SVD the error never increases; the loop stops when the relative improvement of an
-iteration is at most `tol`, and the best iterate seen is returned (a randomized step may not improve).
-Finally S = S̃ D⁻¹ (same mask) and L̃ D⁻¹ = A B with A = U_r Σ_r^½, B = Σ_r^-½ U_rᵀ (W̃ − S̃) D⁻¹
-(``lowrank.common.projected_factors``: L̃ = U_r U_rᵀ (W̃ − S̃) for every solver here). The layer stores
-``[Sparse(values, mask), LowRank(A, B)]`` in the input's float dtype, so a later `gptq`/`rtn` step with
-``target: sparse | lowrank | all`` quantizes the values and the factors (the mask stays bit-exact).
-Input channels never seen in calibration (E[x²] = 0) get the smallest live scale instead of 0, so D is
-invertible and their weights compete as the least important ones.
-
-Optional recovery, two readings. The paper fine-tunes U, V with S frozen on a LM loss (recipe
-unknown): that is the recipe-level ``recover`` section (``pipeline.recover``), run over the whole
-model after every step. Per layer here (`finetune_steps` > 0): Adam on A, B with the stored
-(storage-dtype-rounded) S frozen, minimising the full layer objective tr(ΔW H ΔWᵀ)/tr(W H Wᵀ),
-ΔW = W − S − A B, with H = ``stats.gram`` (so this also corrects the diagonal approximation). The
-learning rate is relative to each factor's RMS; the best step is kept.
-
-Readings of what METHODS §2.5 leaves open, each a config field:
-
-* Budget. ``ratio`` (total reading, OATS-like): the fraction of the Linear's fp16 bytes kept by both
-  terms together, S's index bytes counted exactly by ``SparseSpec``. The low-rank term gets the largest
-  rank whose U, V bytes fit `rank_fraction` κ of it (fp16: OATS's r = ⌊κ·ratio·mn/(m+n)⌋), or an
-  explicit `rank`; S gets the largest nonzero count whose total fits. ``sparsity`` + ``rank``
-  (additive reading, HASSLE-free/3BASiL-like): S keeps 1 − sparsity of its group, plus rank r.
-* Comparison group (`scope`): top-k per output row (OATS, Wanda) or over the whole matrix; the same
-  group for the protected set. Per row, exactly k entries of every row are kept.
-* Salience (`salience`): Wanda form |W_ij|·√E[x_j²] (= |W̃_ij|) or OBS form W_ij² / [H⁻¹]_jj with H
-  damped by `percdamp`·mean(diag H). Protected count per group: ⌊protect · group size⌋.
-* Protected values (`protect_values`): ``residual`` (S holds R on the protected entries, so Ŵ equals W
-  there exactly; the L fit sees them as already explained) or ``weight`` (S holds W̃ itself on them,
-  fixed, and L is fitted to the rest, W̃ − S̃ being 0 there).
-* Solver (`solver`): ``exact`` (full SVD, OATS), ``randomized`` (Halko et al., the algorithm of
-  ``torch.svd_lowrank``: q = r + `oversample`, `niter` power steps, own seeded generator; 3BASiL
-  uses oversample 5) or ``bilateral`` (GoDec's bilateral random projection with A₂ = Y₁:
-  L = Y₁(Y₁ᵀY₁)⁻¹Y₂ᵀ = P_range(M A₁) M, i.e. the same range finder with q = r, `oversample` unused).
-  A fresh Gaussian is drawn every iteration from one generator seeded by `seed`.
-* S̃ starts at 0 (OATS); with ``protect_values: weight`` it starts at the protected part of W̃.
-
-* Pattern (`pattern`): S unstructured, or N:M (OATS's variant for sparse tensor cores: the threshold
-  keeps the N largest of every M consecutive inputs of a row). N:M fixes S's bytes (values plus the
-  N:M index), so `ratio` sets only the rank (the largest whose total fits; κ does not apply), or give
-  `rank` (additive reading). Protected entries rank first inside their group, so a group that holds more
-  than N of them keeps the N with the largest residual.
-
-Not here: Hessian-aware (SparseGPT-style) updates of S.
+Method notes: docs/methods/sslc.md
 
 Example::
 
@@ -63,7 +17,6 @@ Example::
       - sslc: {ratio: 0.5}                          # κ = 0.25, 1% protected, randomized SVD, T ≤ 40
       - sslc: {sparsity: 0.5, rank: 128}            # additive reading ("50% + rank 128")
       - oats: {ratio: 0.5, rank_fraction: 0.3}      # exact SVD, no protection, T = 80
-      - sslc: {pattern: "2:4", ratio: 0.7}          # 2:4 S (8.75 bits/weight in fp16), the rank takes the rest
       - gptq: {bits: 4, group_size: 128, target: all}
 """
 
@@ -82,6 +35,7 @@ from ...core.linalg import damped_inverse_cholesky, randomized_svd
 from ...runtime.linear import CompressedLinear
 from ..base import Technique, register
 from ..budget import budget_bytes, largest_within
+from ..fields import only_with, setting
 from ..lowrank.common import projected_factors
 from ..prune.common import matrix_topk_mask, nm_mask, parse_pattern, row_topk_mask
 
@@ -214,6 +168,7 @@ class SSLC(Technique):
     family: ClassVar[str] = "joint"
     summary: ClassVar[str] = ("W ≈ S + UV on W·diag(√E[x²]): alternate rank-r fits and hard thresholding, "
                               "top salient weights protected in S")
+    ratio_replaces: ClassVar[tuple[str, ...]] = ("rank", "sparsity")
 
     ratio: float | None = Field(None, gt=0.0, le=1.0, description="total reading: fraction of the Linear's "
                                 "fp16 bytes kept by S (values + index) and U, V together")
@@ -232,7 +187,7 @@ class SSLC(Technique):
         "residual", description="protected entries of S hold the residual W̃ − L̃ (Ŵ exact there) or the "
         "weight W̃ itself (L fitted to the rest)")
     salience: Literal["wanda", "obs"] = Field("wanda", description="|W|·√E[x²] (Wanda) or W²/[H⁻¹]_jj (OBS)")
-    percdamp: float = Field(0.01, gt=0.0, description="OBS salience: damping of H, fraction of mean(diag H)")
+    percdamp: float = setting("percdamp", when="salience 'obs'")
     iterations: int = Field(40, ge=1, description="maximum alternating iterations T")
     tol: float = Field(1e-4, ge=0.0, description="stop when an iteration improves the scaled error by at "
                        "most tol (relative); 0 = run until no improvement or T")
@@ -265,9 +220,8 @@ class SSLC(Technique):
             if (self.ratio is None) == (self.rank is None):
                 raise ValueError(f"pattern={self.pattern!r} needs exactly one of ratio and rank; got "
                                  f"ratio={self.ratio}, rank={self.rank}")
-            if self.scope != "row":
-                raise ValueError(f"scope={self.scope!r} does not apply to pattern={self.pattern!r}: N:M groups are "
-                                 "M inputs of one row; use scope 'row'")
+            only_with(self, ("scope",), self.nm is None, f"does not apply to pattern={self.pattern!r}: N:M groups "
+                      "are M inputs of one row; use scope 'row'")
             return self
         if (self.ratio is None) == (self.sparsity is None):
             raise ValueError(f"give exactly one of ratio (total reading) and sparsity (additive reading, with "
@@ -278,6 +232,10 @@ class SSLC(Technique):
         if self.ratio is not None and self.rank is not None and self.rank_fraction is not None:
             raise ValueError(f"with ratio give one of rank={self.rank} and rank_fraction={self.rank_fraction}")
         return self
+
+    @property
+    def trains(self) -> bool:
+        return self.finetune_steps > 0
 
     @property
     def kappa(self) -> float:

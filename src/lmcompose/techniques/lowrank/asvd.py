@@ -1,27 +1,11 @@
 """ASVD: activation-aware SVD (Yuan et al., 2023, arXiv 2312.05821; hahnyuan/ASVD4LLM).
 
-Idea: plain SVD treats every input channel alike, but a few channels carry most of the activation
-magnitude. ASVD scales input channel j by s_j = stat_j^α + 1e-6 before the SVD (the reference adds
-the 1e-6 after the power: ``scaling_diag_matrix ** alpha`` then ``+= 1e-6``, modules/svd_linear.py),
-truncates W·S = U Σ Vᵀ to rank r and maps back, V ← S⁻¹ V, with √Σ on both factors (the reference's
-``sigma_fuse="UV"``). stat is E|x| (``scaling: abs_mean``, the reference default), max|x|
-(``abs_max``) or √E[x²] (``rms``). Because S is diagonal this is the diagonal approximation of the
-layer objective tr(ΔW H ΔWᵀ); `svdllm` solves the full one. The mapped-back product is computed as
-U_k U_kᵀ W (equal to U_k Σ_k V_kᵀ S⁻¹, see ``common.py``).
+Input channel j is scaled by s_j = stat_j^α + 1e-6 (stat: E|x|, max|x| or √E[x²]) before the SVD, so the
+few channels that carry most of the activation magnitude count more; W·S is truncated to rank r and
+mapped back through S⁻¹ (the diagonal approximation of the layer objective; `svdllm` solves the full one).
+The SVD is exact by default; ``solver: randomized, oversample: 0, niter: 2`` is the reference's solver.
 
-Solver: the reference calls ``torch.svd_lowrank(W S, q=rank)`` (randomized, niter=2, no
-oversampling). Here ``solver: exact`` (default) is the full ``torch.linalg.svd`` — the truncation
-the method intends, deterministic; ``solver: randomized`` is the same Halko et al. range finder as
-``torch.svd_lowrank`` (q = rank + `oversample`, `niter` power iterations with QR re-orthogonalisation)
-but drawing from its own ``torch.Generator`` seeded by `seed` (``torch.svd_lowrank`` can only use
-the global RNG). ``oversample: 0, niter: 2`` is the reference.
-
-The reference's rank statistic differs by a constant: it sums per-batch means (n_batches × E|x|);
-a uniform scale of S changes neither the truncation nor the factors, only where the 1e-6 lands.
-
-Not here: ASVD's sensitivity-based per-layer rank allocation (a calibration-perplexity sweep for every
-Linear × candidate ratio, then a binary search on the sorted list) needs full-model evaluations, not
-one Linear and its statistics; every targeted Linear gets the same `rank`/`ratio`.
+Method notes: docs/methods/lowrank.md
 
 Example::
 

@@ -1,22 +1,11 @@
 """What every low-rank technique shares: the rank budget, the Σ split, the typing rule, and the factors.
 
-Budget. Rank r stores U (m×r) + V (r×n) in the float storage dtype of the input (fp16 by default);
-``ratio`` picks the largest r whose bytes, counted by the algebra's own ``LowRankSpec.nbytes``, fit
-``ratio`` × the Linear's fp16 bytes (bias included on both sides). This is the "fraction kept"
-convention (ASVD's ``param_ratio``; SVD-LLM's ``--ratio 0.2`` means remove 20%, i.e. ``ratio: 0.8``
-here); for fp16 factors it gives the references' ``r = ⌊ratio·mn/(m+n)⌋``. A ``rank`` whose factors
-would cost more than the dense matrix is refused at ``Recipe.check``: never silently larger than dense.
+``ratio`` is the fraction of the Linear's fp16 bytes the factors keep (ASVD's ``param_ratio``; SVD-LLM's
+``--ratio 0.2`` means remove 20%, i.e. ``ratio: 0.8`` here). The input must be one float Dense term: a
+quantized one is refused unless ``allow_offgrid: true`` (analysis only). `projected_factors` builds the
+factors of a truncated W·S as U_kᵀ W, with no inverse of S.
 
-Typing. The input must be one Dense float term. An SVD of an already quantized matrix leaves the
-quantization grid (the factors are not on any grid, and the product is not the quantized matrix), so
-a quantized input is refused unless ``allow_offgrid: true`` (analysis only; the factors are then
-stored in the quantizer's scale dtype).
-
-Factors. Every data-aware method here truncates the SVD of W·S for an invertible input transform S
-(ASVD: a diagonal; SVD-LLM: a Cholesky factor) and maps V back through S⁻¹. Because W S = U Σ Vᵀ
-implies Σ_k V_kᵀ S⁻¹ = U_kᵀ W, the mapped-back product is exactly the projection U_k U_kᵀ W, and the
-factors are built from U_kᵀ W: no inverse or solve with an ill-conditioned S, and ‖Ŵ‖₂ ≤ ‖W‖₂ always.
-``tests/test_lowrank.py`` checks that this equals the references' explicit ``V S⁻¹`` form.
+Method notes: docs/methods/lowrank.md
 """
 
 from __future__ import annotations
@@ -79,6 +68,7 @@ class LowRankConfig(Technique):
     """Shared fields: give `rank` or `ratio`; `sigma_split`; `allow_offgrid`; `precision`."""
 
     family: ClassVar[str] = "lowrank"
+    ratio_replaces: ClassVar[tuple[str, ...]] = ("rank",)
 
     rank: int | None = Field(None, ge=1, description="rank r of U (m×r) V (r×n)")
     ratio: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the Linear's fp16 bytes to keep "
@@ -94,6 +84,10 @@ class LowRankConfig(Technique):
         if (self.rank is None) == (self.ratio is None):
             raise ValueError(f"give exactly one of rank, ratio (got rank={self.rank}, ratio={self.ratio})")
         return self
+
+    @property
+    def leaves_grid(self) -> bool:
+        return self.allow_offgrid
 
     # -- typing and costing --------------------------------------------------------------------
     def _input(self, spec: LinearSpec):

@@ -1,11 +1,10 @@
 """Plain truncated SVD: W ≈ U_r Σ_r V_rᵀ (Eckart–Young; the "SVD" baseline of the ASVD and SVD-LLM tables).
 
-Idea: keep the r largest singular triplets of W. This is the best rank-r approximation in Frobenius
-(and spectral) norm, so ‖W − Ŵ‖²_F is exactly the sum of the discarded σ², but it is blind to the
-data: it minimises ‖ΔW‖_F, not the layer output error ‖ΔW X‖_F, and collapses on LLMs whose inputs
-have outlier channels (SVD-LLM Table 1: WikiText-2 ppl 20061 at 20% removed on LLaMA-7B). Use it as
-the data-free baseline; `asvd` and `svdllm` fix the objective. The SVD runs in `precision` (fp32 by
-default, fp64 on request) with ``torch.linalg.svd``, on whatever device the weight is.
+The best rank-r approximation in Frobenius norm, but blind to the data: it minimises ‖ΔW‖_F, not the
+layer output error ‖ΔW X‖_F, and collapses on LLMs whose inputs have outlier channels. Use it as the
+data-free baseline; `asvd` and `svdllm` fix the objective.
+
+Method notes: docs/methods/lowrank.md
 
 Example::
 

@@ -1,36 +1,11 @@
 """SVD-LLM: truncation-aware data whitening (Wang et al., ICLR 2025, arXiv 2403.07378; AIoT-MLSys-Lab/SVD-LLM).
 
-Idea: the layer error of Ŵ is ‖(W − Ŵ)X‖²_F = tr(ΔW G ΔWᵀ) with G the input Gram. With G = S Sᵀ
-(S = chol(G), lower), that is ‖(W − Ŵ)S‖²_F, so truncating the SVD W S = U Σ Vᵀ to rank k discards
-exactly Σ_{i>k} σ_i² of output error: by Eckart–Young the truncation is optimal for the layer
-objective (ASVD's diagonal S and plain SVD are not). Factors (√Σ split, as the reference):
-W_u = U_k Σ_k^½, W_v = Σ_k^½ V_kᵀ S⁻¹. Since Σ_k V_kᵀ S⁻¹ = U_kᵀ W, W_v is computed as Σ_k^-½ U_kᵀ W
-(``common.projected_factors``): no inverse of S (the reference calls ``torch.linalg.inv``) and no
-solve with it, so an ill-conditioned S (near-dead channels) cannot blow the factors up. As in the
-reference, the Cholesky runs in fp64 and the SVD of W S in fp32 (`precision: fp64` on request; on
-synthetic layers with 300× outlier channels the layer error differs by ~1e-9 relative, while fp64
-costs 2–4× the time on CPU).
+With S = chol(G), G the input Gram, the layer error of Ŵ is ‖(W − Ŵ)S‖²_F, so truncating the SVD of W S
+is optimal for the layer objective (Eckart–Young). The factors are built from U_kᵀ W, with no inverse of
+S; a Gram that is not positive definite gets an explicit regularisation (`regularization`), recorded in
+the step's info.
 
-Gram. G here is ``stats.gram`` = XᵀX / N (fp32 running mean), promoted to fp64 for the Cholesky;
-the reference accumulates the unnormalized XᵀX in fp32 and promotes it to fp64 before its Cholesky.
-Scaling G by N scales S by √N and every σ by
-√N with the same U: the same truncation and the same product W_u W_v (the √Σ split only moves a
-constant N^¼ from W_v to W_u, which per-row quantization grids absorb).
-
-Regularisation (explicit, recorded as ``regularization_added`` in G's units and ``_relative`` to
-mean(diag G)). A Gram that is not positive definite (dead input channels, fewer tokens than channels)
-has no Cholesky factor:
-
-* ``eig_shift`` (default, the reference's rule): only when the Cholesky fails, add
-  (−λ_min + eps·mean(diag G))·I. The reference adds an absolute 1e-6 to the *summed* Gram, a shift
-  that depends on N and on the activation scale; here `eps` is relative to mean(diag G), so the
-  regularisation is scale-free (the reference's amount is ``eps = 1e-6 / (N·mean diag G)``).
-* ``damp``: always add damp·mean(diag G)·I (GPTQ-style), whether or not G is positive definite.
-
-If the regularised G still has no Cholesky factor, a ValueError names the field to raise.
-
-Not here: SVD-LLM's optional parameter update (LoRA fine-tuning of W_u then W_v, or the closed-form
-local update), which needs training or block outputs beyond one Linear's statistics.
+Method notes: docs/methods/lowrank.md
 
 Example::
 

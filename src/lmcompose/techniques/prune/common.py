@@ -77,6 +77,7 @@ class PruneConfig(Technique):
     """Shared fields: give `sparsity` (fraction of weights removed) or `ratio`, or an N:M `pattern`."""
 
     family: ClassVar[str] = "prune"
+    ratio_replaces: ClassVar[tuple[str, ...]] = ("sparsity",)
     accepts_quantized: ClassVar[bool] = True  # mask-only methods can prune quantized values and keep their codes
 
     sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of weights set to zero")

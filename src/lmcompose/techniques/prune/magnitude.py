@@ -4,6 +4,8 @@ The data-free baseline of every pruning paper (e.g. Han et al., 2015; the `magni
 Wanda and SparseGPT tables). Mask-only, so it may also prune an already quantized matrix and keep
 its codes (quantize → prune).
 
+Method notes: docs/methods/wanda.md
+
 Example::
 
     steps:

@@ -1,60 +1,20 @@
 """SparseGPT: one-shot OBS pruning with second-order weight updates (Frantar & Alistarh, ICML 2023;
 IST-DASLab/sparsegpt, ``SparseGPT.fasterprune``).
 
-The layer objective is ‖(W − Ŵ)X‖² = tr(ΔW H ΔWᵀ) with H the Gram of the inputs (the reference scales
-it as 2/N·XᵀX, ``stats.gram`` is XᵀX/N; the scale cancels everywhere because the damping is relative
-to mean(diag H)). Dead inputs (H_jj = 0) get H_jj = 1 and a zero weight column; H is damped by
-``percdamp``·mean(diag H) and U = upper Cholesky factor of H⁻¹. Columns are swept left to right in
-blocks of ``blocksize``: for column i the pruned entries are zeroed, the error (w − q)/U_ii is spread
-over the columns not yet processed through row i of U, and the block's errors update the later blocks
-in one matrix product (lazy updates). The unstructured mask is chosen per block, over all rows and the
-block's columns, by w²/U_jj² (the reference's adaptive mask); an N:M mask per row inside each group of
-M columns, when the sweep reaches the group.
+Columns are swept left to right in blocks; the error of each pruned weight is spread over the columns not
+yet processed through the upper Cholesky factor of the damped H⁻¹ (H = ``Stats.gram``), so the kept
+weights compensate. With ``bits`` the same sweep also rounds every column to a grid: joint prune +
+quantize, a Sparse term of quantized values whose mask is stored bit-exactly. A block prunes exactly
+``int(numel·s)`` entries (the reference prunes one more), so the planned bytes are the saved bytes.
 
-Joint prune + quantize (the reference's ``--wbits`` with a sparsity; METHODS.md §4.2): with ``bits``
-set, every column is rounded to a ``bits``-bit grid right after it is masked (pruned entries are 0,
-which every grid holds exactly; kept ones go to the nearest grid point), and the error of both the
-pruning and the rounding is spread through U in the same sweep. The result is a Sparse term whose
-values are a QTensor (the shared grid of :mod:`lmcompose.algebra.quant`, scales rounded to
-``scale_dtype`` before codes are chosen) and whose mask is stored bit-exactly: S→Q in one pass, the
-order METHODS.md §4.10/§6 recommends, with the quantizer able to compensate the pruning. The grids:
-
-* per row (no ``group_size``): fitted up front to the unpruned W (dead columns zeroed), as the
-  reference's ``find_params(W)`` -- no mask exists yet;
-* per group: as GPTQ, computed when the sweep reaches the group's first column from the weights as
-  updated so far, fitted to the weights still kept: the entries the mask has already pruned are
-  excluded. Unstructured masks are chosen at each block's start, so a group inside one block is
-  fitted to exactly its kept weights (a group reaching past the block's end sees its later columns
-  unpruned); N:M masks are chosen M columns at a time as the sweep reaches them, after the grid, so an
-  N:M group's grid sees all of its weights. The reference has no column groups.
-
-"Updated so far" has two readings, the config field ``grid_from``: ``swept`` (default) includes the
-updates of the columns already swept in the current block; ``block_start`` is the GPTQ reference's
-reading of W, which holds only the updates of earlier blocks. In joint mode the pruning errors make
-the in-block updates large, so stale grids clip more: on the synthetic layers of the tests
-``block_start`` costs 1-2% (unstructured 50%) to 3-7% (2:4) more layer objective at 4 bits, group 32.
-
-Measured (tests/test_sparsegpt.py, 4-bit): with group grids the joint sweep is no worse than
-SparseGPT followed by GPTQ on the same mask in total; with per-row grids it is up to ~2% worse on
-some seeds (the grid, fitted before any compensation, clips the grown 2:4 survivors) and on one of
-six seeds (2:4) 0.4% worse even than SparseGPT followed by RTN. With the reference's prune count (one
-more per block, below) and fp32 scales it reproduces the reference's masks and weights exactly.
-
-A byte ``ratio`` with ``bits`` picks the sparsity whose quantized values and index fit the budget.
-
-Difference from the reference, kept on purpose: the reference prunes every entry ``<=`` the score at
-sorted position ``int(numel·s)`` of a block, i.e. ``int(numel·s) + 1`` entries (more on ties); here a
-block prunes exactly ``int(numel·s)`` entries (or the count a byte ``ratio`` allows), so the bytes
-``Recipe.check`` predicts are the bytes produced and ``sparsity: 0`` returns W.
+Method notes: docs/methods/sparsegpt.md
 
 Example::
 
     steps:
       - sparsegpt: {sparsity: 0.5}
       - sparsegpt: {pattern: "2:4", percdamp: 0.01, blocksize: 128}
-      - sparsegpt: {ratio: 0.6, precision: fp64}
       - sparsegpt: {sparsity: 0.5, bits: 4, group_size: 128}     # joint prune + quantize
-      - sparsegpt: {pattern: "2:4", bits: 4, symmetric: true}
 """
 
 from __future__ import annotations
@@ -73,11 +33,8 @@ from ...core.linalg import PRECISIONS, damped_inverse_cholesky
 from ...runtime.linear import CompressedLinear
 from ..base import register
 from ..budget import budget_bytes, largest_within
-from ..quant.common import QuantConfig
+from ..fields import ScaleDtype, only_with, setting
 from .common import PruneConfig, matrix_topk_mask, parse_pattern
-
-_QUANT_FIELDS = QuantConfig.model_fields  # the quantization fields mean what they mean for rtn/gptq
-
 
 # -- pure functions ------------------------------------------------------------------------------
 
@@ -222,16 +179,16 @@ class SparseGPT(PruneConfig):
                               "with `bits`, prunes and quantizes in one sweep")
     accepts_quantized: ClassVar[bool] = False
 
-    blocksize: int = Field(128, ge=1, description="columns per lazy-update block (the unstructured mask is "
-                           "chosen per block)")
-    percdamp: float = Field(0.01, gt=0, description="damping added to diag(H), as a fraction of its mean")
+    blocksize: int = setting("blocksize", doc="columns per lazy-update block (the unstructured mask is chosen "
+                             "per block)")
+    percdamp: float = setting("percdamp")
     precision: Literal["fp32", "fp64"] = Field("fp32", description="precision of the inverse-Hessian Cholesky "
                                                 "factor and the sweep (the reference uses fp32)")
-    bits: int | None = Field(None, ge=2, le=8, description="quantize the kept weights to this many bits inside "
-                             "the sweep (joint prune + quantize); None = keep them in the input's float dtype")
-    group_size: int | None = _QUANT_FIELDS["group_size"]
-    symmetric: bool = _QUANT_FIELDS["symmetric"]
-    scale_dtype: Literal["fp16", "bf16", "fp32"] = _QUANT_FIELDS["scale_dtype"]
+    bits: int | None = setting("bits", None, doc="quantize the kept weights to this many bits inside the sweep "
+                               "(joint prune + quantize); None = keep them in the input's float dtype")
+    group_size: int | None = setting("group_size", when="with bits")
+    symmetric: bool = setting("symmetric", when="with bits")
+    scale_dtype: ScaleDtype = setting("scale_dtype", when="with bits")
     grid_from: Literal["swept", "block_start"] = Field(
         "swept", description="with bits and a group_size: a group's grid is fitted to its weights with the "
         "updates of every column swept so far ('swept'), or only those of earlier blocks ('block_start', "
@@ -243,12 +200,8 @@ class SparseGPT(PruneConfig):
         if nm and self.blocksize % nm[1]:
             raise ValueError(f"blocksize={self.blocksize} is not allowed for pattern {self.pattern}; "
                              f"allowed: a multiple of M={nm[1]}")
-        fields = type(self).model_fields
-        unused = [k for k in ("group_size", "symmetric", "scale_dtype", "grid_from")
-                  if getattr(self, k) != fields[k].default]  # defaults pass: params() round-trips
-        if self.bits is None and unused:
-            raise ValueError(f"{unused[0]}={getattr(self, unused[0])!r} needs bits (2..8); without bits "
-                             "sparsegpt does not quantize")
+        only_with(self, ("group_size", "symmetric", "scale_dtype", "grid_from"), self.bits is not None,
+                  "needs bits (2..8); without bits sparsegpt does not quantize")
         return self
 
     def qspec(self) -> QuantSpec | None:

@@ -1,22 +1,11 @@
 """Wanda: pruning by weights and activations (Sun, Liu, Bair, Kolter; ICLR 2024; locuslab/wanda).
 
-The score of weight W_ij is |W_ij| · ‖X_j‖₂, i.e. |W_ij| · sqrt(E[x_j²]) up to a constant per layer
-(the reference's ``scaler_row`` is the same running mean E[x_j²] as ``stats.sq_mean``). Weights are
-compared within each output row (the paper's choice; ``scope: matrix`` compares over the whole
-matrix) and the ⌊s·n⌋ lowest scores of a row are removed, with no weight update. N:M keeps the N best
-of every M consecutive inputs of a row. Ties go as in the reference (a stable ascending sort: the
-lower column index is pruned first). Mask-only, so it may prune an already quantized matrix and keep
-its codes (the scores use the dequantized values).
+The score of W_ij is |W_ij| · √E[x_j²]; the lowest scores of each output row (or, with ``scope: matrix``,
+of the whole matrix) are removed, with no weight update. Mask-only, so it may prune an already quantized
+matrix and keep its codes. ``owl: true`` gives decoder blocks with more outliers a lower sparsity (OWL,
+Yin et al., 2024), from a dense prepass, at the same mean sparsity.
 
-OWL (Yin et al., "Outlier Weighed Layerwise sparsity", 2024) gives decoder blocks with more
-outliers (scores above ``owl_threshold`` × the block's mean score) a lower sparsity. It needs every
-block's outlier ratio before the first block is pruned: with ``owl: true`` the pipeline runs a dense
-prepass (one observe + forward per block on the uncompressed model, as the OWL code does) and asks
-`Wanda.allocate` for one copy of the step per block, with sparsity ``target − (r_i − mean r)`` where
-r_i are the outlier ratios min-max scaled to [0, 2λ] (:func:`owl_sparsities`). The mean sparsity over
-blocks is the target; since every block of a decoder has the same Linear shapes, the global budget is
-kept up to the per-row rounding of each block. ``Recipe.check`` costs the uniform plan (the allocation
-needs data), so the saved bytes may differ from its estimate by that rounding.
+Method notes: docs/methods/wanda.md
 
 Example::
 
@@ -110,10 +99,10 @@ class Wanda(ScopedPruneConfig):
     def needs_prepass(self) -> bool:
         return self.owl or super().needs_prepass
 
-    def allocate(self, blocks):
+    def allocate(self, blocks, *, float_dtype: str):
         """OWL: block i gets ``sparsity - (normalised outlier ratio_i - mean)``; the mean stays `sparsity`."""
         if not self.owl:
-            return super().allocate(blocks)
+            return super().allocate(blocks, float_dtype=float_dtype)
         ratios = [block_outlier_ratio([(w, st.sq_mean) for _, w, st in linears], self.owl_threshold)
                   for linears in blocks]
         sparsities = owl_sparsities(ratios, self.sparsity, self.owl_lambda)

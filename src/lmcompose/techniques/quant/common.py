@@ -19,20 +19,21 @@ from ...algebra.terms import LowRank, materialize
 from ...core.errors import IllegalStep
 from ..base import Technique
 from ..budget import budget_bytes
+from ..fields import ScaleDtype, setting
 
 Target = Literal["dense", "sparse", "lowrank", "all"]
 
 
 class QuantConfig(Technique):
     family: ClassVar[str] = "quantize"
+    ratio_replaces: ClassVar[tuple[str, ...]] = ("bits",)
 
-    bits: int | None = Field(None, ge=2, le=8, description="bits per weight code (default 4 unless `ratio` is given)")
+    bits: int | None = setting("bits", None, doc="bits per weight code (default 4 unless `ratio` is given)")
     ratio: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the Linear's fp16 bytes to keep "
                                 "(codes, scales, zeros); picks the largest bits that fit")
-    group_size: int | None = Field(None, ge=1, description="input columns per scale; None = one scale per row. "
-                                   "A width it does not divide ends with a shorter group")
-    symmetric: bool = Field(False, description="symmetric grid (no stored zero point) or asymmetric (min-max)")
-    scale_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="storage dtype of the scales")
+    group_size: int | None = setting("group_size")
+    symmetric: bool = setting("symmetric")
+    scale_dtype: ScaleDtype = setting("scale_dtype")
     target: Target = Field("all", description="which terms' float tensors to quantize: dense, sparse, lowrank, all")
 
     @model_validator(mode="after")

@@ -2,33 +2,13 @@
 Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
 Transformers", ICLR 2023; reference code IST-DASLab/gptq, ``GPTQ.fasterquant``).
 
-Idea: minimise the layer objective ‖(W − Ŵ)X‖² = tr(ΔW H ΔWᵀ), H = E[x xᵀ], one column at a time. Column
-i is rounded to the grid, and its error, divided by the i-th diagonal entry of U (the upper Cholesky
-factor of the damped H⁻¹), is spread over the columns not yet quantized along the i-th row of U (the
-Optimal Brain Surgeon update, in the order-fixed form that makes it cheap). Updates inside a block of
-`blocksize` columns are applied column by column, the rest of the matrix once per block (lazy batch
-updates). Dead inputs (H_jj = 0) get H_jj = 1 and a zero weight column; H is damped by
-``percdamp · mean(diag H)``. The grid is the shared one of :mod:`lmcompose.algebra.quant` (``grid_params`` /
-``quantize_to_grid``, scales rounded to ``scale_dtype`` before codes are chosen, so RTN and GPTQ are
-the same kind of tensor). With a group size, a group's grid is computed when the sweep reaches its
-first column, from the weights as updated so far; exactly like the reference, that is the weights
-as updated by *earlier blocks* (a group starting inside a block does not see that block's updates).
-Without one, each row has one grid computed up front. `act_order` processes columns by decreasing
-diag(H); groups are then formed over that order and the permutation is stored (and costed), unless
-`static_groups` computes every group's grid up front on the original columns (reference
-``--static-groups``; then groups follow the original columns and no permutation is stored).
+Columns are rounded one at a time to the shared grid of :mod:`lmcompose.algebra.quant`; each column's
+error is spread over the columns not yet quantized through the upper Cholesky factor of the damped H⁻¹
+(the Optimal Brain Surgeon update, applied lazily per block of `blocksize` columns). Options: group
+grids, `act_order` (with a stored permutation) and `static_groups`. On a Sparse term the mask survives
+bit-exactly; on a LowRank term V and then U are quantized, each with the Gram of its own inputs.
 
-Quantize-after-prune: on a Sparse term the mask survives bit-exactly. Pruned weights are quantized to
-0 inside the sweep and their error is compensated by the kept ones (SparseGPT's joint mode with a
-fixed mask); their codes are never stored (``Sparse.weight`` multiplies by the mask). Grids are fitted to
-the kept weights only. On a LowRank term, V is quantized with the input Gram H, then U with the Gram of
-the rank activations (dV̂) H (dV̂)ᵀ (see ``common.slot_hessians``).
-
-One deliberate difference: with a per-row grid the reference fits it before zeroing dead columns;
-here dead columns are zeroed first (their weights never reach the output), as for group grids.
-
-The reference's ``--true-sequential`` (q,k,v → o → up,gate → down, each observed after the previous
-group is quantized) is the generic step field ``true_sequential: true``.
+Method notes: docs/methods/gptq.md
 
 Example::
 
@@ -39,14 +19,16 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
-from pydantic import Field, PrivateAttr
+from pydantic import PrivateAttr
 
 from ...algebra.quant import QTensor, QuantSpec, grid_params, quantize_to_grid
 from ...core.linalg import damped_inverse_cholesky
 from ..base import register
+from ..fields import setting
 from .common import QuantConfig
 
 
@@ -58,8 +40,8 @@ def _check(w, h, spec, mask, percdamp, blocksize):
         raise ValueError(f"h has shape {tuple(h.shape)}; a [{w.shape[0]}, {cols}] weight needs [{cols}, {cols}]")
     if mask is not None and tuple(mask.shape) != tuple(w.shape):
         raise ValueError(f"mask has shape {tuple(mask.shape)}; allowed: the weight's shape {tuple(w.shape)}")
-    if not percdamp >= 0:
-        raise ValueError(f"percdamp={percdamp} is not allowed; allowed: a number >= 0")
+    if not (percdamp >= 0 and math.isfinite(percdamp)):
+        raise ValueError(f"percdamp={percdamp} is not allowed; allowed: a finite number >= 0")
     if not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize={blocksize!r} is not allowed; allowed: a positive integer")
     if not isinstance(spec, QuantSpec):
@@ -155,12 +137,10 @@ class GPTQ(QuantConfig):
     name: ClassVar[str] = "gptq"
     summary: ClassVar[str] = "quantize column by column, compensating each error through the inverse Hessian"
 
-    act_order: bool = Field(False, description="process columns by decreasing diag(H); with a group size, groups "
-                            "follow that order and the permutation is stored (unless static_groups)")
-    static_groups: bool = Field(False, description="with a group size: compute every group's grid up front on the "
-                                "original column order (reference --static-groups; no permutation stored)")
-    percdamp: float = Field(0.01, ge=0, description="damping λ added to diag(H), as a fraction of mean(diag H)")
-    blocksize: int = Field(128, ge=1, description="columns per lazy-update block")
+    act_order: bool = setting("act_order")
+    static_groups: bool = setting("static_groups")
+    percdamp: float = setting("percdamp")
+    blocksize: int = setting("blocksize")
 
     _slot_infos: list = PrivateAttr(default_factory=list)
 

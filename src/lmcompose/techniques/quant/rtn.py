@@ -2,6 +2,8 @@
 gets a min-max (or symmetric absmax) grid, and every weight is rounded to its nearest code. The data-free
 baseline of GPTQ/AWQ tables.
 
+Method notes: docs/methods/gptq.md
+
 Example::
 
     steps:
