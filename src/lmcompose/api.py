@@ -95,4 +95,5 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
         linear_weights=sum(l.shape[0] * l.shape[1] for l in compressed),
         total_bytes=model_nbytes(model, recipe.float_dtype),
         calibration={**recipe.calibration.model_dump(), "windows": list(windows.shape)},
-        environment={**environment(), "compute_dtype": resolved}, recovery=recovery)
+        environment={**environment(), "compute_dtype": resolved}, recovery=recovery,
+        transforms=runner.model_steps)

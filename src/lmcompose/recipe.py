@@ -186,6 +186,14 @@ class Recipe(BaseModel):
         specs = self.linear_specs(shapes)
         touched = set()
         for i, step in enumerate(self.steps):
+            if step.scope == "model" and any(s.scope != "model" for s in self.steps[:i]):
+                first = next(s for s in self.steps[:i] if s.scope != "model")
+                raise IllegalStep(f"steps[{i}].{step.name} transforms the whole model, so it must come before "
+                                  f"every step that compresses (it follows {first.name}); masks, factors and "
+                                  "grids are then chosen in the transformed basis")
+            if step.scope == "block" and self.schedule != "layer-major":
+                raise IllegalStep(f"steps[{i}].{step.name} reproduces each dense block after that block's steps, "
+                                  "so it needs schedule: layer-major")
             names = [n for n in specs if step.targets(n)]
             if not names:
                 raise IllegalStep(f"steps[{i}].{step.name}: include={list(step.include)} "
@@ -196,7 +204,7 @@ class Recipe(BaseModel):
                     if step.needs_dense_input and (specs[n].kinds() != ("dense",) or specs[n].terms[0].a.quantized):
                         raise IllegalStep(f"{step.dense_input_reason}, so it must be the first step on a Linear "
                                           "(it got an already compressed one)")
-                    specs[n] = step.plan(specs[n])
+                    specs[n] = step.plan_for(n, specs[n])
                 except IllegalStep as err:
                     raise IllegalStep(f"steps[{i}].{step.name} on {n} ({specs[n].describe()}): {err}") from None
             touched.update(names)

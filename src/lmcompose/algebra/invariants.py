@@ -50,10 +50,16 @@ def check_step(before, after, step, layer_name: str = "") -> None:
 
     `step` is a technique; its ``name``, ``plan`` and ``leaves_grid`` are read."""
     what = f"{layer_name}: step {step.name!r}"
-    planned = step.plan(before.spec())
+    planned = step.plan_for(layer_name, before.spec())
     if after.spec() != planned:
         raise InvariantError(f"{what} stored {after.spec().describe()} ({after.nbytes()} bytes) but planned "
                              f"{planned.describe()} ({planned.nbytes()} bytes); the byte accounting would be wrong")
+    for i, op in enumerate(getattr(before, "input_ops", ())):
+        new = after.input_ops[i] if i < len(after.input_ops) else None
+        if new is None or new.meta() != op.meta() or any(
+                not torch.equal(a, new.state("x")[k].to(a.device)) for k, a in op.state("x").items()):
+            raise InvariantError(f"{what} changed input operation {i} ({op.spec().describe()}) of an earlier step: "
+                                 "input operations must survive later steps")
     new_masks = [t.mask for t in after.terms if isinstance(t, Sparse)]
     for term in before.terms:
         if isinstance(term, Sparse):

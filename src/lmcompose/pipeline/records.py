@@ -71,6 +71,7 @@ class Report:
     evaluation: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
     recovery: dict | None = None  # the recipe's LM-loss recovery: settings, losses, seconds
+    transforms: list[dict] = field(default_factory=list)  # steps that transformed the whole model first
 
     @property
     def bits_per_weight(self) -> float:
@@ -98,7 +99,7 @@ class Report:
                 "block_seconds": self.block_seconds, "wall_seconds": self.wall_seconds,
                 "peak_rss_bytes": self.peak_rss_bytes, "linear_bytes": self.linear_bytes,
                 "linear_dense_fp16_bytes": self.linear_dense_fp16_bytes, "linear_weights": self.linear_weights,
-                "total_bytes": self.total_bytes, "recovery": self.recovery,
+                "total_bytes": self.total_bytes, "recovery": self.recovery, "transforms": self.transforms,
                 "layers": [l.to_dict() for l in self.layers]}
 
     def to_json(self) -> str:

@@ -16,11 +16,13 @@ from torch import nn
 
 from ..core import dtypes as compute
 from ..runtime.linear import CompressedLinear
-from ..techniques.apply import apply_steps
+from ..algebra.terms import Dense
+from ..techniques.apply import BlockContext, GroupContext, apply_block_step, apply_group_step, apply_steps
 from .blocks import block_linears, find_blocks, set_module
 from .dense_stats import DenseStats
 from .passes import BlockInputs, capture_inputs, observe, run_block
 from .records import LayerRecord
+from .structure import norm_weight, set_norm_weight, trace_block
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ class SequentialCompressor:
         self.records: dict[str, LayerRecord] = {}
         self.block_seconds: list[float] = []
         self.allocated: dict[int, dict[str, object]] = {}  # id(step) -> {linear name: allocated copy}
+        self.model_steps: list[dict] = []  # records of the steps that transformed the whole model
+        self._structure: dict[int, object] = {}  # block index -> BlockStructure (traced when a step needs it)
+        self._dense_targets: dict[str, list] = {}  # for block steps: the dense block's outputs, per input kind
 
     def _forwards(self, device):
         """Block forwards in the compute dtype; techniques and errors never run under it."""
@@ -74,6 +79,92 @@ class SequentialCompressor:
         return {id(s): s.allocate(dense.allocation_input(s, self.model, device), float_dtype=self.float_dtype)
                 for s in needing}
 
+    def _compressed(self, name: str):
+        layer = self.model.get_submodule(name)
+        return layer if isinstance(layer, CompressedLinear) else CompressedLinear.from_linear(layer, self.float_dtype)
+
+    def _record(self, name: str, layer, result) -> None:
+        record = self.records[name]
+        record.add_step(result)
+        if result.input_scale is not None:  # the Linear now reads x ⊙ d: its original, on that input, is W/d
+            record.original = record.original / result.input_scale.to(record.original).unsqueeze(0)
+        set_module(self.model, name, layer)
+
+    def _fold(self, index: int, inputs: BlockInputs, group: list[str], device) -> GroupContext:
+        """How the shared input of `group` (full names) can be scaled exactly: through the residual-reading
+        norm that feeds exactly this group, or the Linear whose output channels it reads one to one."""
+        block, prefix = self.blocks[index], f"{self.prefix}.{index}."
+        if index not in self._structure:
+            with self._forwards(device):
+                self._structure[index] = trace_block(block, inputs, index)
+        s = self._structure[index]
+        rel = [n.removeprefix(prefix) for n in group]
+        producer = s.producer.get(rel[0])
+        if producer in s.readers and sorted(s.readers[producer]) == sorted(rel):
+            norm = block.get_submodule(producer)
+
+            def fold_norm(d: torch.Tensor) -> bool:
+                set_norm_weight(norm, norm_weight(norm) * d.to(norm_weight(norm)))
+                return True
+            return GroupContext(group, producer, "norm", fold_norm, self.float_dtype)
+        source = s.channel_source.get(rel[0]) if len(rel) == 1 else None
+        if source is not None:
+            full = prefix + source
+
+            def fold_linear(d: torch.Tensor) -> bool:
+                layer = self.model.get_submodule(full)
+                if isinstance(layer, nn.Linear):
+                    layer.weight.data.mul_(d.to(layer.weight).unsqueeze(1))
+                    if layer.bias is not None:
+                        layer.bias.data.mul_(d.to(layer.bias))
+                elif (len(layer.terms) == 1 and isinstance(layer.terms[0], Dense)
+                      and isinstance(layer.terms[0].a, torch.Tensor)):
+                    a = layer.terms[0].a
+                    bias = layer.bias_value
+                    new = layer.with_terms([Dense((a.float() * d.to(a.device).unsqueeze(1)).to(a.dtype))])
+                    if bias is not None:
+                        new.bias_value = (bias.float() * d.to(bias.device)).to(bias.dtype)
+                    set_module(self.model, full, new)
+                else:
+                    return False  # already compressed: scaling its rows would move codes
+                if full in self.records and self.records[full].original is not None:
+                    rec = self.records[full]
+                    rec.original = rec.original * d.to(rec.original).unsqueeze(1)
+                return True
+            return GroupContext(group, source, "linear", fold_linear, self.float_dtype)
+        return GroupContext(group, None, None, lambda d: False, self.float_dtype)
+
+    def _group_step(self, step, index: int, inputs: BlockInputs, group: list[str], stats: dict, device):
+        names = [n for n in group if n in stats]
+        if not names:
+            return
+        layers = {n: self._compressed(n) for n in names}
+        for n in names:
+            self.records.setdefault(n, LayerRecord.start(n, layers[n]))
+        context = self._fold(index, inputs, names, device)
+        results = apply_group_step(step, layers, stats[names[0]], context,
+                                   {n: self.records[n].original for n in names})
+        for n, result in results.items():
+            self._record(n, result.layer, result)
+
+    def _block_step(self, step, index: int, inputs: BlockInputs, targets: dict, device):
+        names = list(targets)
+        with self._forwards(device):
+            stats, _ = observe(self.blocks[index], inputs, index, targets)
+        layers = {n: self._compressed(n) for n in names if n in stats}
+        for n, layer in layers.items():
+            self.records.setdefault(n, LayerRecord.start(n, layer))
+        wanted = getattr(step, "target_input", "compressed")
+        context = BlockContext(self.blocks[index], index, f"{self.prefix}.{index}", list(layers), inputs,
+                               self._dense_targets.get(wanted), stats,
+                               {n: self.records[n].original for n in layers}, self.compute_dtype, device,
+                               self.float_dtype)
+        for n, layer in layers.items():  # the step trains the modules in place of the block
+            set_module(self.model, n, layer)
+        results = apply_block_step(step, context, layers)
+        for n, result in results.items():
+            self._record(n, result.layer, result)
+
     def _block(self, index: int, inputs: BlockInputs, steps, device):
         block = self.blocks[index]
         prefix = f"{self.prefix}.{index}"
@@ -81,8 +172,15 @@ class SequentialCompressor:
             targets = {n: m for n, m in block_linears(block, prefix).items() if step.targets(n)}
             if not targets:
                 continue
+            if step.scope == "block":
+                self._block_step(step, index, inputs, targets, device)
+                continue
             with self._forwards(device):
                 stats, groups = observe(block, inputs, index, targets)
+            if step.scope == "group":
+                for group in groups:
+                    self._group_step(step, index, inputs, group, stats, device)
+                continue
             if not step.true_sequential:
                 self._compress_group(step, list(targets), stats)
                 continue
@@ -99,6 +197,9 @@ class SequentialCompressor:
             raise ValueError(f"schedule={schedule!r} is not allowed; allowed: 'layer-major', 'step-major'")
         home = next(self.model.parameters()).device
         device = torch.device(self.device) if self.device is not None else home
+        for step in [s for s in self.steps if s.scope == "model"]:  # leading steps (Recipe.walk checks it)
+            self.model_steps.append({"technique": step.name, **step.transform_model(self.model, self)})
+        self.steps = [s for s in self.steps if s.scope != "model"]
         with self._forwards(home):
             inputs = capture_inputs(self.model, windows, batch_size, home)
         if device != home:  # blocks visit `device` one at a time; the rest of the model stays home
@@ -107,11 +208,20 @@ class SequentialCompressor:
         passes = [self.steps] if schedule == "layer-major" else [[s] for s in self.steps]
         n = len(self.blocks)
         self.block_seconds = [0.0] * n
+        wants = {getattr(s, "target_input", "compressed") for s in self.steps if s.scope == "block"}
+        dense_stream = inputs.copy() if "dense" in wants else None
         for p, steps in enumerate(passes):
             current = inputs.copy()
             for i in range(n):
                 t0 = time.perf_counter()
                 self.blocks[i].to(device)
+                if wants:  # the dense block's outputs, before its steps run (layer-major: Recipe.walk checks it)
+                    with self._forwards(device):
+                        if "compressed" in wants:
+                            self._dense_targets["compressed"] = run_block(self.blocks[i], current, i)
+                        if dense_stream is not None:
+                            dense_stream.hidden = self._dense_targets["dense"] = run_block(
+                                self.blocks[i], dense_stream, i)
                 self._block(i, current, steps, device)
                 with self._forwards(device):
                     current.hidden = run_block(self.blocks[i], current, i)

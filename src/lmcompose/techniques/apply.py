@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+from torch import nn
 
 from ..algebra.invariants import check_step
 from ..core.stats import Stats, relative_error
@@ -26,6 +28,7 @@ class StepResult:
     rel_error: float
     seconds: float
     layer: CompressedLinear = field(repr=False)
+    input_scale: torch.Tensor | None = field(default=None, repr=False)  # group steps that folded a scale
 
 
 def apply_steps(layer: CompressedLinear, steps, stats: Stats, name: str = "",
@@ -48,3 +51,80 @@ def apply_steps(layer: CompressedLinear, steps, stats: Stats, name: str = "",
         results.append(StepResult(step.name, info, err, seconds, new))
         layer = new
     return layer, results
+
+
+@dataclass
+class GroupResult:
+    """What a group step made of one Linear. `input_scale` is d when the step folded a per-channel scale
+    into the producer of the group's input, so that the Linear now reads ``x ⊙ d``: its new weight then
+    equals the old one times diag(1/d) before any rounding."""
+
+    layer: CompressedLinear
+    info: dict
+    input_scale: torch.Tensor | None = None
+
+
+@dataclass
+class GroupContext:
+    """Where a group's shared input comes from, and how to scale it: ``fold(d)`` multiplies the input's
+    channels by ``d`` exactly, by editing its producer (a norm's weight, or a preceding Linear's rows),
+    and returns False (changing nothing) when the structure does not allow it."""
+
+    names: list[str]
+    producer: str | None = None
+    producer_kind: str | None = None   # "norm", "linear" or None
+    fold: Callable[[torch.Tensor], bool] = lambda d: False
+    float_dtype: str = "fp16"
+
+
+@dataclass
+class BlockContext:
+    """One decoder block for a block step: its Linears (full names), the inputs the compressed model
+    feeds it, and the outputs of the dense block it should reproduce (on the inputs its `target_input`
+    asks for, dense or compressed)."""
+
+    block: nn.Module
+    index: int
+    prefix: str
+    names: list[str]
+    inputs: object                       # pipeline.passes.BlockInputs
+    targets: list[torch.Tensor] | None   # per batch: the dense block's output
+    stats: dict                          # Linear name -> Stats of its current input
+    originals: dict                      # Linear name -> dense weight (fp32) in the current input basis
+    compute_dtype: str = "fp32"
+    device: object = None
+    float_dtype: str = "fp16"
+
+
+def _rescaled(w: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+    """The effective weight of a layer reading x ⊙ d, expressed on x: W · diag(d)."""
+    return w if d is None else w * d.to(w.device, w.dtype).unsqueeze(0)
+
+
+def apply_group_step(step, layers: dict[str, CompressedLinear], stats: Stats, context: GroupContext,
+                     originals: dict[str, torch.Tensor]) -> dict[str, StepResult]:
+    """Run a group step (scope "group") on Linears sharing one input, then check and measure each like
+    `apply_steps`: the invariant check, and the error against its original weight on the old input basis."""
+    t0 = time.perf_counter()
+    made = step.apply_group(layers, stats, context)
+    seconds = (time.perf_counter() - t0) / max(len(made), 1)
+    out = {}
+    for name, res in made.items():
+        check_step(layers[name], res.layer, step, name)
+        err = relative_error(originals[name], _rescaled(res.layer.to_dense(torch.float32), res.input_scale),
+                             stats.gram)
+        out[name] = StepResult(step.name, res.info, err, seconds, res.layer, res.input_scale)
+    return out
+
+
+def apply_block_step(step, context: BlockContext, layers: dict[str, CompressedLinear]) -> dict[str, StepResult]:
+    """Run a block step (scope "block"), then check and measure each Linear it returns like `apply_steps`."""
+    t0 = time.perf_counter()
+    made = step.apply_block(context)
+    seconds = (time.perf_counter() - t0) / max(len(made), 1)
+    out = {}
+    for name, (layer, info) in made.items():
+        check_step(layers[name], layer, step, name)
+        err = relative_error(context.originals[name], layer.to_dense(torch.float32), context.stats[name].gram)
+        out[name] = StepResult(step.name, info, err, seconds, layer)
+    return out

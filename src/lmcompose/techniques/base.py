@@ -36,6 +36,13 @@ class Technique(BaseModel):
     family: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     ratio_replaces: ClassVar[tuple[str, ...]] = ()  # the native knobs a `ratio` budget stands in for
+    # What one call of the step works on (the sequential loop dispatches on it, never on names):
+    #   "linear": `apply(layer, stats)` on each targeted Linear;
+    #   "group":  `apply_group(layers, stats, context)` on the targeted Linears that share one input
+    #             (e.g. q/k/v), which may fold a per-channel scale into the module producing that input;
+    #   "block":  `apply_block(context)` once per decoder block, after the block's earlier steps;
+    #   "model":  `transform_model(model, context)` once, before the sequential pass (leading steps only).
+    scope: ClassVar[Literal["linear", "group", "block", "model"]] = "linear"
 
     include: tuple[str, ...] = Field(("*",), description="globs (fnmatch, not regexes) over full Linear names")
     exclude: tuple[str, ...] = Field((), description="globs of Linear names to leave alone")
@@ -73,7 +80,24 @@ class Technique(BaseModel):
     def plan(self, spec: LinearSpec) -> LinearSpec:
         raise NotImplementedError
 
+    def plan_for(self, name: str, spec: LinearSpec) -> LinearSpec:
+        """`plan` for the Linear called `name` (a step whose plan depends on the Linear overrides this)."""
+        return self.plan(spec)
+
     def apply(self, layer, stats):
+        raise NotImplementedError
+
+    def apply_group(self, layers: dict, stats, context) -> dict:
+        """scope "group": ``{name: GroupResult}`` for the Linears `layers` that share one input with
+        statistics `stats`; `context` (`techniques.apply.GroupContext`) folds scales into their producer."""
+        raise NotImplementedError
+
+    def apply_block(self, context) -> dict:
+        """scope "block": ``{name: (layer, info)}`` for the block in `context` (`techniques.apply.BlockContext`)."""
+        raise NotImplementedError
+
+    def transform_model(self, model, context) -> dict:
+        """scope "model": transform `model` in place before the sequential pass; returns a record."""
         raise NotImplementedError
 
     # -- capabilities: what the rules, the invariants and the costing ask of a step, never its name --
