@@ -64,7 +64,7 @@ def _holders(name):
 
 def test_the_shared_settings_are_where_they_were():
     holders = {name: {t for t, _ in _holders(name)} for name in SETTINGS}
-    quant = {"gptq", "rtn", "sparsegpt", "dam", "qer", "lqer", "l2qer", "qera"}
+    quant = {"gptq", "rtn", "sparsegpt", "dam", "qer", "lqer", "l2qer", "qera", "awq"}
     assert holders["bits"] == holders["group_size"] == holders["symmetric"] == holders["scale_dtype"] == quant
     assert holders["percdamp"] == {"gptq", "sparsegpt", "dam", "qer", "lqer", "l2qer", "qera", "sslc", "oats"}
     assert holders["act_order"] == {"gptq", "dam", "qer", "lqer", "l2qer", "qera"}

@@ -19,10 +19,12 @@ BUDGETS = {"magnitude": ("sparsity", 0.7, 0.3), "wanda": ("sparsity", 0.7, 0.3),
            "svdllm": ("ratio", 0.5, 0.9), "qer": ("rank", 1, 8), "lqer": ("rank", 1, 8), "l2qer": ("rank", 1, 8),
            "qera": ("rank", 1, 8), "sslc": ("ratio", 0.4, 0.8), "oats": ("ratio", 0.4, 0.8),
            "dam": ("ratio", 0.2, 0.4)}
+NO_BUDGET = {"awq", "reconstruct", "rotate"}  # they store what they are given: their own tests (test_awq.py,
+# test_reconstruct.py, test_rotate.py) cover them
 
 
 def test_every_registered_technique_has_a_case():
-    assert set(registry()) == set(BUDGETS)
+    assert set(registry()) == set(BUDGETS) | NO_BUDGET
 
 
 @pytest.mark.parametrize("technique", sorted(BUDGETS))

@@ -29,6 +29,7 @@ from .pipeline.blocks import (
 from .pipeline.records import Report
 from .pipeline.sequential import SequentialCompressor
 from .recipe import Recipe
+from .training.distill import dense_teacher
 from .training.recover import recover
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,12 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
     (``auto``, ``fp32``, ``bf16``, ``fp16``; see `lmcompose.core.dtypes`) is the dtype of the block
     forwards that collect statistics and propagate activations; the weights the techniques read, their
     arithmetic and the statistics themselves stay in full precision. The resolved dtype is recorded in
-    the report's environment. A recipe's ``recover`` section then fine-tunes the float factors on the
-    same windows (the whole model moves to `device` for it) and its losses land in ``report.recovery``.
+    the report's environment. A recipe's ``recover`` section then fine-tunes the float factors (or the
+    quantization scales) on the same windows (the whole model moves to `device` for it) and its losses
+    land in ``report.recovery``. With ``recover: {loss: kl}`` the dense teacher is taken first, before any
+    step: ``teacher: cached`` runs the dense model over the windows now (the whole model on `device`) and
+    keeps its top-k log-probabilities; ``teacher: online`` keeps a deep copy of the model (a second model
+    in memory until the recovery ends).
     """
     compute_dtypes.check(compute_dtype, "compute_dtype")
     recipe = as_recipe(recipe)
@@ -80,9 +85,17 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
     home = next(model.parameters()).device
     resolved = compute_dtypes.resolve(compute_dtype, device if device is not None else home,
                                       compute_dtypes.model_dtype(model))
-    runner = SequentialCompressor(model, recipe.steps, recipe.float_dtype, device, on_block, resolved)
-    runner.run(windows, recipe.calibration.batch_size, recipe.schedule)
-    recovery = recover(model, windows, recipe.recover, resolved, device) if recipe.recover.steps else None
+    rec = recipe.recover
+    # a KL recovery needs the dense model's distributions: cached (top-k, now) or a copy of it (online)
+    teacher = (dense_teacher(model, windows, rec, resolved, device, recipe.calibration.batch_size)
+               if rec.steps and rec.loss == "kl" else None)
+    try:
+        runner = SequentialCompressor(model, recipe.steps, recipe.float_dtype, device, on_block, resolved)
+        runner.run(windows, recipe.calibration.batch_size, recipe.schedule)
+        recovery = recover(model, windows, rec, resolved, device, teacher) if rec.steps else None
+    finally:
+        if teacher is not None:
+            teacher.close()
     _round_other_weights(model, recipe.float_dtype)
     wall = time.perf_counter() - t0
     layers = [runner.records[n] for n in shapes if n in runner.records]

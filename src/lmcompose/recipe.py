@@ -12,7 +12,7 @@ Example::
     steps:
       - magnitude: {sparsity: 0.5}
       - rtn: {bits: 4, group_size: 64, target: sparse}
-    recover: {steps: 200, lr: 1.0e-4}   # optional: LM-loss fine-tune of the float factors afterwards
+    recover: {steps: 200, lr: 1.0e-4}   # optional: fine-tune of the float factors (or scales) afterwards
 """
 
 from __future__ import annotations
@@ -24,11 +24,20 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .algebra.spec import LinearSpec
 from .core.errors import IllegalStep
 from .techniques.base import Technique
+from .techniques.fields import joined_parts, only_with
 from .techniques.registry import get_technique, registry
 
 
@@ -86,24 +95,70 @@ class Calibration(BaseModel):
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
 
 
+TRAINABLE = ("lowrank", "sparse", "scales")  # what recovery can train, in the order `train` is written
+
+
 class Recovery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(0, ge=0, description="optimizer steps on the causal-LM loss; 0 = no recovery")
+    steps: int = Field(0, ge=0, description="optimizer steps; 0 = no recovery")
     lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     batch_size: int = Field(1, ge=1, description="calibration windows per step")
-    train: Literal["lowrank", "lowrank+sparse"] = Field(
-        "lowrank", description="float tensors that train: low-rank factors, or those and the sparse values")
+    train: str = Field(
+        "lowrank", description="what trains, '+'-joined (or a list): lowrank (the float low-rank factors), sparse "
+                               "(the float sparse values, inside their masks), scales (the scales of quantized "
+                               "tensors, codes fixed: EfficientQAT's E2E-QP)")
+    loss: Literal["lm", "kl"] = Field(
+        "lm", description="lm: causal-LM loss on the windows; kl: KL(dense teacher || model) of the next-token "
+                          "distributions (distillation)")
+    teacher: Literal["cached", "online"] = Field(
+        "cached", description="with loss: kl: cached = the dense model's top-k log-probabilities computed before "
+                              "the steps; online = a copy of the dense model, run on every batch (a second model)")
+    top_k: int = Field(64, ge=1, description="with teacher: cached: tokens kept per position (plus the tail's mass)")
+    heldout: int = Field(0, ge=0, description="the last calibration windows held out of training, to report a "
+                                              "held-out loss before and after")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train(cls, value):
+        return joined_parts(value, TRAINABLE, "lowrank+scales")
+
+    @model_validator(mode="after")
+    def _teacher_needs_kl(self):
+        only_with(self, ("teacher", "top_k"), self.loss == "kl", "needs loss: kl")
+        return self
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.train.split("+"))
+
+    @property
+    def scales(self) -> bool:
+        """Whether the scales of quantized tensors train (their codes and zero points stay fixed)."""
+        return "scales" in self.parts
 
     def trains(self, kind: str) -> bool:
-        return kind == "lowrank" or (kind == "sparse" and self.train == "lowrank+sparse")
+        """Whether the float tensors of a term of this kind train."""
+        return kind in self.parts
 
     def trainable(self, spec: LinearSpec) -> bool:
-        """Whether a Linear of this planned structure has a float tensor this recovery trains."""
-        return any(self.trains(term.kind) and not any(t.quantized for t in term.tensors().values())
-                   for term in spec.terms)
+        """Whether a Linear of this planned structure has a tensor this recovery trains: a float tensor of a
+        listed kind in a term with nothing quantized, or (with scales) any quantized tensor."""
+        for term in spec.terms:
+            quantized = any(t.quantized for t in term.tensors().values())
+            if (self.scales and quantized) or (self.trains(term.kind) and not quantized):
+                return True
+        return False
 
+    def to_dict(self) -> dict:
+        """The settings; the distillation and held-out fields only where they are not at their defaults, so
+        recipes written before them keep their hashes."""
+        out = self.model_dump()
+        return {k: v for k, v in out.items() if k not in _LATER_FIELDS or v != Recovery.model_fields[k].default}
+
+
+_LATER_FIELDS = ("loss", "teacher", "top_k", "heldout")
 
 
 class Recipe(BaseModel):
@@ -114,8 +169,9 @@ class Recipe(BaseModel):
         "fp16", description="storage dtype of float tensors (values, factors, non-compressed weights)")
     calibration: Calibration = Calibration()
     steps: tuple[Technique, ...] = ()
-    recover: Recovery = Field(Recovery(), description="optional causal-LM fine-tune after the steps "
-                                                      "(training.recover); steps: 0 = off")
+    recover: Recovery = Field(Recovery(), description="optional fine-tune after the steps, on the causal-LM "
+                                                      "loss or a KL to the dense model (training.recover); "
+                                                      "steps: 0 = off")
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -125,6 +181,15 @@ class Recipe(BaseModel):
         if not isinstance(steps, (list, tuple)):
             raise ValueError(f"steps must be a list of {{technique: {{params}}}} mappings, got {steps!r}")
         return tuple(build_step(s, i) for i, s in enumerate(steps))
+
+    @field_validator("recover")
+    @classmethod
+    def _heldout_leaves_training_windows(cls, recover: Recovery, info: ValidationInfo):
+        n = info.data["calibration"].n if "calibration" in info.data else None
+        if recover.steps and n is not None and recover.heldout >= n:
+            raise ValueError(f"heldout={recover.heldout} leaves no calibration window to train on "
+                             f"(calibration.n={n})")
+        return recover
 
     def __init__(self, **data):
         try:
@@ -138,7 +203,7 @@ class Recipe(BaseModel):
                "calibration": self.calibration.model_dump(),
                "steps": [{s.name: s.params()} for s in self.steps]}
         if self.recover.steps:  # absent when off, so recipes without it keep their hashes
-            out["recover"] = self.recover.model_dump()
+            out["recover"] = self.recover.to_dict()
         return out
 
     @classmethod
@@ -186,12 +251,12 @@ class Recipe(BaseModel):
         specs = self.linear_specs(shapes)
         touched = set()
         for i, step in enumerate(self.steps):
-            if step.scope == "model" and any(s.scope != "model" for s in self.steps[:i]):
-                first = next(s for s in self.steps[:i] if s.scope != "model")
+            if step.unit == "model" and any(s.unit != "model" for s in self.steps[:i]):
+                first = next(s for s in self.steps[:i] if s.unit != "model")
                 raise IllegalStep(f"steps[{i}].{step.name} transforms the whole model, so it must come before "
                                   f"every step that compresses (it follows {first.name}); masks, factors and "
                                   "grids are then chosen in the transformed basis")
-            if step.scope == "block" and self.schedule != "layer-major":
+            if step.unit == "block" and self.schedule != "layer-major":
                 raise IllegalStep(f"steps[{i}].{step.name} reproduces each dense block after that block's steps, "
                                   "so it needs schedule: layer-major")
             names = [n for n in specs if step.targets(n)]
@@ -210,9 +275,14 @@ class Recipe(BaseModel):
             touched.update(names)
             yield StepWalk(i, step, names, before, {n: specs[n] for n in names})
         if self.recover.steps and not any(self.recover.trainable(specs[n]) for n in touched):
-            raise IllegalStep(f"recover: train={self.recover.train!r} finds no float tensor to train: no step "
-                              f"leaves an unquantized low-rank term{'' if self.recover.train == 'lowrank' else ' or sparse term'}"
-                              f" (quantize with target: sparse or dense, or drop recover)")
+            rec = self.recover
+            leaves = {"lowrank": "an unquantized low-rank term", "sparse": "an unquantized sparse term",
+                      "scales": "a quantized tensor"}
+            what = "float tensor" if not rec.scales else "quantized tensor" if rec.parts == ("scales",) else "tensor"
+            raise IllegalStep(f"recover: train={rec.train!r} finds no {what} to train: no step leaves "
+                              + " or ".join(leaves[p] for p in rec.parts)
+                              + (" (quantize, or drop recover)" if rec.parts == ("scales",) else
+                                 " (quantize with target: sparse or dense, train: scales, or drop recover)"))
 
     def check(self, shapes: dict[str, tuple[int, int]] | dict[str, LinearSpec],
               other_bytes: int = 0) -> "CheckResult":

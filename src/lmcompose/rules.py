@@ -76,6 +76,14 @@ RULES = {r.id: r for r in [
     Rule("R7", "preference", "use low rank as a complement, not the main carrier: alone it degrades fast beyond "
          "a 20–30% byte reduction",
          "SVD-LLM (ICLR 2025) LLaMA-7B 7.94 at 20% vs 42.3 at 60%; METHODS §6 fact 6"),
+    Rule("R8", "preference", "a scale search for a quantization grid (AWQ) is followed, on each of its Linears, by "
+         "the quantizer on exactly that grid: the scales are chosen for it",
+         "AWQ (Lin et al., MLSys 2024): llm-awq auto_scale searches with the final quantizer's w_quantize_func"),
+    Rule("R9", "hard", "a rotation of the residual stream (a model-level transform) comes before every pruning, "
+         "low-rank and quantization step: masks, factors and grids are then chosen in the rotated basis, and a "
+         "rotation after them would move every kept weight off its mask and grid",
+         "QuaRot (Ashkboos et al., NeurIPS 2024) and SpinQuant (Liu et al., ICLR 2025) rotate, then quantize; "
+         "enforced by Recipe.walk (model-scope steps lead); docs/methods/transforms.md"),
 ]}
 
 
@@ -101,7 +109,9 @@ def _r2(step, before, after):
 
 
 def _r5(step, before, after):
-    if step.trains and _is_quantized(before):
+    # a step that retrains the grid itself (block reconstruction of scales, zeros, rounding) trains the
+    # quantization, not weights a quantization will then round: it belongs after the quantizer
+    if step.trains and _is_quantized(before) and not step.retrains_grid:
         return f"{step.name} trains after a quantization step"
     return None
 
@@ -113,15 +123,41 @@ def _r7(step, before, after):
     return None
 
 
+def _grid(q) -> str:
+    return f"int{q.bits} g{q.group_size or 'row'} {'sym' if q.symmetric else 'asym'} ({q.scale_dtype} scales)"
+
+
+def _r8(step, name: str, later: list) -> str | None:
+    """`step` prepares `name` for a grid: the next step on it (in `later` walks) should quantize on that grid."""
+    grid = step.prepares_grid
+    if grid is None:
+        return None
+    nxt = next((w for w in later if name in w.names), None)
+    if nxt is None:
+        return f"no step quantizes after {step.name}, which searched its scales for {_grid(grid)}"
+    grids = [{t.quant for term in s.terms for t in term.tensors().values() if t.quant}
+             for s in (nxt.before[name], nxt.after[name])]
+    new = grids[1] - grids[0]
+    if not new:
+        return f"{nxt.step.name} follows {step.name} without quantizing; the scales were searched for {_grid(grid)}"
+    if new != {grid}:
+        return (f"{nxt.step.name} quantizes on {', '.join(sorted(_grid(q) for q in new))}; {step.name} searched "
+                f"its scales for {_grid(grid)}")
+    return None
+
+
 PREFERENCE_CHECKS: dict[str, Check] = {"R1": _r1, "R2": _r2, "R5": _r5, "R7": _r7}
 APPLIES = {"prune": ["R1", "R4", "R6"], "lowrank": ["R2", "R3", "R7", "R6"], "quantize": ["R1", "R2", "R6"],
-           "joint": ["R5", "R6"]}
+           "joint": ["R5", "R6"], "transform": ["R6"]}
 
 
 def _applies(step) -> list[str]:
-    """The rules that bear on `step`: those of its family, and R5 for any step that trains."""
+    """The rules that bear on `step`: those of its family, R5 for any step that trains, R8 for one that
+    prepares a grid, R9 for one that transforms the whole model."""
     rules = list(APPLIES.get(step.family, ["R6"]))
-    return rules if not step.trains or "R5" in rules else ["R5", *rules]
+    rules = rules if not step.trains or "R5" in rules else ["R5", *rules]
+    rules = rules if step.prepares_grid is None else ["R8", *rules]
+    return rules if step.unit != "model" else ["R9", *rules]
 
 
 def explain(recipe: Recipe, shapes: dict[str, tuple[int, int]]) -> list[StepExplanation]:
@@ -133,7 +169,8 @@ def explain(recipe: Recipe, shapes: dict[str, tuple[int, int]]) -> list[StepExpl
     dense_fp16 = {n: s.dense_fp16_nbytes() for n, s in specs.items()}
     touched: set[str] = set()
     out = []
-    for walked in recipe.walk(specs):  # a hard rule raises: an illegal chain is refused, not explained
+    walks = list(recipe.walk(specs))  # a hard rule raises: an illegal chain is refused, not explained
+    for k, walked in enumerate(walks):
         i, step, names, before = walked.index, walked.step, walked.names, walked.before
         specs.update(walked.after)
         touched.update(names)
@@ -144,8 +181,10 @@ def explain(recipe: Recipe, shapes: dict[str, tuple[int, int]]) -> list[StepExpl
             sorted({before[n].describe() for n in names}), sorted({specs[n].describe() for n in names}),
             linear_bytes, 8 * linear_bytes / weights, linear_bytes / sum(dense_fp16[n] for n in touched),
             applies=_applies(step))
-        for rid, check in PREFERENCE_CHECKS.items():
-            hits = [m for n in names if (m := check(step, before[n], specs[n]))]
+        found = {rid: [check(step, before[n], specs[n]) for n in names] for rid, check in PREFERENCE_CHECKS.items()}
+        found["R8"] = [_r8(step, n, walks[k + 1:]) for n in names]  # R8 reads the steps that follow
+        for rid, messages in found.items():
+            hits = [m for m in messages if m]
             if hits:  # one finding per rule and step, with the first Linear's words
                 more = f" ({len(hits)} of {len(names)} Linears)" if len(hits) > 1 else ""
                 exp.warnings.append(Finding(RULES[rid], i, hits[0] + more))

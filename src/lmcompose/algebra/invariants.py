@@ -9,6 +9,8 @@ A chain composes only if every step keeps what earlier steps made:
   term; only the kept entries are then stored, so codes are compared where the new mask keeps them).
   The one exception is a step that says it leaves the grid (its ``leaves_grid`` capability, e.g. the
   analysis-only SVD of a quantized matrix with ``allow_offgrid: true``), which is meant to replace the codes;
+  a step that retrains parts of the grid in place (its ``retrains_grid``: scales, zeros or codes, e.g.
+  block reconstruction) is compared on the other parts, and its codes and zeros must stay in 0..maxq;
 * **bytes as planned**: the layer the step made stores exactly what ``plan`` said it would, so the
   bytes ``Recipe.check`` reported before loading any weights are the bytes in the file.
 
@@ -32,13 +34,20 @@ def _quantized_slots(layer):
                 yield i, term, slot, t
 
 
-def _same_codes(a: QTensor, b: QTensor, where: torch.Tensor | None) -> bool:
-    if a.spec != b.spec or a.shape != b.shape or not torch.equal(a.scale, b.scale):
+def _same_codes(a: QTensor, b: QTensor, where: torch.Tensor | None, free: frozenset = frozenset()) -> bool:
+    """Whether `b` keeps `a`'s codes, scales and zeros, except the parts in `free` (a step's
+    ``retrains_grid``), which need only stay on the grid."""
+    if a.spec != b.spec or a.shape != b.shape or ("scale" not in free and not torch.equal(a.scale, b.scale)):
         return False
-    if (a.zero is None) != (b.zero is None) or (a.zero is not None and not torch.equal(a.zero, b.zero)):
+    if (a.zero is None) != (b.zero is None) or (a.zero is not None and "zero" not in free
+                                                 and not torch.equal(a.zero, b.zero)):
         return False
     if (a.perm is None) != (b.perm is None) or (a.perm is not None and not torch.equal(a.perm, b.perm)):
         return False
+    if "zero" in free and b.zero is not None and int(b.zero.max()) > b.spec.maxq:
+        return False
+    if "codes" in free:
+        return int(b.codes.max()) <= b.spec.maxq if b.codes.numel() else True
     if where is None:
         return torch.equal(a.codes, b.codes)
     where = where.to(a.codes.device)
@@ -48,7 +57,7 @@ def _same_codes(a: QTensor, b: QTensor, where: torch.Tensor | None) -> bool:
 def check_step(before, after, step, layer_name: str = "") -> None:
     """Raise `InvariantError` if `after` (what `step` made of `before`) breaks an invariant above.
 
-    `step` is a technique; its ``name``, ``plan`` and ``leaves_grid`` are read."""
+    `step` is a technique; its ``name``, ``plan``, ``leaves_grid`` and ``retrains_grid`` are read."""
     what = f"{layer_name}: step {step.name!r}"
     planned = step.plan_for(layer_name, before.spec())
     if after.spec() != planned:
@@ -71,6 +80,8 @@ def check_step(before, after, step, layer_name: str = "") -> None:
         return
     after_q = list(_quantized_slots(after))
     for _, _, slot, q in _quantized_slots(before):
-        if not any(_same_codes(q, q2, getattr(t2, "mask", None)) for _, t2, _, q2 in after_q):
+        if not any(_same_codes(q, q2, getattr(t2, "mask", None), step.retrains_grid) for _, t2, _, q2 in after_q):
+            free = f" (it may retrain only its {', '.join(sorted(step.retrains_grid))}, on the same grid)" \
+                if step.retrains_grid else ""
             raise InvariantError(f"{what} changed the codes, scales or zeros of an earlier quantized tensor "
-                                 f"({slot}, {q.spec.bits} bits): quantized codes must survive later steps")
+                                 f"({slot}, {q.spec.bits} bits){free}: quantized codes must survive later steps")

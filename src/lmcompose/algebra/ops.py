@@ -9,7 +9,8 @@ operations exist, both placed by transforms that make the weights easier to comp
   the online Hadamard of QuaRot/SpinQuant (R4). It stores nothing (0 bytes) and is recorded.
 
 The terms live in the transformed basis: a technique that reads the layer's input statistics gets the
-statistics of ``A x`` (the pipeline observes after the operations), and ``to_dense`` returns the
+statistics of ``A x`` (the pipeline observes x itself, which the layer errors of the effective weight
+use; ``techniques.apply.apply_steps`` hands each step `input_stats`), and ``to_dense`` returns the
 effective weight.
 """
 
@@ -21,6 +22,7 @@ import torch
 
 from ..core.dtypes import FLOAT_BYTES, FLOAT_DTYPES, dtype_name
 from ..core.hadamard import KINDS, OrthogonalTransform
+from ..core.stats import Stats
 
 TRANSFORM_KINDS = (*KINDS, "hadamard+orthogonal")
 
@@ -146,3 +148,22 @@ def effective_weight(w: torch.Tensor, ops) -> torch.Tensor:
     for op in reversed(ops):
         w = op.fold_into(w)
     return w
+
+
+def input_stats(stats: Stats, ops) -> Stats:
+    """The statistics of what the terms multiply, ``A_n ⋯ A_1 x``, from those of the layer's input x.
+
+    The Gram is exact through every operation (A H Aᵀ). The per-channel E|x| and max|x| are exact through a
+    diagonal scale (``|s| ⊙``); a rotation mixes the channels, so after one they are unknown and set to NaN
+    (a technique that reads them cannot follow a rotation)."""
+    gram, abs_mean, absmax = stats.gram, stats.abs_mean, stats.absmax
+    for op in ops:
+        if isinstance(op, InputScale):
+            s = op.scale.to(gram.device, torch.float32)
+            gram = gram * torch.outer(s, s)
+            abs_mean, absmax = abs_mean * s.abs(), absmax * s.abs()
+        else:
+            a = op.matrix(torch.float32).to(gram.device)
+            gram = a @ gram @ a.T
+            abs_mean, absmax = torch.full_like(abs_mean, float("nan")), torch.full_like(absmax, float("nan"))
+    return Stats(stats.n_tokens, gram, abs_mean, absmax)

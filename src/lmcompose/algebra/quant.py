@@ -112,14 +112,20 @@ class QTensor:
 
     ``scale``/``zero`` have shape [rows, n_groups]; ``perm`` (optional) lists the columns in the order
     in which groups were formed. Codes and scales are what the file stores; ``dequantize`` rebuilds W.
+
+    ``source`` is in memory only: the float matrix the codes were chosen from, as the quantize step
+    received it (set by ``techniques.quant.common.QuantConfig.apply``), so that a later step of the same
+    block can re-decide the rounding (``reconstruct`` with ``train: rounding``). It is never stored,
+    compared or costed, and the sequential loop drops it when it leaves the block.
     """
 
-    def __init__(self, codes, scale, zero, spec: QuantSpec, perm=None):
+    def __init__(self, codes, scale, zero, spec: QuantSpec, perm=None, source: torch.Tensor | None = None):
         self.codes = codes.to(torch.uint8)
         self.scale = scale.to(FLOAT_DTYPES[spec.scale_dtype])
         self.zero = None if spec.symmetric else zero.to(torch.uint8)
         self.spec = spec
         self.perm = None if perm is None else perm.to(torch.int64)
+        self.source = source
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -152,10 +158,11 @@ class QTensor:
     def to(self, device) -> "QTensor":
         return QTensor(self.codes.to(device), self.scale.to(device),
                        None if self.zero is None else self.zero.to(device), self.spec,
-                       None if self.perm is None else self.perm.to(device))
+                       None if self.perm is None else self.perm.to(device),
+                       None if self.source is None else self.source.to(device))
 
     def with_codes(self, codes: torch.Tensor) -> "QTensor":
-        return QTensor(codes, self.scale, self.zero, self.spec, self.perm)
+        return QTensor(codes, self.scale, self.zero, self.spec, self.perm, self.source)
 
     # -- storage -------------------------------------------------------------------------------
     def state(self, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

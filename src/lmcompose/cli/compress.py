@@ -84,6 +84,14 @@ def cmd_compress(args) -> int:
         rec = report.recovery
         summary["recovery_loss"] = (f"{rec['loss_before']:.4f} -> {rec['loss_after']:.4f} on {rec['probe_windows']} "
                                     f"calibration windows ({rec['steps']} steps)")
+        if "kl_after" in rec:
+            summary["recovery_kl"] = f"{rec['kl_before']:.4f} -> {rec['kl_after']:.4f}"
+        if rec.get("heldout_windows"):
+            a, b = rec["heldout_windows"]
+            held = f"{rec['heldout_loss_before']:.4f} -> {rec['heldout_loss_after']:.4f}"
+            if "heldout_kl_after" in rec:
+                held += f" (KL {rec['heldout_kl_before']:.4f} -> {rec['heldout_kl_after']:.4f})"
+            summary["recovery_heldout_loss"] = f"{held} on windows {a}..{b - 1}"
     summary["saved"] = str(out)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     print_totals(summary)

@@ -29,9 +29,13 @@ def plan_table(result, title: str) -> Table:
 def print_recovery(recipe) -> None:
     rec = recipe.recover
     if rec.steps:
-        console.print(f"then recover: {rec.steps} causal-LM steps of {rec.batch_size} calibration window(s), "
-                      f"lr {rec.lr:g}, training the float {rec.train.replace('+', ' and ')} tensors "
-                      "(bytes, masks and codes unchanged)")
+        loss = "causal-LM" if rec.loss == "lm" else (
+            f"KL-to-dense ({'top-' + str(rec.top_k) + ' cached' if rec.teacher == 'cached' else 'online'} teacher)")
+        names = {"lowrank": "float low-rank factors", "sparse": "float sparse values", "scales": "quantization scales"}
+        what = " and ".join(names[p] for p in rec.parts)
+        held = f", {rec.heldout} window(s) held out" if rec.heldout else ""
+        console.print(f"then recover: {rec.steps} {loss} steps of {rec.batch_size} calibration window(s), "
+                      f"lr {rec.lr:g}, training the {what}{held} (bytes, masks and codes unchanged)")
 
 
 def check_on_model(recipe, model: str, trust_remote_code: bool):

@@ -3,9 +3,12 @@
 A Hadamard matrix of order n exists for n = 2^k·m when m = 1 (Sylvester) or m is the order of a Paley
 matrix built from a prime q: m = q + 1 with q ≡ 3 (mod 4) (Paley I) or m = 2(q + 1) with q ≡ 1 (mod 4)
 (Paley II). That covers the widths of the usual models (576 = 36·16, 640 = 20·32, 1536 = 12·128, 2048, 4096).
-The transform ``Q = (H_m ⊗ H_{2^k}) · diag(signs) / √n`` is applied in O(n (k + m)) per vector by a fast
-Walsh–Hadamard transform over the 2^k axis and an m×m product (`apply`), so an *online* rotation costs
-far less than the matmul it precedes; `matrix` materializes the same Q for fusing into weights. A width
+The transform ``Q = (H_m ⊗ H_{2^k}) · diag(signs) / √n`` is applied as a Kronecker product of small dense
+factors (H_m, and H_{2^k} split into at most two or three Sylvester factors of order ≤ 128, since
+H_{2^a} ⊗ H_{2^b} = H_{2^(a+b)}): one small matmul per factor along its axis, O(n (m + Σ factor orders))
+per vector instead of O(n²), so an *online* rotation costs far less than the matmul it precedes; the
+factors are built once per device and dtype. `matrix` materializes the same Q for fusing into weights
+(``matrix() @ v == apply(v)``) and `apply_inverse` applies Qᵀ. A width
 with no such factorization (11008 = 43·256: 172 = 4·43 has no Paley construction) uses a Haar-random
 orthogonal m×m block in place of H_m (``Q = (R_m ⊗ H_p)·diag(s)/√p``), just as fast; the kind recorded is
 then ``hadamard+orthogonal``.
@@ -93,17 +96,55 @@ def odd_split(n: int) -> tuple[int, int]:
     return n // p, p
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized fast Walsh–Hadamard transform over the last axis (length a power of two)."""
-    n = x.shape[-1]
-    h = 1
-    out = x
-    while h < n:
-        out = out.reshape(*x.shape[:-1], n // (2 * h), 2, h)
-        a, b = out[..., 0, :], out[..., 1, :]
-        out = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
-    return out.reshape(x.shape)
+MAX_FACTOR = 128  # largest Sylvester factor applied as one matmul (measured: balanced factors ≤ 128 are fastest)
+
+
+@lru_cache(maxsize=None)
+def sylvester(s: int) -> torch.Tensor:
+    """The Sylvester Hadamard matrix of order s (a power of two), entries ±1 (float64)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < s:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def power_split(p: int) -> list[int]:
+    """Orders of the Sylvester factors of H_p (p a power of two): as few as keep each ≤ `MAX_FACTOR`,
+    balanced (4096 → [64, 64], 1536's 128 → [128], 256 → [16, 16])."""
+    k = p.bit_length() - 1
+    if k == 0:
+        return []
+    parts = -(-k // (MAX_FACTOR.bit_length() - 1))
+    exps = [k // parts + (1 if i < k % parts else 0) for i in range(parts)]
+    return [1 << e for e in exps]
+
+
+@lru_cache(maxsize=256)
+def _plan(t: "OrthogonalTransform", device: torch.device, dtype: torch.dtype):
+    """(signs or None, orthonormal Kronecker factors) of `t` on `device` in `dtype`, built once."""
+    if t.kind == "orthogonal":
+        return None, (t._haar(t.n).to(device, dtype),)
+    if t.kind == "hadamard":
+        m, p = hadamard_split(t.n)
+        first = paley(m).double() / math.sqrt(m)
+    else:
+        m, p = odd_split(t.n)
+        first = t._haar(m)
+    factors = ([first] if m > 1 else []) + [sylvester(s) / math.sqrt(s) for s in power_split(p)]
+    return t.signs().to(device, dtype), tuple(f.to(device, dtype).contiguous() for f in factors)
+
+
+def _kron_apply(y: torch.Tensor, factors, transpose: bool) -> torch.Tensor:
+    """(F_1 ⊗ … ⊗ F_k) y (or with every F transposed) for each row of y [rows, n]: one matmul per axis."""
+    n = rest = y.shape[-1]
+    for f in factors:
+        s = f.shape[0]
+        rest //= s
+        if rest == 1:  # the last axis: one GEMM over all rows
+            y = y.reshape(-1, s) @ (f if transpose else f.T)
+        else:
+            y = torch.matmul(f.T if transpose else f, y.reshape(-1, s, rest))
+    return y.reshape(-1, n)
 
 
 @dataclass(frozen=True)
@@ -140,35 +181,36 @@ class OrthogonalTransform:
         q, r = torch.linalg.qr(torch.randn(size, size, generator=gen, dtype=torch.float64))
         return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
-    def _factors(self) -> tuple[torch.Tensor, int]:
-        """(the m×m factor, p) of Q = (F_m ⊗ H_p)·diag(s)/√n, F_m unnormalized for Paley (entries ±1)."""
-        if self.kind == "hadamard":
-            m, p = hadamard_split(self.n)
-            return paley(m).double(), p
-        m, p = odd_split(self.n)
-        return self._haar(m) * math.sqrt(m), p
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(x.dtype, torch.float32)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Q x for every row vector of `x` (last axis n), i.e. ``x @ Q.T``, in x's dtype."""
+    def _check(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.n:
             raise ValueError(f"transform of size {self.n} applied to a last axis of {x.shape[-1]}")
-        if self.kind == "orthogonal":
-            return x @ self._haar(self.n).to(x.device, x.dtype).T
-        factor, p = self._factors()
-        m = factor.shape[0]
-        dtype = x.dtype
-        y = x.to(torch.promote_types(x.dtype, torch.float32)) * self.signs().to(x.device, x.dtype)
-        y = y.reshape(*x.shape[:-1], m, p)
-        if p > 1:
-            y = fwht(y)
-        if m > 1:
-            y = torch.einsum("ij,...jk->...ik", factor.to(y.device, y.dtype), y)
-        return (y.reshape(x.shape) / math.sqrt(self.n)).to(dtype)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Q x for every row vector of `x` (last axis n), i.e. ``x @ Q.T``, computed in at least fp32 and
+        returned in x's dtype."""
+        self._check(x)
+        dtype = self._compute_dtype(x)
+        signs, factors = _plan(self, x.device, dtype)
+        y = x.to(dtype).reshape(-1, self.n)
+        if signs is not None:
+            y = y * signs
+        return _kron_apply(y, factors, False).reshape(x.shape).to(x.dtype)
+
+    def apply_inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Qᵀ x for every row vector of `x`, i.e. ``x @ Q``: undoes `apply`."""
+        self._check(x)
+        dtype = self._compute_dtype(x)
+        signs, factors = _plan(self, x.device, dtype)
+        y = _kron_apply(x.to(dtype).reshape(-1, self.n), factors, True)
+        if signs is not None:
+            y = y * signs
+        return y.reshape(x.shape).to(x.dtype)
 
     def matrix(self, dtype=torch.float64) -> torch.Tensor:
         """Q as a dense matrix (rows are Q's rows): ``matrix() @ v == apply(v)``."""
-        if self.kind == "orthogonal":
-            return self._haar(self.n).to(dtype)
         return self.apply(torch.eye(self.n, dtype=torch.float64)).T.contiguous().to(dtype)
 
     def to_dict(self) -> dict:

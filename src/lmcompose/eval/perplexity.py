@@ -26,9 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.dtypes import dtype_name, model_dtype
 from ..data.calibration import eval_tokens
+from ..runtime.logits import CHUNK
+from ..runtime.logits import head_path as _head_path
+from ..runtime.logits import head_path_agrees as _head_path_agrees
+from ..runtime.logits import softcap as _softcap
 
 log = logging.getLogger(__name__)
-CHUNK = 256  # positions per fp32 log-softmax chunk
 
 
 class Protocol(BaseModel):
@@ -96,11 +99,6 @@ def windows_of(tokens: torch.Tensor, protocol: Protocol) -> torch.Tensor:
     return tokens.reshape(-1)[: n * protocol.seqlen].reshape(n, protocol.seqlen)
 
 
-def _softcap(model, logits: torch.Tensor) -> torch.Tensor:
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 def _chunked_nll(logits_of, batch: torch.Tensor) -> torch.Tensor:
     """Per-window summed NLL; ``logits_of(s, e)`` gives the logits of positions s..e-1 (predicting s+1..e)."""
     total = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
@@ -110,27 +108,6 @@ def _chunked_nll(logits_of, batch: torch.Tensor) -> torch.Tensor:
         nll = F.cross_entropy(logits.flatten(0, 1), batch[:, s + 1:e + 1].flatten(), reduction="none")
         total += nll.view(batch.shape[0], -1).sum(1).double()
     return total
-
-
-def _head_path(model):
-    """(trunk, head) when the logits can be computed chunk by chunk from the hidden states, else None."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    trunk = getattr(model, "base_model", None)
-    if head is None or trunk is None or trunk is model:
-        return None
-    return trunk, head
-
-
-@torch.inference_mode()
-def _head_path_agrees(model, trunk, head, batch: torch.Tensor) -> bool:
-    x = batch[:1, : min(batch.shape[1], 32)]
-    full = model(input_ids=x, use_cache=False).logits.float()
-    mine = _softcap(model, head(trunk(input_ids=x, use_cache=False).last_hidden_state)).float()
-    ok = full.shape == mine.shape and bool((full - mine).abs().max() <= 1e-3 * full.abs().max() + 1e-4)
-    if not ok:
-        log.warning("%s post-processes its logits: perplexity uses the full forward (more memory)",
-                    type(model).__name__)
-    return ok
 
 
 @torch.inference_mode()

@@ -4,7 +4,9 @@ A compressed checkpoint is a directory::
 
     model.safetensors   every stored tensor: packed codes, scales, zeros, sparse indices, factors,
                         and the model's other weights in the recipe's float dtype
-    lmcompose.json      format version, per-layer structure, recipe, report, evaluation protocol
+    lmcompose.json      format version, per-layer structure, model-level online operations ("model_ops",
+                        e.g. a rotation conjugating the final norm: 0 bytes, re-attached on load),
+                        recipe, report, evaluation protocol
     config.json         the Hugging Face config, to rebuild the architecture
     tokenizer files
 
@@ -27,6 +29,7 @@ from ..core.io import atomic_dir
 from ..core.memory import release_freed_memory
 from ..pipeline.blocks import compressed_modules, set_module
 from ..runtime.linear import CompressedLinear
+from ..runtime.model_ops import ModelOp, attach_model_op, check_model_ops, model_ops
 
 FORMAT_VERSION = 1
 META_FILE = "lmcompose.json"
@@ -56,7 +59,8 @@ def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, *, fl
     for name, mod in layers.items():
         tensors.update(mod.state(name))
     meta = {"format_version": FORMAT_VERSION, "base_model": base_model, "float_dtype": float_dtype,
-            "layers": {n: m.meta() for n, m in layers.items()}, "recipe": recipe, "report": report,
+            "layers": {n: m.meta() for n, m in layers.items()},
+            "model_ops": [op.meta() for op in model_ops(model)], "recipe": recipe, "report": report,
             "protocol": protocol}
     with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "lmcompose": str(FORMAT_VERSION)})
@@ -97,6 +101,10 @@ def load_compressed(path: str | Path, dtype: str = "fp32", device: str = "cpu"):
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; allowed: {sorted(FLOAT_DTYPES)}")
     compute = FLOAT_DTYPES[dtype]
+    try:  # refused before any weight is read: a model without its online operations computes something else
+        ops = [ModelOp.from_meta(m) for m in meta.get("model_ops", [])]
+    except ValueError as err:
+        raise ValueError(f"checkpoint {str(path)!r}: {err}") from None
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
@@ -111,6 +119,9 @@ def load_compressed(path: str | Path, dtype: str = "fp32", device: str = "cpu"):
     if still_meta:
         raise ValueError(f"checkpoint {str(path)!r} lacks tensors for {still_meta[:5]}")
     model = model.to(device=device, dtype=compute).eval()
+    check_model_ops(model, ops)
+    for op in ops:
+        attach_model_op(model, op)
     del state, rest
     release_freed_memory()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None

@@ -20,6 +20,7 @@ from ..algebra.terms import Dense
 from ..techniques.apply import BlockContext, GroupContext, apply_block_step, apply_group_step, apply_steps
 from .blocks import block_linears, find_blocks, set_module
 from .dense_stats import DenseStats
+from .model_context import ModelContext
 from .passes import BlockInputs, capture_inputs, observe, run_block
 from .records import LayerRecord
 from .structure import norm_weight, set_norm_weight, trace_block
@@ -172,12 +173,12 @@ class SequentialCompressor:
             targets = {n: m for n, m in block_linears(block, prefix).items() if step.targets(n)}
             if not targets:
                 continue
-            if step.scope == "block":
+            if step.unit == "block":
                 self._block_step(step, index, inputs, targets, device)
                 continue
             with self._forwards(device):
                 stats, groups = observe(block, inputs, index, targets)
-            if step.scope == "group":
+            if step.unit == "group":
                 for group in groups:
                     self._group_step(step, index, inputs, group, stats, device)
                 continue
@@ -197,9 +198,10 @@ class SequentialCompressor:
             raise ValueError(f"schedule={schedule!r} is not allowed; allowed: 'layer-major', 'step-major'")
         home = next(self.model.parameters()).device
         device = torch.device(self.device) if self.device is not None else home
-        for step in [s for s in self.steps if s.scope == "model"]:  # leading steps (Recipe.walk checks it)
-            self.model_steps.append({"technique": step.name, **step.transform_model(self.model, self)})
-        self.steps = [s for s in self.steps if s.scope != "model"]
+        for step in [s for s in self.steps if s.unit == "model"]:  # leading steps (Recipe.walk checks it)
+            context = ModelContext(self.model, self.float_dtype, self.compute_dtype)
+            self.model_steps.append({"technique": step.name, **step.transform_model(self.model, context)})
+        self.steps = [s for s in self.steps if s.unit != "model"]
         with self._forwards(home):
             inputs = capture_inputs(self.model, windows, batch_size, home)
         if device != home:  # blocks visit `device` one at a time; the rest of the model stays home
@@ -208,7 +210,7 @@ class SequentialCompressor:
         passes = [self.steps] if schedule == "layer-major" else [[s] for s in self.steps]
         n = len(self.blocks)
         self.block_seconds = [0.0] * n
-        wants = {getattr(s, "target_input", "compressed") for s in self.steps if s.scope == "block"}
+        wants = {getattr(s, "target_input", "compressed") for s in self.steps if s.unit == "block"}
         dense_stream = inputs.copy() if "dense" in wants else None
         for p, steps in enumerate(passes):
             current = inputs.copy()
@@ -225,6 +227,9 @@ class SequentialCompressor:
                 self._block(i, current, steps, device)
                 with self._forwards(device):
                     current.hidden = run_block(self.blocks[i], current, i)
+                for module in self.blocks[i].modules():  # the floats quantize steps kept for block steps
+                    if isinstance(module, CompressedLinear):
+                        module.forget_sources()
                 self.blocks[i].to(home)
                 if p == len(passes) - 1:  # the block is final: its original weights are not needed
                     for name, record in self.records.items():

@@ -203,6 +203,7 @@ def _channel_sources(block, inputs, index, linears, seen_inputs) -> dict[str, st
                 src.bias.data.mul_(c.to(src.bias.dtype))
             got = {}
             try:
+                torch.clear_autocast_cache()  # else autocast reuses its cast of the weight as it was before
                 with owned_hooks() as hooks:
                     hooks.forward_pre(lin, lambda m, a, got=got: got.setdefault("x", a[0].float()))
                     _run(block, inputs, index)
@@ -210,11 +211,14 @@ def _channel_sources(block, inputs, index, linears, seen_inputs) -> dict[str, st
                 src.weight.data.copy_(old_w)
                 if old_b is not None:
                     src.bias.data.copy_(old_b)
+                torch.clear_autocast_cache()
             x = got.get("x")
             if x is None:
                 continue
             expected = base * c.to(base.device)
-            if ((x - expected).abs().max() / expected.abs().max().clamp_min(1e-12)) < 1e-3:
+            # to the precision the block ran in (bf16 under autocast): a wrong source is off by O(c) ~ 0.5
+            tol = max(1e-3, 4 * torch.finfo(seen_inputs[name].dtype).eps)
+            if ((x - expected).abs().max() / expected.abs().max().clamp_min(1e-12)) < tol:
                 out[name] = cand
                 break
     return out

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..algebra.ops import effective_weight, op_from_state
+from ..algebra.quant import QTensor
 from ..algebra.spec import LinearSpec, TensorSpec
 from ..algebra.terms import TERM_TYPES, Dense, as_float
 from ..core.dtypes import dtype_name
@@ -138,6 +139,13 @@ class CompressedLinear(nn.Module):
 
     def nbytes(self) -> int:
         return self.spec().nbytes()
+
+    def forget_sources(self) -> None:
+        """Drop the pre-quantization floats the quantize steps kept on this layer's QTensors (``source``)."""
+        for term in self.terms:
+            for t in term.slots().values():
+                if isinstance(t, QTensor):
+                    t.source = None
 
     # -- storage ---------------------------------------------------------------------------------
     def state(self, prefix: str) -> dict[str, torch.Tensor]:

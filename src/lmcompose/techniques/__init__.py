@@ -18,7 +18,10 @@ from .prune import (
     wanda,  # noqa: F401
 )
 from .quant import (
+    awq,  # noqa: F401
     gptq,  # noqa: F401
     rtn,  # noqa: F401
 )
+from .train import reconstruct  # noqa: F401
+from .transform import rotate  # noqa: F401
 from .registry import describe_techniques, get_technique, registry  # noqa: E402,F401

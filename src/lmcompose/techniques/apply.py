@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..algebra.invariants import check_step
+from ..algebra.ops import input_stats
 from ..core.stats import Stats, relative_error
 from ..runtime.linear import CompressedLinear
 
@@ -37,14 +38,15 @@ def apply_steps(layer: CompressedLinear, steps, stats: Stats, name: str = "",
 
     Each step's output is checked by `check_step` (raising `InvariantError`, naming `name`) before the
     next step runs; its relative output error ``tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)`` (H = ``stats.gram``) is taken
-    against `original`, by default the dense weight of `layer` before the first step. Returns the final
-    layer and one `StepResult` per step."""
+    against `original`, by default the dense weight of `layer` before the first step. A layer with input
+    operations hands the step the statistics of what its terms multiply (`algebra.ops.input_stats`).
+    Returns the final layer and one `StepResult` per step."""
     if original is None:
         original = layer.to_dense(torch.float32)
     results = []
     for step in steps:
         t0 = time.perf_counter()
-        new, info = step.apply(layer, stats)
+        new, info = step.apply(layer, input_stats(stats, layer.input_ops) if layer.input_ops else stats)
         seconds = time.perf_counter() - t0
         check_step(layer, new, step, name)
         err = relative_error(original, new.to_dense(torch.float32), stats.gram)
@@ -103,7 +105,7 @@ def _rescaled(w: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
 
 def apply_group_step(step, layers: dict[str, CompressedLinear], stats: Stats, context: GroupContext,
                      originals: dict[str, torch.Tensor]) -> dict[str, StepResult]:
-    """Run a group step (scope "group") on Linears sharing one input, then check and measure each like
+    """Run a group step (unit "group") on Linears sharing one input, then check and measure each like
     `apply_steps`: the invariant check, and the error against its original weight on the old input basis."""
     t0 = time.perf_counter()
     made = step.apply_group(layers, stats, context)
@@ -118,7 +120,7 @@ def apply_group_step(step, layers: dict[str, CompressedLinear], stats: Stats, co
 
 
 def apply_block_step(step, context: BlockContext, layers: dict[str, CompressedLinear]) -> dict[str, StepResult]:
-    """Run a block step (scope "block"), then check and measure each Linear it returns like `apply_steps`."""
+    """Run a block step (unit "block"), then check and measure each Linear it returns like `apply_steps`."""
     t0 = time.perf_counter()
     made = step.apply_block(context)
     seconds = (time.perf_counter() - t0) / max(len(made), 1)

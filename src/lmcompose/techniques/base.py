@@ -42,7 +42,7 @@ class Technique(BaseModel):
     #             (e.g. q/k/v), which may fold a per-channel scale into the module producing that input;
     #   "block":  `apply_block(context)` once per decoder block, after the block's earlier steps;
     #   "model":  `transform_model(model, context)` once, before the sequential pass (leading steps only).
-    scope: ClassVar[Literal["linear", "group", "block", "model"]] = "linear"
+    unit: ClassVar[Literal["linear", "group", "block", "model"]] = "linear"
 
     include: tuple[str, ...] = Field(("*",), description="globs (fnmatch, not regexes) over full Linear names")
     exclude: tuple[str, ...] = Field((), description="globs of Linear names to leave alone")
@@ -88,16 +88,16 @@ class Technique(BaseModel):
         raise NotImplementedError
 
     def apply_group(self, layers: dict, stats, context) -> dict:
-        """scope "group": ``{name: GroupResult}`` for the Linears `layers` that share one input with
+        """unit "group": ``{name: GroupResult}`` for the Linears `layers` that share one input with
         statistics `stats`; `context` (`techniques.apply.GroupContext`) folds scales into their producer."""
         raise NotImplementedError
 
     def apply_block(self, context) -> dict:
-        """scope "block": ``{name: (layer, info)}`` for the block in `context` (`techniques.apply.BlockContext`)."""
+        """unit "block": ``{name: (layer, info)}`` for the block in `context` (`techniques.apply.BlockContext`)."""
         raise NotImplementedError
 
     def transform_model(self, model, context) -> dict:
-        """scope "model": transform `model` in place before the sequential pass; returns a record."""
+        """unit "model": transform `model` in place before the sequential pass; returns a record."""
         raise NotImplementedError
 
     # -- capabilities: what the rules, the invariants and the costing ask of a step, never its name --
@@ -112,6 +112,21 @@ class Technique(BaseModel):
         """True when the step may replace the codes of an earlier quantization (analysis only, e.g. an SVD
         of a quantized matrix); the codes-survive invariant (`algebra.invariants`) then does not apply."""
         return False
+
+    @property
+    def retrains_grid(self) -> frozenset[str]:
+        """The parts of an earlier quantization the step retrains in place: a subset of {"scale", "zero",
+        "codes"} (block reconstruction). The codes-survive invariant then compares only the other parts;
+        the grid itself (bits, group size, scale dtype, permutation) and the bytes still survive, and
+        retrained codes and zeros must stay on it (0..maxq)."""
+        return frozenset()
+
+    @property
+    def prepares_grid(self):
+        """The quantization grid (`algebra.quant.QuantSpec`) this step prepares its Linears' float weights for,
+        or None: a scale search (AWQ) is worth its scales only if the next step on each Linear quantizes on
+        that grid (rule R8 warns otherwise)."""
+        return None
 
     @property
     def needs_dense_input(self) -> bool:

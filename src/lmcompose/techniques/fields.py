@@ -90,3 +90,14 @@ def only_with(model: BaseModel, fields: Iterable[str], applies: bool, why: str) 
     changed = [f"{f}={getattr(model, f)!r}" for f in fields if getattr(model, f) != declared[f].default]
     if changed:
         raise ValueError(f"{changed[0]} {why}" if len(changed) == 1 else f"{', '.join(changed)}: each {why}")
+
+
+def joined_parts(value, allowed: tuple[str, ...], example: str) -> str:
+    """A set of parts given '+'-joined (``"lowrank+scales"``) or as a list, written back '+'-joined in the
+    order of `allowed`, so equal sets are equal strings (and hash alike). Raises ValueError naming the
+    allowed parts on an unknown, repeated or missing part."""
+    parts = value.split("+") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if not parts or any(p not in allowed for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"allowed: one or more of {list(allowed)}, each at most once, joined by '+' "
+                         f"(e.g. {example}) or as a list")
+    return "+".join(p for p in allowed if p in parts)

@@ -1,15 +1,26 @@
-"""Recovery: fine-tune the float factors of a compressed model on a causal-LM loss, everything else frozen.
+"""Recovery: fine-tune the float factors (or the quantization scales) of a compressed model, everything else frozen.
 
-SSLC's optional recovery (METHODS §2.3 step 7: "train U', V' with S frozen, mask fixed") and SVD-LLM's
-parameter update, read as one pass over the whole model after the sequential pass, on the calibration
-windows: the float low-rank factors (with ``train: lowrank+sparse`` also the float sparse values, inside
-their masks) train with AdamW; codes, masks and the byte count do not change.
+SSLC's optional recovery (METHODS §2.3 step 7: "train U', V' with S frozen, mask fixed"), SVD-LLM's
+parameter update and EfficientQAT's E2E-QP, read as one pass over the whole model after the sequential
+pass, on the calibration windows. What trains (``train``, '+'-joined): ``lowrank``, the float low-rank
+factors; ``sparse``, the float sparse values inside their masks; ``scales``, the scales of every quantized
+tensor (codes, zero points and perms fixed). AdamW on fp32 master copies; masks, codes and the byte count
+do not change (checked). The loss (``loss``) is the causal-LM loss, or ``kl``: the KL from the dense
+model's next-token distribution (a cached top-k or an online teacher: `training.distill`). The last
+``heldout`` calibration windows are left out of training and report a held-out loss before and after.
+
+Memory, on one device: the whole model (frozen weights in the compute dtype; a scale-trained tensor keeps
+its uint8 codes and rebuilds its weight each forward); 16 bytes per trained number (fp32 value, gradient,
+two Adam moments); one batch's activations; with ``loss: kl`` the teacher (`training.distill`: a cached
+one holds one batch of top-k targets on the device, an online one a second model) and at most two
+``[batch · CHUNK, vocab]`` fp32 logit chunks at a time.
 
 Method notes: docs/methods/recover.md
 
 Example::
 
     recover: {steps: 200, lr: 1.0e-4, batch_size: 1, train: lowrank}
+    recover: {steps: 64, lr: 2.0e-5, train: scales, loss: kl, top_k: 64, heldout: 4}   # E2E-QP with KD
 """
 
 from __future__ import annotations
@@ -22,52 +33,128 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..algebra.quant import QTensor
-from ..algebra.terms import as_float
+from ..algebra.terms import as_float, materialize
 from ..core import dtypes as compute
 from ..core.dtypes import FLOAT_DTYPES, dtype_name
 from ..pipeline.blocks import compressed_modules
 from ..recipe import Recovery
 from ..runtime.linear import CompressedLinear
+from .distill import ChunkedLogits, chunked_kl
 
 
 def _float(t) -> bool:
     return not isinstance(t, QTensor)
 
 
+class _Dequantize(torch.autograd.Function):
+    """``W = scale[:, g] · (codes − zero[:, g])`` with a gradient for the scale only. The backward
+    recomputes ``codes − zero`` from the uint8 codes, so a step keeps 1 byte per weight, not an fp32 copy."""
+
+    @staticmethod
+    def forward(ctx, scale, codes, zero, gidx):
+        ctx.save_for_backward(codes, zero, gidx)
+        ctx.groups = scale.shape[1]
+        return scale[:, gidx] * _centered(codes, zero, gidx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, zero, gidx = ctx.saved_tensors
+        per_weight = grad * _centered(codes, zero, gidx)
+        out = torch.zeros(codes.shape[0], ctx.groups, dtype=per_weight.dtype, device=per_weight.device)
+        return out.index_add_(1, gidx, per_weight), None, None, None
+
+
+def _centered(codes: torch.Tensor, zero: torch.Tensor, gidx: torch.Tensor) -> torch.Tensor:
+    """``codes − zero`` in fp32 (small integers, exact); `zero` is ``[rows, groups]``, or ``[1, 1]`` (symmetric)."""
+    return codes.float() - (zero.float() if zero.shape[1] == 1 else zero.float()[:, gidx])
+
+
+class _Scales:
+    """A quantized tensor whose scales train (fp32 master copy); its codes, zero points and perm stay as they are."""
+
+    def __init__(self, q: QTensor):
+        self.q = q
+        self.scale = nn.Parameter(q.scale.detach().float())
+        self.gidx = q.group_index()
+        mid = torch.full((1, 1), (q.spec.maxq + 1) / 2, device=q.codes.device)
+        self.zero = mid if q.zero is None else q.zero
+
+    def weight(self) -> torch.Tensor:
+        return _Dequantize.apply(self.scale, self.q.codes, self.zero, self.gidx)
+
+    def stored(self) -> QTensor:
+        """The quantized tensor with the trained scales, rounded to its scale dtype."""
+        return QTensor(self.q.codes, self.scale.detach(), self.q.zero, self.q.spec, self.q.perm)
+
+
 class _Trainable:
-    """One CompressedLinear during recovery: its frozen terms summed once, its trained ones as Parameters."""
+    """One CompressedLinear during recovery: its frozen terms summed once, its trained ones rebuilt every
+    forward from Parameters (float slots) and `_Scales` (quantized slots whose scales train).
+
+    A term's float slots train when `cfg` lists its kind and every other slot of it is float or has its
+    scales trained; with ``scales``, every quantized slot trains its scales."""
 
     def __init__(self, module: CompressedLinear, cfg: Recovery, dtype: torch.dtype):
         self.module = module
         self.index, self.params, frozen = [], [], []
         for i, term in enumerate(module.terms):
-            slots = {k: v for k, v in term.slots().items() if _float(v)}
-            if cfg.trains(term.kind) and len(slots) == len(term.slots()):
+            slots = term.slots()
+            floats = cfg.trains(term.kind) and (cfg.scales or all(_float(v) for v in slots.values()))
+            params = {k: nn.Parameter(v.detach().float()) if _float(v) else _Scales(v) for k, v in slots.items()
+                      if (floats and _float(v)) or (cfg.scales and not _float(v))}
+            if params:
                 self.index.append(i)
-                self.params.append({k: nn.Parameter(v.detach().float()) for k, v in slots.items()})
+                self.params.append(params)
             else:
                 frozen.append(term)
         # the frozen part, summed once and held in the compute dtype (what autocast would cast it to)
         self.frozen = torch.stack([t.weight(torch.float32) for t in frozen]).sum(0).to(dtype) if frozen else None
         self.bias = None if module.bias_value is None else module.bias_value.float()
 
+    def parameters(self) -> list[nn.Parameter]:
+        return [p.scale if isinstance(p, _Scales) else p for d in self.params for p in d.values()]
+
+    def counts(self) -> dict[str, int]:
+        """Trained numbers per kind: float values (a sparse term's: inside its mask), scales."""
+        out = {"lowrank": 0, "sparse": 0, "dense": 0, "scales": 0}
+        for i, d in zip(self.index, self.params):
+            term = self.module.terms[i]
+            for p in d.values():
+                if isinstance(p, _Scales):
+                    out["scales"] += p.scale.numel()
+                else:
+                    out[term.kind] += int(term.mask.sum()) if term.kind == "sparse" else p.numel()
+        return out
+
+    def _slot(self, term, params: dict, key: str) -> torch.Tensor:
+        p = params.get(key)
+        if p is None:
+            return materialize(term.slots()[key])
+        return p.weight() if isinstance(p, _Scales) else p
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.module.input_ops:
+            x = self.module.transform_input(x)
         y = F.linear(x, self.frozen, self.bias) if self.frozen is not None else (
             0 if self.bias is None else self.bias)
         for i, p in zip(self.index, self.params):
             term = self.module.terms[i]
             if term.kind == "lowrank":
-                v = p["v"] if term.d is None else term.d.float().unsqueeze(1) * p["v"]
-                y = y + F.linear(F.linear(x, v), p["u"])
+                u, v = self._slot(term, p, "u"), self._slot(term, p, "v")
+                v = v if term.d is None else term.d.float().unsqueeze(1) * v
+                y = y + F.linear(F.linear(x, v), u)
+            elif term.kind == "sparse":
+                y = y + F.linear(x, self._slot(term, p, "values") * term.mask.float())
             else:
-                y = y + F.linear(x, p["values"] * term.mask.to(p["values"].dtype))
+                y = y + F.linear(x, self._slot(term, p, "a"))
         return y
 
     def write_back(self) -> None:
         terms = list(self.module.terms)
         for i, p in zip(self.index, self.params):
             term = terms[i]
-            new = {k: as_float(v.detach() * (term.mask if k == "values" else 1), dtype_name(term.slots()[k].dtype))
+            new = {k: v.stored() if isinstance(v, _Scales) else
+                   as_float(v.detach() * (term.mask if k == "values" else 1), dtype_name(term.slots()[k].dtype))
                    for k, v in p.items()}
             terms[i] = term.replace(**new)
         self.module.terms = tuple(terms)
@@ -87,11 +174,24 @@ def _frozen(model: nn.Module):
 
 
 def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtype: str = "fp32",
-            device=None) -> dict:
-    """Fine-tune `model`'s compressed Linears in place (see the module docstring). Returns a record: the
-    mean LM loss of the first (up to) 8 windows before and after training (`loss_before`, `loss_after`;
-    training windows, so a check that training worked, not an evaluation), and the mean training loss
-    over the first and the last tenth of the steps (different windows, so noisy)."""
+            device=None, teacher=None) -> dict:
+    """Fine-tune `model`'s compressed Linears in place (see the module docstring).
+
+    `windows` are the calibration windows; the last ``cfg.heldout`` of them are not trained on. With
+    ``cfg.loss == "kl"``, `teacher` is the dense model's (`training.distill.dense_teacher`, built before
+    compressing). Returns a record: the mean LM loss of the first (up to) 8 training windows before and
+    after (`loss_before`, `loss_after`: a check that training worked, not an evaluation), with a KL loss
+    also their mean KL to the teacher (`kl_before`, `kl_after`); with held-out windows the same on them
+    (`heldout_loss_*`, `heldout_kl_*`: an evaluation, on windows the steps calibrated on but recovery never
+    trained on); the mean training loss over the first and the last tenth of the steps (different windows,
+    so noisy); which windows trained and which were held out; what trained and the seconds taken."""
+    n = windows.shape[0]
+    if cfg.heldout >= n:
+        raise ValueError(f"recover.heldout={cfg.heldout} leaves none of the {n} calibration windows to train on")
+    kl = cfg.loss == "kl"
+    if kl and teacher is None:
+        raise ValueError("recover.loss='kl' needs the dense teacher, built before compressing: "
+                         "training.distill.dense_teacher(model, windows, cfg) (api.compress builds it)")
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     model.to(device)
@@ -100,50 +200,71 @@ def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtyp
     layers = {n: _Trainable(m, cfg, FLOAT_DTYPES[compute_dtype]) for n, m in modules.items()}
     layers = {n: t for n, t in layers.items() if t.params}
     if not layers:
-        raise ValueError(f"recover.train={cfg.train!r}: no compressed Linear has a float tensor to train")
-    params = [p for t in layers.values() for d in t.params for p in d.values()]
-    trained = sum(int(t.module.terms[i].mask.sum()) if "values" in d else sum(p.numel() for p in d.values())
-                  for t in layers.values() for i, d in zip(t.index, t.params))
+        raise ValueError(f"recover.train={cfg.train!r}: no compressed Linear has a tensor to train")
+    params = [p for t in layers.values() for p in t.parameters()]
+    counts = {k: sum(t.counts()[k] for t in layers.values()) for k in ("lowrank", "sparse", "dense", "scales")}
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    losses, t0 = [], time.perf_counter()
+    losses, record, t0 = [], {}, time.perf_counter()
     was_training = model.training
-    probe = windows[:min(8, windows.shape[0])].to(device)  # the same windows before and after
+    trained_n = n - cfg.heldout
+    probe = torch.arange(min(8, trained_n))  # the same windows before and after
+    heldout = torch.arange(trained_n, n)
+    student = ChunkedLogits(model, compute_dtype, windows[:1].to(device)) if kl else None
 
     @torch.no_grad()
-    def probe_loss() -> float:
+    def lm_loss(rows: torch.Tensor) -> float:
         with compute.autocast(compute_dtype, device):
-            return sum(float(model(input_ids=probe[i:i + 1], labels=probe[i:i + 1], use_cache=False).loss)
-                       for i in range(probe.shape[0])) / probe.shape[0]
+            return sum(float(model(input_ids=x, labels=x, use_cache=False).loss)
+                       for x in (windows[i:i + 1].to(device) for i in rows)) / len(rows)
+
+    @torch.no_grad()
+    def kl_loss(rows: torch.Tensor) -> float:
+        return sum(chunked_kl(student, x, teacher.batch(rows[j:j + 1], x))
+                   for j, x in enumerate(windows[i:i + 1].to(device) for i in rows)) / len(rows)
+
+    def measure(when: str) -> None:
+        for name, rows in (("", probe), ("heldout_", heldout)):
+            if len(rows):
+                record[f"{name}loss_{when}"] = lm_loss(rows)
+                if kl:
+                    record[f"{name}kl_{when}"] = kl_loss(rows)
 
     try:
         for t in layers.values():
             t.module.forward = t.forward
-        with _frozen(model):
-            before = probe_loss()
+        with _frozen(model), (teacher.on(device, compute_dtype) if kl else contextlib.nullcontext()):
+            model.eval()
+            measure("before")
             model.train()
             for step in range(cfg.steps):
-                rows = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % windows.shape[0]
+                rows = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % trained_n
                 batch = windows[rows].to(device)
-                with compute.autocast(compute_dtype, device):
-                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if kl:
+                    loss = chunked_kl(student, batch, teacher.batch(rows, batch), backward=True)
+                else:
+                    with compute.autocast(compute_dtype, device):
+                        lm = model(input_ids=batch, labels=batch, use_cache=False).loss
+                    lm.backward()
+                    loss = float(lm.detach())
                 opt.step()
-                losses.append(float(loss.detach()))
+                losses.append(loss)
             model.eval()
-            after = probe_loss()
+            measure("after")
     finally:
         for t in layers.values():
             del t.module.forward  # back to the class's forward
         model.train(was_training)
-    for n, t in layers.items():
+    for name, t in layers.items():
         t.write_back()
-        if t.module.spec() != specs[n]:
-            raise RuntimeError(f"recovery changed the structure of {n}: {specs[n].describe()} -> "
+        if t.module.spec() != specs[name]:
+            raise RuntimeError(f"recovery changed the structure of {name}: {specs[name].describe()} -> "
                                f"{t.module.spec().describe()}")
     model.to(home)
     tenth = max(1, len(losses) // 10)
-    return {**cfg.model_dump(), "trained_linears": len(layers), "trained_parameters": trained,
-            "loss_before": before, "loss_after": after, "probe_windows": probe.shape[0],
+    settings = cfg.model_dump(exclude=None if kl else {"teacher", "top_k"})  # no teacher without a KL
+    return {**settings, "trained_linears": len(layers), "trained_parameters": sum(counts.values()),
+            "trained": {k: v for k, v in counts.items() if v}, **record, "probe_windows": len(probe),
+            "train_windows": [0, trained_n], "heldout_windows": [trained_n, n] if cfg.heldout else None,
             "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth,
-            "seconds": round(time.perf_counter() - t0, 2)}
+            **(teacher.describe() if kl else {}), "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,5 +1,9 @@
 """Dense export: every CompressedLinear merged into a plain ``nn.Linear``, written with
-``save_pretrained`` so that any engine loads it (every byte the compression saved is given back)."""
+``save_pretrained`` so that any engine loads it (every byte the compression saved is given back).
+
+A Linear's input operations (an online rotation, a stored scale) are merged too: ``to_dense`` returns the
+effective weight. Model-level online operations (`runtime.model_ops`) have no place in a plain checkpoint
+and are refused by name (`refuse_model_ops`)."""
 
 from __future__ import annotations
 
@@ -10,11 +14,14 @@ from torch import nn
 from ...core.dtypes import FLOAT_DTYPES
 from ...core.io import atomic_dir
 from ...pipeline.blocks import compressed_modules, set_module
+from . import refuse_model_ops
 
 
 def export_dense(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: str = "fp16",
                  overwrite: bool = False) -> Path:
-    """Merge every CompressedLinear into a dense nn.Linear and write a standard HF checkpoint."""
+    """Merge every CompressedLinear (with its input operations) into a dense nn.Linear and write a standard
+    HF checkpoint; a model with model-level online operations is refused."""
+    refuse_model_ops(model, "dense")
     layers = compressed_modules(model)
     try:
         for name, mod in layers.items():

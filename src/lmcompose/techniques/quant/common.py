@@ -93,6 +93,7 @@ class QuantConfig(Technique):
                 w = materialize(term.slots()[slot], torch.float32)
                 mask = getattr(term, "mask", None)
                 new[slot] = self.quantize_slot(w, h(new), mask, bits)
+                new[slot].source = term.slots()[slot]  # in memory only (see QTensor): reconstruct's rounding
             terms.append(term.replace(**new))
         return layer.with_terms(terms), {"bits": bits, "group_size": self.group_size, "symmetric": self.symmetric}
 

@@ -1,0 +1,1 @@
+"""Training steps: continuous parameters of already compressed layers, trained against the dense model."""
