@@ -130,13 +130,36 @@ def rows_search():
     }
 
 
+def rows_quality():
+    """Issue 18: at about 4.2, 3.2 and 2.3 bits per weight, the best single technique (GPTQ with act-order and
+    static groups) and the same quantizer with each new piece switched on (rotation, AWQ, block-wise
+    reconstruction, distillation), then together. Group 128 at 4 and 3 bits (4.16 and 3.16 bits/weight), 64 at
+    2 bits (2.28), the peers' W3/W2 group size 64 beside them (3.30 and 2.28)."""
+    rotate = step("rotate", per_head=True)
+    reconstruct = step("reconstruct", train="scales+rounding", steps=50, eval_every=25)
+    distill = {"steps": 128, "lr": 1e-5, "batch_size": 1, "train": "scales", "loss": "kl", "heldout": 8}
+    rows = {"dense": None}
+    for bits, group in ((3, 128), (2, 64), (4, 128), (3, 64)):
+        tag = f"w{bits} g{group}"
+        grid = {"bits": bits, "group_size": group}
+        gptq = step("gptq", act_order=True, static_groups=True, **grid)
+        rows[f"gptq {tag}"] = [gptq]
+        rows[f"rotate → gptq {tag}"] = [rotate, gptq]
+        rows[f"awq → gptq {tag}"] = [step("awq", **grid), gptq]
+        rows[f"gptq {tag} → reconstruct"] = [gptq, reconstruct]
+        rows[f"rotate → gptq {tag} → reconstruct"] = [rotate, gptq, reconstruct]
+        rows[f"rotate → gptq {tag} → reconstruct + distill"] = {"steps": [rotate, gptq, reconstruct],
+                                                                "recover": distill}
+    return rows
+
+
 # Rows measured on the full protocol too (issue 3: the 50% and 4-bit rows; issue 4: the headline rows).
 HEADLINE = {"dense", "magnitude 50%", "wanda 50%", "sparsegpt 50%", "rtn w4 g64", "gptq w4 g64",
             "wanda 50% bytes", "sparsegpt 50% bytes", "sslc 50% bytes", "svdllm 50% bytes", "joint sparsegpt 50% + w4",
             "S→Q sparsegpt 50% → gptq w4", "dam w4 g64 (4.3 bpw)"}
 
 TABLES = {"foundation": rows_foundation, "techniques": rows_techniques, "joint": rows_joint,
-          "search": rows_search}
+          "search": rows_search, "quality": rows_quality}
 
 
 def machine() -> str:
@@ -212,7 +235,26 @@ def run_row(table, name, steps, model, protocol, out_root, extra, calib, with_fu
                recipe=recipe, compute_dtype=rep.get("environment", {}).get("compute_dtype"), **full)
     if rep.get("recovery"):
         row["recovery"] = rep["recovery"]
+    if rep.get("transforms"):
+        row["transforms"] = rep["transforms"]
+    row["step_seconds"] = step_seconds(rep)
     return row
+
+
+def step_seconds(rep: dict) -> dict:
+    """Seconds each step of a run spent, summed over the Linears; a block step's time (`block_seconds`, the
+    same on every Linear of the block) once per block."""
+    out, blocks = {}, set()
+    for layer in rep["layers"]:
+        block = layer["name"].rsplit(".", 2)[0]
+        for s in layer.get("steps", []):
+            name = s.get("technique", "?")
+            if "block_seconds" in s:
+                if (name, block) in blocks:
+                    continue
+                blocks.add((name, block))
+            out[name] = out.get(name, 0.0) + s.get("block_seconds", s.get("seconds", 0.0))
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def dense_bytes(model):

@@ -15,6 +15,7 @@ from helpers import tiny_llama, windows  # noqa: E402
 
 from lmcompose import api  # noqa: E402
 from lmcompose.pipeline.blocks import linear_shapes  # noqa: E402
+from lmcompose.algebra.spec import LinearSpec  # noqa: E402
 from lmcompose.recipe import Recipe  # noqa: E402
 from lmcompose.search import objective as objective_mod  # noqa: E402
 from lmcompose.search.objective import DenseStats, Evaluator, rank_correlation, spearman  # noqa: E402
@@ -340,3 +341,68 @@ def test_perplexity_levels_take_the_best_scores_as_finalists(setup, tmp_path):
         assert measured == [Recipe.from_dict(t.user_attrs["recipe"]).hash() for t in expect]
         for t in expect:  # forget the stored levels so that the next level measures again
             study.set_user_attr(f"finalist/{t.number}", {})
+
+
+EXTRAS = {"rotate": [None, {}], "awq": [None, {}], "reconstruct": [None, {"train": "scales", "steps": 2}],
+          "recover": [None, {"steps": 2, "loss": "kl", "train": "scales"}]}
+
+
+def test_extras_are_placed_by_their_unit_and_awq_takes_its_quantizers_grid(setup):
+    """rotate (a model step) leads, awq (a group step) follows it on the dense weights and searches scales for
+    the grid of the chain's quantizer (bits resolved from the fitted ratio), reconstruct (a block step) ends
+    the chain, recover is the recipe's recovery; where a chain has no quantizer, awq is cut with the reason
+    and reconstruct finds nothing to train."""
+    model, _, _ = setup
+    space = SearchSpace(max_steps=2, fit="last", techniques={"wanda": {"sparsity": [0.5]}, "gptq": {"group_size": [32]}},
+                        extras=EXTRAS)
+    assert space.grid_size() == 4 * 16  # chains wanda, gptq, wanda → gptq, gptq → wanda; 2⁴ extra choices
+    budget = Budget(bits_per_weight=4.2)
+    kept, cut = space.enumerate(linear_shapes(model), budget)
+    seen = set()
+    for cand in kept:
+        names = [s.name for s in cand.recipe.steps]
+        seen.add(cand.chain)
+        assert "rotate" not in names or names[0] == "rotate"
+        assert "reconstruct" not in names or names[-1] == "reconstruct"
+        if "awq" in names:
+            awq, quant = cand.recipe.steps[names.index("awq")], cand.recipe.steps[names.index("gptq")]
+            assert names.index("awq") == names.index("rotate") + 1 if "rotate" in names else names[0] == "awq"
+            assert awq.group_size == quant.group_size == 32
+            assert awq.bits == quant.resolve_bits(LinearSpec.dense(*next(iter(linear_shapes(model).values()))))
+        assert budget.meets(cand.check)
+    assert "rotate → awq → wanda → gptq → reconstruct + recover" in seen
+    reasons = " | ".join(c.reason for c in cut)
+    assert "no quantize step" in reasons and "reconstruct" in reasons
+    assert all(len(c.recipe.steps) <= 6 for c in kept)
+
+
+def test_pipeline_steps_are_refused_at_the_proxy_and_scored_by_the_pipeline_when_independent(setup, tmp_path):
+    from lmcompose.search.study import score
+
+    model, ev, _ = setup
+    recipe = Recipe.from_dict({"steps": [{"awq": {"bits": 3, "group_size": 32}}, {"rtn": {"bits": 3, "group_size": 32}}]})
+    assert recipe.needs_pipeline and not Recipe.from_dict({"steps": [{"rtn": {"bits": 3}}]}).needs_pipeline
+    with pytest.raises(ValueError, match="only the sequential pipeline runs"):
+        ev.proxy(recipe)
+    space = SearchSpace(techniques={"rtn": {"bits": [3], "group_size": [32]}}, extras={"rotate": [None, {}]},
+                        calibration={"n": 4, "seqlen": 32})
+    with pytest.raises(ValueError, match="level='proxy' cannot score"):
+        _settings(tmp_path, level="proxy").check_space(space)
+    value, sizes = score(ev, recipe, "independent")
+    assert sizes is None and value == pytest.approx(ev.quick(recipe), rel=1e-6)
+    study = run_local(Problem.make(space, linear_shapes(model), Budget(ratio=0.5)), ev,
+                      _settings(tmp_path, level="independent"), None)
+    chains = {t.user_attrs["chain"]: t.value for t in completed(study)}
+    assert set(chains) == {"rtn", "rotate → rtn"} and all(torch.isfinite(torch.tensor(v)) for v in chains.values())
+
+
+def test_default_space_places_the_quality_extras_only_where_bytes_are_scarce():
+    from lmcompose.search.space import LOW_BITS_EXTRAS, default_space
+
+    assert set(default_space(Budget(bits_per_weight=3.2)).extras) == set(LOW_BITS_EXTRAS)
+    assert set(default_space(Budget(ratio=0.2)).extras) == set(LOW_BITS_EXTRAS)
+    assert not default_space(Budget(bits_per_weight=4.2)).extras and not default_space().extras
+    with pytest.raises(ValueError, match="extras.rtn: rtn is a linear step"):
+        SearchSpace(techniques={"rtn": {}}, extras={"rtn": [None, {}]})
+    with pytest.raises(ValueError, match="non-empty list"):
+        SearchSpace(techniques={"rtn": {}}, extras={"rotate": []})

@@ -198,6 +198,13 @@ class Recipe(BaseModel):
             raise ValueError(_format_error("", err)) from None
 
     # -- (de)serialisation ---------------------------------------------------------------------
+    @property
+    def needs_pipeline(self) -> bool:
+        """Whether a step works on more than one Linear (a model, group or block step) or the recipe trains
+        the model afterwards: such a recipe runs only in the sequential pipeline, never Linear by Linear (the
+        search's proxy and independent levels)."""
+        return self.recover.steps > 0 or any(s.unit != "linear" for s in self.steps)
+
     def to_dict(self) -> dict:
         out = {"schedule": self.schedule, "float_dtype": self.float_dtype,
                "calibration": self.calibration.model_dump(),

@@ -80,11 +80,12 @@ def cmd_search(args) -> int:
         space = SearchSpace.from_yaml(Path(args.space).read_text())
         space = space.model_copy(update={"calibration": space.calibration or calibration})
     else:
-        space = default_space(calibration=calibration)
+        space = default_space(budget, calibration=calibration)
     shapes, _ = model_linear_shapes(args.model, args.trust_remote_code)
     settings = StudySettings(storage=args.storage or f"sqlite:///{(out / 'study.db').resolve()}",
                              study_name=args.study_name, sampler=args.sampler, seed=args.seed, level=args.level,
                              front=args.front)
+    settings.check_space(space)
     problem = Problem.make(space, shapes, budget, args.sampler)
     if problem.grid is not None:
         err_console.print(f"grid: {len(problem.grid)} recipes admitted, {len(problem.cut)} cut before any work")

@@ -5,7 +5,9 @@
   the score is the parameter-weighted mean relative output error (``core.stats.relative_error``).
 * **Level 1b, "independent" perplexity** (`Evaluator.independent`, the default level): the proxy's
   Linears in a copy of the dense model, scored by held-out perplexity, which sees how the layers' errors
-  add up through the network (the proxy misranks across chains).
+  add up through the network (the proxy misranks across chains). A recipe whose steps only the pipeline
+  runs (`Recipe.needs_pipeline`: rotate, awq, reconstruct, recover) is compressed by the pipeline
+  instead, and scored by the same held-out perplexity, so the two kinds of candidates compare.
 * **Level 2, quick perplexity**: the real sequential pipeline on a copy, then held-out perplexity.
 * **Level 3, the full protocol**, only for finalists, on the copy level 2 compressed.
 
@@ -82,7 +84,12 @@ class Evaluator:
     @torch.no_grad()
     def proxy(self, recipe: Recipe, keep_layers: bool = False) -> ProxyResult:
         """Level 1: every Linear compressed independently from the dense statistics (module docstring);
-        `keep_layers` keeps the compressed Linears in the result."""
+        `keep_layers` keeps the compressed Linears in the result. A recipe that needs the pipeline
+        (`Recipe.needs_pipeline`: rotate, awq, reconstruct, recover) has no proxy score: ValueError."""
+        if recipe.needs_pipeline:
+            raise ValueError(f"recipe {recipe.hash()} has steps only the sequential pipeline runs "
+                             f"({', '.join(s.name for s in recipe.steps if s.unit != 'linear') or 'recover'}): "
+                             "score it at the independent or quick level, not the proxy")
         steps = list(recipe.steps)
         # step index -> {linear name: copy} for steps that allocate across Linears, as the pipeline's prepass
         allocated = {j: step.allocate(self.stats.allocation_input(step, self.model, self.device),

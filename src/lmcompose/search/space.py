@@ -17,6 +17,11 @@ Example (YAML, ``lmcompose search --space space.yaml``)::
       svdllm: {ratio: [0.7, 0.8, 0.9]}
       gptq: {bits: [3, 4], group_size: [64, 128]}
       qer: {bits: [3, 4], group_size: [128]}
+    extras:                        # placed around every chain, each a list of choices (null: off)
+      rotate: [null, {per_head: true}]      # a model-level step leads the chain
+      awq: [null, {}]                       # a group step starts the chain, on the grid of its quantizer
+      reconstruct: [null, {steps: 50}]      # a block step ends the chain
+      recover: [null, {steps: 128, loss: kl, train: scales}]   # the recipe's recovery block
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from ..techniques.registry import get_technique
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("layer-major", "step-major")
+EXTRA_UNITS = ("model", "group", "block")  # the units of steps placed around a chain (Technique.unit)
+GRID_FIELDS = ("bits", "group_size", "symmetric", "scale_dtype")  # what a group step takes from its quantizer
 
 
 class Range(BaseModel):
@@ -140,6 +147,11 @@ class Budget(BaseModel):
         return f"ratio ≤ {self.ratio}" if self.ratio is not None else f"bits/weight ≤ {self.bits_per_weight}"
 
 
+def chain_name(recipe: Recipe) -> str:
+    """The steps of `recipe` in order, e.g. ``rotate → gptq → reconstruct + recover``."""
+    return " → ".join(s.name for s in recipe.steps) + (" + recover" if recipe.recover.steps else "")
+
+
 @dataclass(frozen=True)
 class Candidate:
     recipe: Recipe
@@ -171,6 +183,47 @@ class SearchSpace(BaseModel):
     front_floor: float = Field(0.5, gt=0.0, le=1.0, description="NSGA-II: lowest last-step ratio, × budget")
     calibration: dict = Field(default_factory=dict, description="the recipes' calibration block")
     float_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    extras: dict[str, tuple[dict | None, ...]] = Field(
+        default_factory=dict, description="steps placed around every chain by their unit, each a list of "
+        "choices (null: off; a dict: the step's settings): a model-level step (rotate) leads, a group step (awq) "
+        "follows it, before the chain's first step (it takes single dense weights), with the grid (bits, "
+        "group_size, symmetric, scale_dtype) of the chain's first quantize step unless set (no quantizer: cut), "
+        "a block step (reconstruct) ends the chain; 'recover' is the recipe's recovery")
+
+    @field_validator("extras", mode="before")
+    @classmethod
+    def _extras(cls, v):
+        out = {}
+        for name, choices in (v or {}).items():
+            where = f"extras.{name}"
+            if name != "recover":
+                unit = get_technique(name).unit  # unknown names: the registry's error lists the known ones
+                if unit not in EXTRA_UNITS:
+                    raise ValueError(f"{where}: {name} is a {unit} step; extras hold steps of unit "
+                                     f"{'/'.join(EXTRA_UNITS)} and 'recover' (put {name} under techniques)")
+            if not isinstance(choices, (list, tuple)) or not choices:
+                raise ValueError(f"{where}: give a non-empty list of choices (null for off), got {choices!r}")
+            norm = []
+            for c in choices:
+                if c is None or c is False:
+                    norm.append(None)
+                elif c is True:
+                    norm.append({})
+                elif isinstance(c, dict):
+                    norm.append(dict(c))
+                else:
+                    raise ValueError(f"{where}: a choice is null (off), true or a dict of settings, got {c!r}")
+            out[name] = tuple(norm)
+        return out
+
+    @property
+    def needs_pipeline(self) -> bool:
+        """Whether some choice places a step only the sequential pipeline can run (see `Recipe.needs_pipeline`)."""
+        return any(c is not None for choices in self.extras.values() for c in choices)
+
+    def extra_combinations(self) -> list[dict[str, dict | None]]:
+        names = list(self.extras)
+        return [dict(zip(names, combo)) for combo in itertools.product(*self.extras.values())]
 
     @field_validator("techniques")
     @classmethod
@@ -226,20 +279,52 @@ class SearchSpace(BaseModel):
                 for k in s.searched(self._fitted(chain) and i == len(chain) - 1).values():
                     n *= len(k) if isinstance(k, list) else 10**9
             total += n
-        return total
+        return total * len(self.extra_combinations())
 
     # -- building and cutting ------------------------------------------------------------------
-    def build(self, chain, params: list[dict], schedule: str, last_ratio: float | None) -> Recipe:
+    def build(self, chain, params: list[dict], schedule: str, last_ratio: float | None,
+              extras: dict[str, dict | None] | None = None, shapes=None) -> Recipe:
+        """The recipe of `chain` with `params`, the last step given `last_ratio`, and the `extras` chosen placed
+        around it (see the `extras` field); raises IllegalStep where an extra has no place in this chain."""
         steps = []
         for i, (s, p) in enumerate(zip(chain, params)):
             p = dict(p)
             if last_ratio is not None and i == len(chain) - 1:
                 p["ratio"] = last_ratio
             steps.append({s.technique: p})
-        data = {"schedule": schedule, "float_dtype": self.float_dtype, "steps": steps}
+        lead, trail, recover = [], [], None
+        for name, cfg in (extras or {}).items():
+            if cfg is None:
+                continue
+            if name == "recover":
+                recover = cfg
+                continue
+            unit = get_technique(name).unit
+            if unit == "model":
+                lead.append({name: cfg})
+            elif unit == "block":
+                trail.append({name: cfg})
+            else:
+                at = next((i for i, s in enumerate(chain) if s.family == "quantize"), None)
+                if at is None:
+                    raise IllegalStep(f"{name} prepares the grid of a quantizer and the chain has no quantize step")
+                lead.append({name: {**self._grid_of(chain[at], steps[at][chain[at].technique], shapes), **cfg}})
+        data = {"schedule": schedule, "float_dtype": self.float_dtype, "steps": lead + steps + trail}
         if self.calibration:
             data["calibration"] = self.calibration
+        if recover is not None:
+            data["recover"] = recover
         return Recipe.from_dict(data)
+
+    @staticmethod
+    def _grid_of(step: StepSpace, params: dict, shapes) -> dict:
+        """The grid fields of the quantize step `step` with `params` (its bits resolved from a fitted ratio on
+        the first shape: a uniform ratio gives every Linear of the same group size the same bits)."""
+        cfg = get_technique(step.technique)(**params)
+        grid = {k: getattr(cfg, k) for k in GRID_FIELDS if getattr(cfg, k, None) is not None}
+        if getattr(cfg, "ratio", None) is not None and shapes:
+            grid["bits"] = cfg.resolve_bits(LinearSpec.dense(*next(iter(shapes.values()))))
+        return grid
 
     def admit(self, recipe: Recipe, shapes, budget: Budget) -> CheckResult:
         """Cost `recipe` on `shapes`; raise IllegalStep for a broken hard rule or a missed budget."""
@@ -264,17 +349,18 @@ class SearchSpace(BaseModel):
                 knobs = s.searched(fitted and i == len(chain) - 1)
                 per_step.append([dict(zip(knobs, vals)) for vals in itertools.product(*knobs.values())])
             schedules = self.schedules if len(chain) > 1 else self.schedules[:1]
-            for params in itertools.product(*per_step):
-                for schedule in schedules:
-                    try:
-                        recipe = self.build(chain, list(params), schedule, fit if fitted else None)
-                        check = self.admit(recipe, shapes, budget)
-                    except (IllegalStep, ValueError) as err:  # a config the technique refuses is cut too
-                        cut.append(Cut(names, {"schedule": schedule, "steps": list(params)}, str(err)))
-                        continue
-                    if recipe.hash() not in seen:
-                        seen.add(recipe.hash())
-                        kept.append(Candidate(recipe, check, names))
+            for params, schedule, extras in itertools.product(itertools.product(*per_step), schedules,
+                                                               self.extra_combinations()):
+                try:
+                    recipe = self.build(chain, list(params), schedule, fit if fitted else None, extras, shapes)
+                    check = self.admit(recipe, shapes, budget)
+                except (IllegalStep, ValueError) as err:  # a config the technique refuses is cut too
+                    cut.append(Cut(names, {"schedule": schedule, "steps": list(params), "extras": extras},
+                                       str(err)))
+                    continue
+                if recipe.hash() not in seen:
+                    seen.add(recipe.hash())
+                    kept.append(Candidate(recipe, check, chain_name(recipe)))
         log.info("search space: %d candidates admitted, %d cut", len(kept), len(cut))
         return kept, cut
 
@@ -304,11 +390,13 @@ class SearchSpace(BaseModel):
             ratio = budget.step_ratio(shapes)
             if front:
                 ratio = trial.suggest_float(f"{names}/fit_ratio", self.front_floor * ratio, ratio)
+        extras = {name: choices[trial.suggest_categorical(f"extra.{name}", list(range(len(choices))))]
+                  if len(choices) > 1 else choices[0] for name, choices in self.extras.items()}
         try:
-            recipe = self.build(chain, params, schedule, ratio)
+            recipe = self.build(chain, params, schedule, ratio, extras, shapes)
         except ValueError as err:
             raise IllegalStep(str(err)) from None
-        return Candidate(recipe, self.admit(recipe, shapes, budget), names)
+        return Candidate(recipe, self.admit(recipe, shapes, budget), chain_name(recipe))
 
 
 DEFAULT_SPACE = {
@@ -325,11 +413,29 @@ DEFAULT_SPACE = {
 }
 
 
-def default_space(**overrides) -> SearchSpace:
+LOW_BITS = 3.5  # at or below this many bits per weight the default space places the quality extras
+LOW_BITS_EXTRAS = {
+    "rotate": [None, {"per_head": True}],
+    "awq": [None, {}],
+    "reconstruct": [None, {"train": "scales+rounding", "steps": 50}],
+    "recover": [None, {"steps": 128, "loss": "kl", "train": "scales", "lr": 1e-5}],
+}
+
+
+def default_space(budget: Budget | None = None, **overrides) -> SearchSpace:
     """Two pruners (SparseGPT; Wanda, OWL on/off), one low-rank (SVD-LLM), one quantizer (GPTQ), one
     joint (QER); SVD-LLM and GPTQ with uniform or sensitivity allocation (the latter only where the step
     has `ratio` and comes first on a Linear; other combinations are cut before any work). GPTQ always uses
     act-order with static groups: it stores the same bytes as plain GPTQ (no permutation) and, on SmolLM2-135M
     at 3.2 bits/weight, cut the independent-level perplexity of GPTQ 3-bit g128 from 334 to 129 and of
-    SparseGPT 50% → GPTQ 4-bit g128 from 127 to 111 (BENCHMARKS.md), so it is not worth a searched knob."""
-    return SearchSpace(**{**DEFAULT_SPACE, **overrides})
+    SparseGPT 50% → GPTQ 4-bit g128 from 127 to 111 (BENCHMARKS.md), so it is not worth a searched knob.
+
+    Under a budget of at most `LOW_BITS` bits per weight (or the same ratio of the fp16 bytes), each chain may
+    also take a rotation of the residual stream, AWQ scales before its quantizer, block-wise reconstruction
+    and distillation (`LOW_BITS_EXTRAS`, each on or off): where bytes are scarce these are what keep quality
+    (BENCHMARKS.md, "Quality at 2–4 bits"). They run only in the pipeline, so such a search scores at the
+    independent or quick level, not the proxy."""
+    base = dict(DEFAULT_SPACE)
+    if budget is not None and (budget.bits_per_weight or 16 * budget.ratio) <= LOW_BITS:
+        base["extras"] = LOW_BITS_EXTRAS
+    return SearchSpace(**{**base, **overrides})

@@ -75,6 +75,12 @@ class StudySettings:
         if self.level not in LEVELS:
             raise ValueError(f"level={self.level!r} is not allowed; allowed: {list(LEVELS)}")
 
+    def check_space(self, space: SearchSpace) -> None:
+        """Refuse, before any work, a proxy-level search over a space with steps only the pipeline runs."""
+        if self.level == "proxy" and space.needs_pipeline:
+            raise ValueError(f"level='proxy' cannot score the space's extras ({', '.join(space.extras)}): they "
+                             "run only in the sequential pipeline; use --level independent or quick")
+
 
 @dataclass
 class Problem:
@@ -141,8 +147,10 @@ def open_study(settings: StudySettings, problem: Problem):
 def score(evaluator: Evaluator, recipe: Recipe, level: str) -> tuple[float, dict | None]:
     """The trial's value, and at the proxy and independent levels what the recipe measured as it compressed
     every Linear (``{"ratio", "bits_per_weight"}``, plus the proxy's error as ``proxy_error`` at the
-    independent level; None at the quick level, where the plan's sizes stand)."""
-    if level == "quick":
+    independent level; None at the quick level, where the plan's sizes stand). At the independent level a
+    recipe that needs the pipeline (`Recipe.needs_pipeline`) is measured as at the quick level: the same
+    held-out perplexity, of the model the pipeline compressed."""
+    if level == "quick" or (level == "independent" and recipe.needs_pipeline):
         return evaluator.quick(recipe), None
     if level == "independent":
         value, result = evaluator.independent(recipe)
