@@ -92,8 +92,10 @@ def rows_joint():
                                                                     quantizer="gptq")]
         rows[f"dam w4 g64 ({bpw} bpw)"] = [step("dam", bits=4, group_size=64, ratio=ratio)]
         rows[f"L→Q w4 g64 ({bpw} bpw)"] = [step("dam", bits=4, group_size=64, ratio=ratio, mode="l_then_q")]
-        rows[f"Q→L w4 g64 ({bpw} bpw, analysis)"] = [step("dam", bits=4, group_size=64, ratio=ratio,
-                                                         mode="q_then_l")]
+        # stores more than the dense fp16 bytes (16.2 bits per weight: the SVD of the codes replaces them), so
+        # the recipe must say allow_growth
+        rows[f"Q→L w4 g64 ({bpw} bpw, analysis)"] = {"steps": [step("dam", bits=4, group_size=64, ratio=ratio,
+                                                                    mode="q_then_l")], "allow_growth": True}
         # the same orders on the whitened (SVD-LLM) decomposition, which survives truncation far better
         rows[f"L→Q svdllm w4 g64 ({bpw} bpw)"] = [step("dam", bits=4, group_size=64, ratio=ratio, mode="l_then_q",
                                                       decomposition="svdllm")]

@@ -20,9 +20,10 @@ def fmt(v, spec):
 
 def table(rows: list[dict]) -> str:
     full = any("ppl_full" in r for r in rows)
+    steps = any("step_seconds" in r for r in rows)  # tables written since issue 18 show where the time went
     head = ("| row | ppl |" + (" ppl full |" if full else "") + " bits/weight (compressed Linears) | kept of fp16 "
             "| total model bytes | file tensor bytes | bytes match | compress s | s/block | peak RSS MiB "
-            "| mean layer rel. error |")
+            "| mean layer rel. error |" + (" seconds per step |" if steps else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if r.get("error"):
@@ -34,8 +35,18 @@ def table(rows: list[dict]) -> str:
             f"{r['total_bytes']:,}" if r.get("total_bytes") else "", f"{r['file_tensor_bytes']:,}"
             if r.get("file_tensor_bytes") else "", {True: "yes", False: "NO"}.get(r.get("bytes_match"), ""),
             fmt(r.get("compress_seconds"), ".1f"), fmt(r.get("seconds_per_block"), ".2f"),
-            fmt(r.get("peak_rss_mib"), ".0f"), fmt(r.get("mean_rel_error"), ".3e")]) + " |")
+            fmt(r.get("peak_rss_mib"), ".0f"), fmt(r.get("mean_rel_error"), ".3e"),
+            *([_step_seconds(r)] if steps else [])]) + " |")
     return "\n".join(lines)
+
+
+def _step_seconds(r: dict) -> str:
+    """`rotate 12, gptq 130, reconstruct 610` (recovery: its own seconds), from bench.py's step_seconds."""
+    parts = [f"{t['technique']} {t['seconds']:.0f}" for t in r.get("transforms") or [] if "seconds" in t]
+    parts += [f"{k} {v:.0f}" for k, v in (r.get("step_seconds") or {}).items()]
+    if (r.get("recovery") or {}).get("seconds") is not None:
+        parts.append(f"recover {r['recovery']['seconds']:.0f}")
+    return ", ".join(parts)
 
 
 def section(path: Path) -> str:

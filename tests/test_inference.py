@@ -10,8 +10,8 @@ from helpers import tiny_llama
 from torch import nn
 
 from lmcompose.algebra import Dense, LowRank, QuantSpec, Sparse, quantize_rtn
-from lmcompose.cli import build_parser
-from lmcompose.eval.speed import bench_model
+from lmcompose.cli import build_parser, main
+from lmcompose.eval.speed import bench_model, bench_speed
 from lmcompose.models.checkpoint import save_compressed
 from lmcompose.pipeline.blocks import set_module
 from lmcompose.runtime.inference import InferencePolicy, held_nbytes, prepare_inference
@@ -201,6 +201,8 @@ def test_bench_speed_command_writes_json(setup, tmp_path, capsys):
     assert data["runs"][0]["speedup_vs_dense"]["decode"] == 1.0
     assert data["config"]["dense"] == str(dense_dir) and data["environment"]["csr_measurement"]["dense_us"] > 0
     assert "bench-speed" in capsys.readouterr().out
-    bad = parser.parse_args(["bench-speed", "--model", str(ckpt), "--prompt-len", "0", "--no-isolate"])
+    # a bad number is refused by the argument parser (before anything runs), and by the library
+    assert main(["bench-speed", "--model", str(ckpt), "--prompt-len", "0", "--no-isolate"]) == 2
+    assert "argument --prompt-len: got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="prompt_len"):
-        bad.func(bad)
+        bench_speed(str(ckpt), prompt_len=0, isolate=False)

@@ -13,12 +13,19 @@ Example::
       - magnitude: {sparsity: 0.5}
       - rtn: {bits: 4, group_size: 64, target: sparse}
     recover: {steps: 200, lr: 1.0e-4}   # optional: fine-tune of the float factors (or scales) afterwards
+
+Recipe files are read by `core.yamlsafe` (plain YAML or JSON, one document, each key once, a size, depth and
+alias-expansion limit). Values are strict (`techniques.fields.strict_values`: no boolean or string taken
+as a number, floats finite, counts bounded). A recipe read from a mapping or a file has at least one step, and a recipe whose
+compressed Linears would take more bytes than they take uncompressed (dense in fp16, or in `float_dtype`
+where that is wider) is refused by `check` unless it says ``allow_growth: true``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -36,25 +43,36 @@ from pydantic import (
 
 from .algebra.spec import LinearSpec
 from .core.errors import IllegalStep
+from .core.messages import shown
+from .core.yamlsafe import load_file, parse_yaml
 from .techniques.base import Technique
-from .techniques.fields import joined_parts, only_with
+from .techniques.fields import SEED_LIMIT, joined_parts, only_with, strict_values
 from .techniques.registry import get_technique, registry
+
+_FIELD_MESSAGE = re.compile(r"^[A-Za-z_]\w*: got ")
+
+
+def _key(key) -> str:
+    """A key as a message names it: as written when it is a short string, else quoted and cut."""
+    return key if isinstance(key, str) and len(key) <= 80 else shown(key)
 
 
 def _format_error(prefix: str, err: ValidationError) -> str:
     """One line per problem: `where: got value: what is allowed` (our own messages pass through)."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in (prefix, *e["loc"]) if x != "")
+        loc = ".".join(_key(x) for x in (prefix, *e["loc"]) if x != "")
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        if msg.startswith("steps["):
+        if msg.startswith("steps[") or not loc:
             parts.append(msg)
+        elif e["type"] == "value_error" and _FIELD_MESSAGE.match(msg):  # strict_values: "FIELD: got VALUE: ..."
+            parts.append(f"{loc}.{msg}")
         elif e["type"] == "value_error" and not e["loc"]:
             parts.append(f"{loc}: {msg}")
         else:
-            parts.append(f"{loc}: got {e.get('input')!r}: {msg}")
+            parts.append(f"{loc}: got {shown(e.get('input'))}: {msg}")
     return "; ".join(parts)
 
 
@@ -64,20 +82,20 @@ def build_step(entry, index: int = 0) -> Technique:
         return entry
     where = f"steps[{index}]"
     if not isinstance(entry, dict) or len(entry) != 1:
-        raise ValueError(f"{where}: got {entry!r}: each step must be a mapping with exactly one key, the "
+        raise ValueError(f"{where}: got {shown(entry)}: each step must be a mapping with exactly one key, the "
                          f"technique name; allowed names: {sorted(registry())}")
     (name, params), = entry.items()
-    cls = get_technique(name) if name in registry() else None
+    cls = get_technique(name) if isinstance(name, str) and name in registry() else None
     if cls is None:
-        raise ValueError(f"{where}: unknown technique {name!r}; allowed: {sorted(registry())}")
+        raise ValueError(f"{where}: unknown technique {shown(name)}; allowed: {sorted(registry())}")
     if params is None:
         params = {}
     if not isinstance(params, dict):
-        raise ValueError(f"{where}.{name}: got {params!r}: parameters must be a mapping")
+        raise ValueError(f"{where}.{name}: got {shown(params)}: parameters must be a mapping")
     allowed = sorted(cls.model_fields)
-    unknown = sorted(set(params) - set(allowed))
+    unknown = [k for k in params if not isinstance(k, str) or k not in allowed]
     if unknown:
-        raise ValueError(f"{where}.{name}.{unknown[0]}: unknown key; allowed keys: {allowed}")
+        raise ValueError(f"{where}.{name}.{_key(unknown[0])}: unknown key; allowed keys: {allowed}")
     try:
         return cls(**params)
     except ValidationError as err:
@@ -85,14 +103,43 @@ def build_step(entry, index: int = 0) -> Technique:
 
 
 class Calibration(BaseModel):
+    """Where the calibration windows come from. The source's name is checked when the recipe is built; whether
+    its file is there, by `resolve` (``recipe check`` and ``compress`` call it before any weights load)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: str = Field("c4", description="named source (c4, wikitext2) or a local .txt/.jsonl/.parquet file")
     split: str = Field("validation", description="split of a named source")
     n: int = Field(128, ge=1, description="number of calibration windows")
     seqlen: int = Field(512, ge=8, description="tokens per window")
-    seed: int = Field(0, description="seed of the window sampler (its own generator)")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="seed of the window sampler (its own generator)")
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict(cls, data):
+        return strict_values(cls, data)
+
+    @model_validator(mode="after")
+    def _known_source(self):
+        from .data.text import LOCAL_SUFFIXES, NAMED
+
+        if Path(self.source).suffix not in LOCAL_SUFFIXES and (self.source, self.split) not in NAMED:
+            named = sorted(f"{s} (split {sp})" for s, sp in NAMED)
+            raise ValueError(f"source={shown(self.source)} split={shown(self.split)} is not known; allowed: "
+                             f"{', '.join(named)}, or a local {'/'.join(LOCAL_SUFFIXES)} file")
+        return self
+
+    def resolve(self, data_dir=None) -> Path | None:
+        """The local file the windows will be read from, or None for the hub's copy of a named source.
+
+        Raises:
+            FileNotFoundError: a local file that does not exist, or a named source found neither in the data
+                directory nor on a usable hub (`data.text.resolve_file`; the message says where to put it).
+        """
+        from .data.text import resolve_file
+
+        return resolve_file(self.source, self.split, data_dir)
 
 
 TRAINABLE = ("lowrank", "sparse", "scales")  # what recovery can train, in the order `train` is written
@@ -119,6 +166,11 @@ class Recovery(BaseModel):
     heldout: int = Field(0, ge=0, description="the last calibration windows held out of training, to report a "
                                               "held-out loss before and after")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _strict(cls, data):
+        return strict_values(cls, data)
+
     @field_validator("train", mode="before")
     @classmethod
     def _train(cls, value):
@@ -127,6 +179,9 @@ class Recovery(BaseModel):
     @model_validator(mode="after")
     def _teacher_needs_kl(self):
         only_with(self, ("teacher", "top_k"), self.loss == "kl", "needs loss: kl")
+        # steps: 0 is no recovery, written as no `recover` block: a setting of it would be lost on the way
+        only_with(self, [f for f in Recovery.model_fields if f != "steps"], self.steps > 0,
+                  "needs steps > 0 (steps: 0 is no recovery)")
         return self
 
     @property
@@ -172,6 +227,13 @@ class Recipe(BaseModel):
     recover: Recovery = Field(Recovery(), description="optional fine-tune after the steps, on the causal-LM "
                                                       "loss or a KL to the dense model (training.recover); "
                                                       "steps: 0 = off")
+    allow_growth: bool = Field(False, description="accept a recipe whose compressed Linears take more bytes than "
+                                                  "they take uncompressed (refused by `check` otherwise)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict(cls, data):
+        return strict_values(cls, data)
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -179,7 +241,7 @@ class Recipe(BaseModel):
         if steps is None:
             return ()
         if not isinstance(steps, (list, tuple)):
-            raise ValueError(f"steps must be a list of {{technique: {{params}}}} mappings, got {steps!r}")
+            raise ValueError(f"steps must be a list of {{technique: {{params}}}} mappings, got {shown(steps)}")
         return tuple(build_step(s, i) for i, s in enumerate(steps))
 
     @field_validator("recover")
@@ -211,29 +273,42 @@ class Recipe(BaseModel):
                "steps": [{s.name: s.params()} for s in self.steps]}
         if self.recover.steps:  # absent when off, so recipes without it keep their hashes
             out["recover"] = self.recover.to_dict()
+        if self.allow_growth:  # likewise
+            out["allow_growth"] = True
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
+        """A recipe from a mapping (what a recipe file holds). It must have at least one step: an empty recipe
+        from a user is a mistake (``Recipe()`` itself, the identity, stays legal for code that means it)."""
+        if data is None or data == {}:
+            raise ValueError("the recipe is empty; allowed: a mapping with at least `steps`, e.g. steps: "
+                             "[{gptq: {bits: 4, group_size: 128}}]")
         if not isinstance(data, dict):
-            raise ValueError(f"a recipe must be a mapping, got {type(data).__name__}")
-        return cls(**data)
+            raise ValueError(f"a recipe must be a mapping, got {type(data).__name__} {shown(data)}")
+        bad = [k for k in data if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"{shown(bad[0])}: unknown key; allowed keys: {sorted(cls.model_fields)}")
+        recipe = cls(**data)
+        if not recipe.steps:
+            raise ValueError("steps: a recipe needs at least one step, e.g. steps: [{gptq: {bits: 4, group_size: "
+                             f"128}}}}]; allowed techniques: {sorted(registry())}")
+        return recipe
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> "Recipe":
-        return cls.from_dict(yaml.safe_load(text))
+        return cls.from_dict(parse_yaml(text, "recipe"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
-        """Read a recipe from a .yaml/.yml/.json file."""
+        """Read a recipe from a .yaml/.yml/.json file (`core.yamlsafe.load_file`: JSON for .json, else YAML)."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
-        text = path.read_text()
-        return cls.from_dict(json.loads(text)) if path.suffix == ".json" else cls.from_yaml(text)
+        return cls.from_dict(load_file(path, "recipe file"))
 
     def hash(self) -> str:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -302,11 +377,19 @@ class Recipe(BaseModel):
         """
         specs = self.linear_specs(shapes)
         dense = {n: s.dense_fp16_nbytes() for n, s in specs.items()}
+        before = {n: max(dense[n], s.nbytes()) for n, s in specs.items()}  # uncompressed: fp16, or float_dtype
         touched = set()
         for walked in self.walk(specs):
             specs.update(walked.after)
             touched.update(walked.names)
-        return CheckResult(specs, dense, sorted(touched), other_bytes)
+        result = CheckResult(specs, dense, sorted(touched), other_bytes)
+        uncompressed = sum(before[n] for n in touched)
+        if not self.allow_growth and result.linear_bytes > uncompressed:
+            raise IllegalStep(f"the recipe stores {result.linear_bytes:,} bytes for the {len(touched)} Linears it "
+                              f"compresses, more than the {uncompressed:,} bytes they take uncompressed (dense in "
+                              f"{self.float_dtype}; {result.bits_per_weight:.2f} bits per weight); compress more "
+                              "(fewer bits, larger groups, a lower rank) or set allow_growth: true")
+        return result
 
 
 @dataclass

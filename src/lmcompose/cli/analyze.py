@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from ..eval.perplexity import PROTOCOLS
+from . import checks
 from .common import console, model_options, progress
 
 
 def _step_arg(text: str | None, flag: str):
-    import yaml
+    """The step `flag` gives as YAML text, validated as a recipe step (before anything loads)."""
+    from ..core.messages import shown
+    from ..core.yamlsafe import parse_yaml
+    from ..recipe import build_step
 
     if text is None:
         return None
-    try:
-        step = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"{flag}={text!r} is not YAML: {err}") from None
+    step = parse_yaml(text, flag)
     if not isinstance(step, dict) or len(step) != 1:
-        raise ValueError(f"{flag}={text!r} must be one step, e.g. \"wanda: {{sparsity: 0.5}}\"")
+        raise ValueError(f"{flag}={shown(text)} must be one step, e.g. \"wanda: {{sparsity: 0.5}}\"")
+    try:
+        build_step(step)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
     return step
 
 
@@ -29,15 +33,18 @@ def cmd_analyze(args) -> int:
     overrides = {k: v for k, v in (("max_windows", args.max_windows), ("max_tokens", args.max_tokens)) if v}
     protocol = get_protocol(args.protocol, **overrides)
     calibration = {"n": args.calib_n, "seqlen": args.calib_seqlen, "seed": args.seed}
-    out = Path(args.out)
+    out = checks.output(args.out, "--out", overwrite=None)
+    checks.data_file(args.data_dir, "c4", "validation")
+    checks.data_file(args.data_dir, protocol.dataset, protocol.split)
+    checks.model_exists(args.model)
     with progress() as prog:
         task = prog.add_task("analyze (variants)", total=5 if joint else 4)
         an = analyze(args.model, a, b, joint, calibration=calibration, protocol=protocol, data_dir=args.data_dir,
                      dtype=args.dtype, device=args.device,
                      on_variant=lambda name, steps: prog.update(task, advance=1, description=f"analyze: {name}"))
     write(an, out)
-    console.print(to_markdown(an))
-    console.print(f"wrote {out}/analysis.json, analysis.md, analysis.png")
+    console.print(to_markdown(an), markup=False)
+    console.print(f"wrote {out}/analysis.json, analysis.md, analysis.png", markup=False)
     return 0
 
 
@@ -48,11 +55,11 @@ def add_parser(sub) -> None:
     an.add_argument("--b", required=True, help='second step, e.g. "gptq: {bits: 4, group_size: 64}"')
     an.add_argument("--joint", default=None, help="optional joint method doing both at once")
     an.add_argument("--out", required=True, help="directory for analysis.json/.md/.png")
-    an.add_argument("--protocol", default="quick")
-    an.add_argument("--max-windows", type=int, default=None)
-    an.add_argument("--max-tokens", type=int, default=None)
-    an.add_argument("--calib-n", type=int, default=128)
-    an.add_argument("--calib-seqlen", type=int, default=512)
-    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--protocol", default="quick", choices=list(PROTOCOLS))
+    an.add_argument("--max-windows", type=checks.count(), default=None)
+    an.add_argument("--max-tokens", type=checks.count(2), default=None)
+    an.add_argument("--calib-n", type=checks.count(), default=128)
+    an.add_argument("--calib-seqlen", type=checks.count(8), default=512)
+    an.add_argument("--seed", type=checks.seed, default=0)
     an.set_defaults(func=cmd_analyze)
 

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from ..core.dtypes import CHOICES as DTYPE_CHOICES
 from ..core.io import write_json_atomically
+from .checks import data_dir as data_dir_arg
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -71,8 +72,12 @@ def model_options(sp: argparse.ArgumentParser, model_help: str = MODEL_HELP, wei
     else:
         sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help=weights_dtype_help)
     sp.add_argument("--device", default="cpu", choices=list(device_choices))
-    sp.add_argument("--data-dir", default=None, help="evaluation/calibration data (else $LMCOMPOSE_DATA_DIR)")
+    sp.add_argument("--data-dir", type=data_dir_arg, default=None,
+                    help="evaluation/calibration data (else $LMCOMPOSE_DATA_DIR); an existing directory")
     sp.add_argument("--trust-remote-code", action="store_true")
+    sp.add_argument("--no-verify", action="store_true",
+                    help="skip the checksums of a run directory or cached model (~0.1 s for SmolLM2); consistency "
+                         "checks still run")
 
 
 def dumps(value) -> str:

@@ -10,8 +10,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..core.dtypes import CHOICES as DTYPE_CHOICES
+from ..eval.perplexity import PROTOCOLS
+from . import checks
 from .common import console, model_options, print_totals, progress
-from .recipe import check_on_model, plan_table, print_recovery
+from .recipe import check_calibration, check_on_model, plan_table, print_recovery
 
 
 def recipe_from_args(args):
@@ -39,15 +41,25 @@ def cmd_compress(args) -> int:
     from ..models.load import load_any
     from ..models.rundir import REPORT_FILE, update_metadata
 
-    recipe = recipe_from_args(args)  # validated before anything is loaded
+    # Every argument is checked before anything is loaded: the recipe and its calibration source, the outputs,
+    # the evaluation protocol and its data, then the plan on the model's shapes (no weights).
+    recipe = recipe_from_args(args)
+    check_calibration(recipe, args.data_dir, resolve=True)
+    out = checks.output(args.out or f"runs/{Path(args.model).name}-{recipe.hash()}", "--out", args.overwrite)
+    if args.export_dense:
+        checks.output(args.export_dense, "--export-dense", args.overwrite)
+    if args.eval != "none":
+        from ..eval.perplexity import get_protocol
+
+        protocol = get_protocol(args.eval, **({"max_tokens": args.max_tokens} if args.max_tokens else {}))
+        checks.data_file(args.data_dir, protocol.dataset, protocol.split)
+    checks.model_exists(args.model)
     planned = check_on_model(recipe, args.model, args.trust_remote_code)
-    out = Path(args.out or f"runs/{Path(args.model).name}-{recipe.hash()}")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"output directory {str(out)!r} exists; pass --overwrite to replace it")
     console.print(plan_table(planned, f"plan: recipe {recipe.hash()} on {args.model}"))
     print_recovery(recipe)
     t0 = time.perf_counter()
-    model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code)
+    model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code,
+                               verify=not args.no_verify)
     cal = recipe.calibration
     windows = calibration_windows(tokenizer, source=cal.source, split=cal.split, n=cal.n, seqlen=cal.seqlen,
                                   seed=cal.seed, data_dir=args.data_dir, force=args.force_calibration)
@@ -64,9 +76,8 @@ def cmd_compress(args) -> int:
         export_dense(model, args.export_dense, tokenizer, overwrite=args.overwrite)
     if args.eval != "none":
         from ..core.dtypes import cast_for_eval
-        from ..eval.perplexity import get_protocol, perplexity
+        from ..eval.perplexity import perplexity
 
-        protocol = get_protocol(args.eval, **({"max_tokens": args.max_tokens} if args.max_tokens else {}))
         cast_for_eval(model, args.compute_dtype)
         with progress() as prog:
             task = prog.add_task(f"perplexity ({args.eval})", total=None)
@@ -104,9 +115,10 @@ def report_table(report) -> Table:
         table.add_column(col, justify="left" if col in ("Linear", "structure") else "right")
     for layer in report.layers:
         if not layer.steps:
-            table.add_row(layer.name, f"skipped: {layer.skipped}", "", "", "")
+            table.add_row(escape(layer.name), escape(f"skipped: {layer.skipped}"), "", "", "")
             continue
-        table.add_row(layer.name, escape(layer.structure), f"{layer.bits_per_weight:.3f}", f"{layer.rel_error:.3e}",
+        table.add_row(escape(layer.name), escape(layer.structure), f"{layer.bits_per_weight:.3f}",
+                      f"{layer.rel_error:.3e}",
                       f"{sum(s['seconds'] for s in layer.steps):.2f}")
     return table
 
@@ -121,12 +133,13 @@ def add_parser(sub) -> None:
     c.add_argument("--preset", help="named recipe (see lmcompose.presets)")
     c.add_argument("--out", help="output directory (default runs/<model>-<recipe hash>)")
     c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--eval", default="quick", help="perplexity protocol after compression: quick, full or none")
-    c.add_argument("--max-tokens", type=int, default=None)
+    c.add_argument("--eval", default="quick", choices=[*PROTOCOLS, "none"],
+                   help="perplexity protocol after compression: quick, full or none")
+    c.add_argument("--max-tokens", type=checks.count(2), default=None)
     c.add_argument("--calib-source", default=None)
-    c.add_argument("--calib-n", type=int, default=None)
-    c.add_argument("--calib-seqlen", type=int, default=None)
-    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--calib-n", type=checks.count(), default=None)
+    c.add_argument("--calib-seqlen", type=checks.count(8), default=None)
+    c.add_argument("--seed", type=checks.seed, default=None)
     c.add_argument("--force-calibration", action="store_true", help="allow calibrating on the evaluation file")
     c.add_argument("--export-dense", default=None, help="also write a merged dense HF checkpoint here")
     c.set_defaults(func=cmd_compress)

@@ -7,11 +7,14 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..core.dtypes import CHOICES as DTYPE_CHOICES
+from ..eval.perplexity import PROTOCOLS
 from ..eval.speed import policy_presets
 from ..eval.zeroshot import DEFAULT_TASKS
+from . import checks
 from .common import (
     DTYPE_HELP,
     console,
@@ -34,7 +37,12 @@ def cmd_eval(args) -> int:
     overrides = {k: v for k, v in {"seqlen": args.seqlen, "batch_size": args.batch_size,
                                    "max_tokens": args.max_tokens}.items() if v is not None}
     protocol = get_protocol(args.protocol, **overrides)
-    model, tokenizer = load_any(args.model, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
+    checks.data_file(args.data_dir, protocol.dataset, protocol.split)
+    if args.json:
+        checks.output(args.json, "--json", overwrite=True, directory=False)
+    checks.model_exists(args.model)
+    model, tokenizer = load_any(args.model, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code,
+                                verify=not args.no_verify)
     with progress() as prog:
         task = prog.add_task("perplexity", total=None)
         result = perplexity(model, tokenizer, protocol, data_dir=args.data_dir,
@@ -50,14 +58,24 @@ def cmd_zeroshot(args) -> int:
     from rich.table import Table
 
     from ..core.dtypes import eval_dtype
+    from ..eval.tasks import task_config
     from ..eval.zeroshot import zeroshot
     from ..models.load import load_any
     from ..models.rundir import REPORT_FILE, record_result
 
-    model, tokenizer = load_any(args.model, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
+    checks.model_exists(args.model)
+    if args.json:
+        checks.output(args.json, "--json", overwrite=True, directory=False)
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks:
+        raise ValueError(f"--tasks={args.tasks!r}: give at least one task")
+    for t in tasks:  # names known, spec files valid, data files present: before the model loads
+        task_config(t, args.data_dir)
+    model, tokenizer = load_any(args.model, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code,
+                                verify=not args.no_verify)
     result = zeroshot(model, tokenizer, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
                       batch_size=args.batch_size, num_fewshot=args.num_fewshot)
-    table = Table(title=f"zero-shot: {args.model} (lm-eval {result['lm_eval_version']}, limit {args.limit})")
+    table = Table(title=escape(f"zero-shot: {args.model} (lm-eval {result['lm_eval_version']}, limit {args.limit})"))
     for col in ("task", "metric", "value", "stderr", "n", "config hash"):
         table.add_column(col)
     for task, metrics in result["tasks"].items():
@@ -65,7 +83,7 @@ def cmd_zeroshot(args) -> int:
             if metric.endswith("_stderr") or metric == "n" or value is None:
                 continue
             err = metrics.get(f"{metric}_stderr")
-            table.add_row(task, metric, f"{value:.4f}", f"{err:.4f}" if err is not None else "",
+            table.add_row(escape(task), escape(metric), f"{value:.4f}", f"{err:.4f}" if err is not None else "",
                           str(metrics["n"]), result["task_hashes"][task])
     console.print(table)
     if record_result(args.model, "zeroshot", result):
@@ -75,9 +93,9 @@ def cmd_zeroshot(args) -> int:
 
 
 def _limit(value: str) -> int | float:
-    number = float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"--limit {value} is not allowed: must be > 0")
+    number = checks.number(0, 1e9, low_open=True)(value)
+    if number >= 1 and not number.is_integer():
+        raise argparse.ArgumentTypeError(f"got {value}: allowed: a fraction in (0, 1) or a whole number of examples")
     return int(number) if number >= 1 else number
 
 
@@ -89,6 +107,7 @@ def cmd_fidelity(args) -> int:
     from ..models.load import load_any
     from ..models.rundir import REPORT_FILE, record_result
 
+    checks.existing(args.compressed, "--compressed")
     meta_path = Path(args.compressed) / META_FILE
     dense_name = args.dense
     if dense_name is None:
@@ -99,8 +118,14 @@ def cmd_fidelity(args) -> int:
             raise ValueError(f"{args.compressed} records no base_model: pass --dense")
     overrides = {k: v for k, v in {"seqlen": args.seqlen, "batch_size": args.batch_size}.items() if v is not None}
     protocol = get_protocol(args.protocol, **overrides)
-    dense, tokenizer = load_any(dense_name, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
-    compressed, _ = load_any(args.compressed, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code)
+    checks.data_file(args.data_dir, protocol.dataset, protocol.split)
+    if args.json:
+        checks.output(args.json, "--json", overwrite=True, directory=False)
+    checks.model_exists(dense_name, "--dense")
+    dense, tokenizer = load_any(dense_name, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code,
+                               verify=not args.no_verify)
+    compressed, _ = load_any(args.compressed, eval_dtype(args.dtype, args.device), args.device,
+                             args.trust_remote_code, verify=not args.no_verify)
     with progress() as prog:
         task = prog.add_task("fidelity", total=None)
         result = fidelity(dense, compressed, tokenizer, protocol, data_dir=args.data_dir,
@@ -119,6 +144,11 @@ def cmd_fidelity(args) -> int:
 def cmd_bench_speed(args) -> int:
     from ..eval.speed import bench_speed
 
+    checks.existing(args.model, "--model")
+    if args.dense is not None:
+        checks.model_exists(args.dense, "--dense")
+    if args.json:
+        checks.output(args.json, "--json", overwrite=True, directory=False)
     result = bench_speed(args.model, args.dense, tuple(args.policy), args.prompt_len, args.new_tokens,
                          tuple(args.batch_sizes), args.dtype, args.device, args.repeats, args.warmup,
                          isolate=not args.no_isolate, trust_remote_code=args.trust_remote_code)
@@ -131,7 +161,7 @@ def cmd_bench_speed(args) -> int:
         speed = run.get("speedup_vs_dense")
         def cell(value, ratio):
             return f"{value:,.1f}" + (f" ({ratio:.2f}x)" if speed else "")
-        row = [run["label"], ", ".join(f"{k}×{v}" for k, v in run["paths"].items()) or "-"]
+        row = [escape(run["label"]), escape(", ".join(f"{k}×{v}" for k, v in run["paths"].items()) or "-")]
         row += [cell(run["prefill_tok_s"][str(b)], speed and speed["prefill"][str(b)]) for b in args.batch_sizes]
         row += [cell(run["decode_tok_s"], speed and speed["decode"]), mib_number(run["rss_after_load_bytes"]),
                 mib_number(run["peak_rss_bytes"]),
@@ -145,10 +175,11 @@ def cmd_bench_speed(args) -> int:
 def add_parser(sub) -> None:
     e = sub.add_parser("eval", help="perplexity of a model or a compressed checkpoint")
     model_options(e)
-    e.add_argument("--protocol", default="quick", help="quick (WikiText-2 test, seqlen 512, 64 windows) or full")
-    e.add_argument("--seqlen", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=None)
-    e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--protocol", default="quick", choices=list(PROTOCOLS),
+                   help="quick (WikiText-2 test, seqlen 512, 64 windows) or full")
+    e.add_argument("--seqlen", type=checks.count(2), default=None)
+    e.add_argument("--batch-size", type=checks.count(), default=None)
+    e.add_argument("--max-tokens", type=checks.count(2), default=None)
     e.add_argument("--json", default=None, help="also write the result as JSON here")
     e.set_defaults(func=cmd_eval)
 
@@ -157,8 +188,8 @@ def add_parser(sub) -> None:
     z.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help="comma-separated built-in task names and/or paths of .yaml/.json task specs")
     z.add_argument("--limit", type=_limit, default=None, help="examples per task (a fraction if < 1)")
-    z.add_argument("--batch-size", type=int, default=8)
-    z.add_argument("--num-fewshot", type=int, default=0)
+    z.add_argument("--batch-size", type=checks.count(), default=8)
+    z.add_argument("--num-fewshot", type=checks.count(0, 1000), default=0)
     z.add_argument("--json", default=None, help="also write the result as JSON here")
     z.set_defaults(func=cmd_zeroshot)
 
@@ -167,12 +198,15 @@ def add_parser(sub) -> None:
     f.add_argument("--compressed", required=True, help="an lmcompose checkpoint directory (or any model)")
     f.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES), help=DTYPE_HELP)
     f.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    f.add_argument("--data-dir", default=None, help="data directory (default $LMCOMPOSE_DATA_DIR)")
+    f.add_argument("--data-dir", type=checks.data_dir, default=None,
+                   help="data directory (default $LMCOMPOSE_DATA_DIR)")
     f.add_argument("--trust-remote-code", action="store_true")
-    f.add_argument("--protocol", default="quick", help="quick (WikiText-2 test, seqlen 512) or full")
-    f.add_argument("--max-windows", type=int, default=16)
-    f.add_argument("--seqlen", type=int, default=None)
-    f.add_argument("--batch-size", type=int, default=None)
+    f.add_argument("--no-verify", action="store_true", help="skip the checksums of the checkpoints (see eval --help)")
+    f.add_argument("--protocol", default="quick", choices=list(PROTOCOLS),
+                   help="quick (WikiText-2 test, seqlen 512) or full")
+    f.add_argument("--max-windows", type=checks.count(), default=16)
+    f.add_argument("--seqlen", type=checks.count(2), default=None)
+    f.add_argument("--batch-size", type=checks.count(), default=None)
     f.add_argument("--json", default=None, help="also write the result as JSON here")
     f.set_defaults(func=cmd_fidelity)
 
@@ -181,11 +215,11 @@ def add_parser(sub) -> None:
     b.add_argument("--dense", default=None, help="dense baseline (default: the checkpoint's base model)")
     b.add_argument("--policy", nargs="+", default=["auto", "dense"], choices=sorted(policy_presets()),
                    help="inference policies for the compressed model (see lmcompose.runtime.inference)")
-    b.add_argument("--prompt-len", type=int, default=256)
-    b.add_argument("--new-tokens", type=int, default=64)
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="prefill batch sizes")
-    b.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
-    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--prompt-len", type=checks.count(), default=256)
+    b.add_argument("--new-tokens", type=checks.count(), default=64)
+    b.add_argument("--batch-sizes", type=checks.count(), nargs="+", default=[1, 8], help="prefill batch sizes")
+    b.add_argument("--repeats", type=checks.count(), default=5, help="timed runs; the median is reported")
+    b.add_argument("--warmup", type=checks.count(0), default=1)
     b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--no-isolate", action="store_true", help="run in this process (peak RSS then covers all runs)")

@@ -7,12 +7,13 @@ import json
 from rich.markup import escape
 from rich.table import Table
 
+from . import checks
 from .common import DEFAULT_MODEL, console, mib, print_totals
 
 
 def plan_table(result, title: str) -> Table:
     """Planned bytes per Linear role (e.g. self_attn.q_proj), summed over blocks."""
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for col in ("Linear", "count", "structure", "bits/weight", "bytes"):
         table.add_column(col, justify="right" if col in ("count", "bits/weight", "bytes") else "left")
     roles: dict[str, list] = {}
@@ -22,7 +23,8 @@ def plan_table(result, title: str) -> Table:
     for role, specs in roles.items():
         nbytes = sum(s.nbytes() for s in specs)
         weights = sum(s.out_features * s.in_features for s in specs)
-        table.add_row(role, str(len(specs)), escape(specs[0].describe()), f"{8 * nbytes / weights:.3f}", mib(nbytes))
+        table.add_row(escape(role), str(len(specs)), escape(specs[0].describe()), f"{8 * nbytes / weights:.3f}",
+                      mib(nbytes))
     return table
 
 
@@ -38,9 +40,20 @@ def print_recovery(recipe) -> None:
                       f"lr {rec.lr:g}, training the {what}{held} (bytes, masks and codes unchanged)")
 
 
+def check_calibration(recipe, data_dir: str | None, resolve: bool = False) -> None:
+    """The recipe's calibration source must be readable, before any weights load: a local file that exists, or a
+    named source (its name was checked with the recipe) whose file is in an explicit `data_dir`. With `resolve`
+    (compress), a named source must also be found in $LMCOMPOSE_DATA_DIR or on a reachable hub."""
+    cal = recipe.calibration
+    checks.data_file(data_dir, cal.source, cal.split)
+    if resolve:
+        cal.resolve(data_dir)
+
+
 def check_on_model(recipe, model: str, trust_remote_code: bool):
     from ..models.load import model_linear_shapes
 
+    checks.model_exists(model)
     shapes, other = model_linear_shapes(model, trust_remote_code=trust_remote_code, float_dtype=recipe.float_dtype)
     return recipe.check(shapes, other_bytes=other)
 
@@ -49,6 +62,7 @@ def cmd_recipe_check(args) -> int:
     from ..api import as_recipe
 
     recipe = as_recipe(args.recipe)
+    check_calibration(recipe, args.data_dir)
     result = check_on_model(recipe, args.model, args.trust_remote_code)
     console.print(plan_table(result, f"{args.recipe} on {args.model} (recipe {recipe.hash()})"))
     print_recovery(recipe)
@@ -63,26 +77,29 @@ def cmd_recipe_explain(args) -> int:
     from ..rules import RULES, explain
 
     recipe = as_recipe(args.recipe)
+    check_calibration(recipe, args.data_dir)
+    checks.model_exists(args.model)
     shapes, _ = model_linear_shapes(args.model, args.trust_remote_code, recipe.float_dtype)
     steps = explain(recipe, shapes)
-    table = Table(title=f"{args.recipe} on {args.model}: what each step does")
+    table = Table(title=escape(f"{args.recipe} on {args.model}: what each step does"))
     for col in ("#", "step", "Linears", "in", "out", "bytes after", "bits/w", "of fp16", "rules"):
         table.add_column(col, justify="left" if col in ("step", "in", "out", "rules") else "right")
     for s in steps:
         params = ", ".join(f"{k}={v}" for k, v in s.params.items())
-        table.add_row(str(s.index), f"{s.name}({params})", str(s.targets),
+        table.add_row(str(s.index), escape(f"{s.name}({params})"), str(s.targets),
                       escape("\n".join(s.structure_in)), escape("\n".join(s.structure_out)), mib(s.linear_bytes),
-                      f"{s.bits_per_weight:.3f}", f"{s.ratio_of_fp16:.3f}", ", ".join(s.applies))
+                      f"{s.bits_per_weight:.3f}", f"{s.ratio_of_fp16:.3f}", escape(", ".join(s.applies)))
     console.print(table)
     print_recovery(recipe)
     used = sorted({r for s in steps for r in s.applies})
     for rid in used:
         rule = RULES[rid]
-        console.print(f"[bold]{rid}[/] ({rule.kind}) {rule.statement}. [dim]Source: {rule.source}[/]")
+        console.print(f"[bold]{escape(rid)}[/] ({escape(rule.kind)}) {escape(rule.statement)}. "
+                      f"[dim]Source: {escape(rule.source)}[/]")
     warnings = [w for s in steps for w in s.warnings]
     for w in warnings:
-        console.print(f"[bold yellow]warning[/] step {w.step}: {w.message} "
-                      f"(contradicts {w.rule.id}: {w.rule.statement}; {w.rule.source})")
+        console.print(f"[bold yellow]warning[/] step {w.step}: " + escape(f"{w.message} (contradicts {w.rule.id}: "
+                                                                          f"{w.rule.statement}; {w.rule.source})"))
     if not warnings:
         console.print("no rule is contradicted")
     return 0
@@ -92,11 +109,11 @@ def cmd_techniques(args) -> int:
     from ..techniques.registry import describe_techniques
 
     for tech in describe_techniques():
-        table = Table(title=f"{tech['name']}  ({tech['family']}): {tech['summary']}", title_justify="left")
+        table = Table(title=escape(f"{tech['name']}  ({tech['family']}): {tech['summary']}"), title_justify="left")
         for col in ("parameter", "default", "description"):
             table.add_column(col)
         for p in tech["params"]:
-            table.add_row(p["name"], json.dumps(p["default"]), p["description"])
+            table.add_row(escape(p["name"]), escape(json.dumps(p["default"])), escape(p["description"]))
         console.print(table)
     return 0
 
@@ -111,6 +128,8 @@ def add_parser(sub) -> None:
         sp.add_argument("recipe")
         sp.add_argument("--model", default=DEFAULT_MODEL)
         sp.add_argument("--trust-remote-code", action="store_true")
+        sp.add_argument("--data-dir", type=checks.data_dir, default=None,
+                        help="where the calibration source is looked for (else $LMCOMPOSE_DATA_DIR, then the hub)")
         sp.set_defaults(func=func)
     t = sub.add_parser("techniques", help="list registered techniques with their parameters")
     t.set_defaults(func=cmd_techniques)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.markup import escape
 
+from . import checks
 from .common import console
 
 
@@ -11,6 +12,9 @@ def cmd_report(args) -> int:
     from ..reporting.render import caveats, write_report
     from ..reporting.runs import load_runs
 
+    for run in args.runs:
+        checks.existing(run, "run directory")
+    checks.output(args.out, "--out", args.overwrite)
     runs = load_runs(args.runs)
     out = write_report(runs, args.out, args.title, overwrite=args.overwrite)
     for c in caveats(runs):
@@ -25,6 +29,8 @@ def cmd_export(args) -> int:
     from ..models.export.dense import export_dense
     from ..models.export.gguf import export_gguf
 
+    checks.existing(args.run_dir, "run directory")
+    checks.output(args.out, "--out", args.overwrite, directory=args.format != "gguf")
     model, tokenizer, meta = load_compressed(args.run_dir)
     if args.no_tokenizer:
         tokenizer = None

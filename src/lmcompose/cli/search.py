@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from . import checks
 from .common import DEFAULT_MODEL, err_console, progress
 
 
@@ -16,11 +17,15 @@ def add_parser(sub) -> None:
 
     s.add_argument("--model", default=DEFAULT_MODEL)
     b = s.add_mutually_exclusive_group(required=True)
-    b.add_argument("--budget", type=float, help="fraction of the compressed Linears' fp16 bytes, e.g. 0.5")
-    b.add_argument("--bits-per-weight", type=float, help="bits per weight of the compressed Linears, e.g. 4.2")
-    s.add_argument("--trials", type=int, default=100, help="finished trials, all workers together")
-    s.add_argument("--out", required=True)
-    s.add_argument("--workers", type=int, default=1, help="local worker processes (or Ray tasks in flight)")
+    b.add_argument("--budget", type=checks.number(0, 1, low_open=True),
+                   help="fraction of the compressed Linears' fp16 bytes, e.g. 0.5")
+    b.add_argument("--bits-per-weight", type=checks.number(0, 16, low_open=True),
+                   help="bits per weight of the compressed Linears, e.g. 4.2")
+    s.add_argument("--trials", type=checks.count(), default=100, help="finished trials, all workers together")
+    s.add_argument("--out", required=True, help="directory of the study and its results (the same --out resumes "
+                                                  "a killed search with the same arguments)")
+    s.add_argument("--workers", type=checks.count(1, 1024), default=1,
+                   help="local worker processes (or Ray tasks in flight)")
     s.add_argument("--backend", default="local", choices=["local", "ray"])
     s.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local one)")
     s.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///<out>/study.db)")
@@ -32,18 +37,20 @@ def add_parser(sub) -> None:
                    help="what each trial scores: independent (default: held-out perplexity of the model holding "
                         "the independently compressed layers), proxy (their weighted layer error, cheaper, ranks "
                         "worse: BENCHMARKS.md), quick (the real pipeline, then held-out perplexity)")
-    s.add_argument("--finalists", type=int, default=10, help="best trials measured by quick perplexity")
-    s.add_argument("--full-finalists", type=int, default=0, help="of those, how many get the full protocol")
-    s.add_argument("--calib-n", type=int, default=32)
-    s.add_argument("--calib-seqlen", type=int, default=512)
-    s.add_argument("--heldout-n", type=int, default=8, help="held-out calibration windows for quick perplexity")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--finalists", type=checks.count(0), default=10, help="best trials measured by quick perplexity")
+    s.add_argument("--full-finalists", type=checks.count(0), default=0,
+                   help="of those, how many get the full protocol")
+    s.add_argument("--calib-n", type=checks.count(), default=32)
+    s.add_argument("--calib-seqlen", type=checks.count(8), default=512)
+    s.add_argument("--heldout-n", type=checks.count(0), default=8,
+                   help="held-out calibration windows for quick perplexity")
+    s.add_argument("--seed", type=checks.seed, default=0)
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="dtype of the dense weights in memory (the techniques read them)")
     s.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="dtype of the forwards (statistics, candidates, evaluation); auto = bf16 where faster")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    s.add_argument("--data-dir", default=None)
+    s.add_argument("--data-dir", type=checks.data_dir, default=None)
     s.add_argument("--trust-remote-code", action="store_true")
     s.set_defaults(func=cmd_search)
 
@@ -65,27 +72,39 @@ def cmd_search(args) -> int:
         EvaluatorSpec,
         Problem,
         StudySettings,
+        check_resume,
         load_dense,
         run_local,
         start_workers,
     )
 
+    # Every argument is checked before anything is loaded, and a resumed study must be the same search.
     if args.heldout_n < 1 and (args.level != "proxy" or args.finalists > 0):
         raise ValueError(f"--heldout-n={args.heldout_n}: level {args.level!r} and --finalists={args.finalists} "
                          "score held-out perplexity; give --heldout-n >= 1, or --level proxy --finalists 0")
-    out = Path(args.out)
+    if args.full_finalists > args.finalists:
+        raise ValueError(f"--full-finalists={args.full_finalists} is more than --finalists={args.finalists}; allowed: "
+                         "at most --finalists")
+    out = checks.output(args.out, "--out", overwrite=None)
     budget = Budget(ratio=args.budget) if args.budget is not None else Budget(bits_per_weight=args.bits_per_weight)
     calibration = {"n": args.calib_n, "seqlen": args.calib_seqlen, "seed": args.seed}
     if args.space:
-        space = SearchSpace.from_yaml(Path(args.space).read_text())
+        space = SearchSpace.load(args.space)
         space = space.model_copy(update={"calibration": space.calibration or calibration})
     else:
         space = default_space(budget, calibration=calibration)
-    shapes, _ = model_linear_shapes(args.model, args.trust_remote_code)
+    checks.data_file(args.data_dir, "c4", "validation")
+    checks.model_exists(args.model)
+    model_id = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    identity = {"model": model_id, "budget": budget.describe(), "space": space.fingerprint(),
+                "calibration": {**calibration, "heldout_n": args.heldout_n}, "level": args.level,
+                "front": args.front}
     settings = StudySettings(storage=args.storage or f"sqlite:///{(out / 'study.db').resolve()}",
                              study_name=args.study_name, sampler=args.sampler, seed=args.seed, level=args.level,
-                             front=args.front)
+                             front=args.front, identity=identity)
     settings.check_space(space)
+    check_resume(settings)
+    shapes, _ = model_linear_shapes(args.model, args.trust_remote_code)
     problem = Problem.make(space, shapes, budget, args.sampler)
     if problem.grid is not None:
         err_console.print(f"grid: {len(problem.grid)} recipes admitted, {len(problem.cut)} cut before any work")

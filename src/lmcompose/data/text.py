@@ -5,6 +5,9 @@ Named sources: ``wikitext2`` (``test`` for evaluation only, ``validation`` for c
 local ``.txt``/``.raw``/``.tokens``/``.jsonl``/``.parquet`` file is a source too. Rows follow the hub's
 ``wikitext-2-raw-v1`` rows exactly, so the evaluation text is the string GPTQ/SparseGPT evaluate on.
 
+Offline (no network, or ``HF_HUB_OFFLINE``), a source whose file is missing fails in seconds with the path
+it needs, instead of retrying the hub (``core/hub.py``).
+
 Method notes: docs/methods/data.md (the file table, the hub fallback, how rows are read)
 """
 
@@ -15,6 +18,8 @@ import json
 import logging
 import os
 from pathlib import Path
+
+from ..core.hub import hub_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +44,20 @@ def data_root(explicit: str | os.PathLike | None = None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def _hub_available() -> bool:
-    return importlib.util.find_spec("datasets") is not None and not os.environ.get("HF_HUB_OFFLINE")
+def _hub_problem() -> str | None:
+    """Why the hub copy of a named source cannot be used now, or None when it can."""
+    if importlib.util.find_spec("datasets") is None:
+        return "the `datasets` package that reads the hub copy is not installed"
+    return hub_unreachable()
 
 
 def resolve_file(source: str | os.PathLike, split: str, data_dir: str | os.PathLike | None = None) -> Path | None:
     """The local file a source names, or None when it will come from the hub.
+
+    A named source is looked for in `data_dir` (else ``$LMCOMPOSE_DATA_DIR``). An explicit `data_dir` that
+    lacks the file is an error (never a silent download); a data directory from the environment that lacks
+    it falls back to the hub, and so does no data directory, when the hub can be reached (probed in
+    seconds: ``core/hub.py``).
 
     Raises:
         ValueError: an unknown source name or split.
@@ -65,13 +78,17 @@ def resolve_file(source: str | os.PathLike, split: str, data_dir: str | os.PathL
     relative = NAMED[(source, split)]
     if root is not None and (root / relative).is_file():
         return root / relative
-    if _hub_available():
+    if data_dir is not None:
+        raise FileNotFoundError(f"{source}:{split} needs the file {root / relative}, which the data directory given "
+                                f"(--data-dir / data_dir) lacks; put it there (same layout as ../shared/data), or "
+                                "leave --data-dir out to use $LMCOMPOSE_DATA_DIR or the Hugging Face hub")
+    problem = _hub_problem()
+    if problem is None:
         log.info("%s:%s not found locally; using the Hugging Face hub copy", source, split)
         return None
     where = str(root / relative) if root is not None else f"<data dir>/{relative} (no data directory is set)"
-    raise FileNotFoundError(f"{source}:{split} needs the file {where}; set the data directory with --data-dir or "
-                            "LMCOMPOSE_DATA_DIR (same layout as ../shared/data), or install `datasets` and go "
-                            "online (HF_HUB_OFFLINE unset)")
+    raise FileNotFoundError(f"{source}:{split} needs the file {where}, and {problem}; put the file there and set the "
+                            "data directory with --data-dir or LMCOMPOSE_DATA_DIR (same layout as ../shared/data)")
 
 
 def read_rows(path: str | os.PathLike) -> list[str]:

@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import queue as queue_module
@@ -151,7 +150,7 @@ def bench_speed(model: str, dense: str | None = None, policies=("auto", "dense")
                 new_tokens: int = 64, batch_sizes=(1, 8), dtype: str = "fp32", device: str = "cpu",
                 repeats: int = 5, warmup: int = 1, isolate: bool = True, trust_remote_code: bool = False) -> dict:
     """Benchmark the dense model (if given) and `model` under each named policy (see `policy_presets`)."""
-    from ..models.checkpoint import META_FILE
+    from ..models.checkpoint import META_FILE, read_metadata
 
     if prompt_len < 1 or new_tokens < 1 or repeats < 1 or warmup < 0 or not batch_sizes:
         raise ValueError(f"prompt_len={prompt_len}, new_tokens={new_tokens}, repeats={repeats} must be >= 1, "
@@ -164,7 +163,7 @@ def bench_speed(model: str, dense: str | None = None, policies=("auto", "dense")
         raise ValueError("device='cuda' but no CUDA device is present")
     meta_path = Path(model) / META_FILE
     if dense is None and meta_path.is_file():
-        dense = json.loads(meta_path.read_text()).get("base_model")
+        dense = read_metadata(model).get("base_model")  # a damaged lmcompose.json: CheckpointError
     common = {"dtype": dtype, "device": device, "prompt_len": prompt_len, "new_tokens": new_tokens,
               "batch_sizes": list(batch_sizes), "repeats": repeats, "warmup": warmup,
               "trust_remote_code": trust_remote_code}

@@ -54,9 +54,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..core.yamlsafe import load_file
 from ..data.text import data_root
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def load_task_spec(path: str | os.PathLike) -> LocalTaskSpec:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task spec {str(path)!r} does not exist")
-    data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    data = load_file(path, "task spec")  # plain YAML/JSON, each key once, with size and depth limits
     if not isinstance(data, dict):
         raise ValueError(f"task spec {str(path)!r} must be a mapping of fields, got {type(data).__name__}")
     try:

@@ -6,17 +6,21 @@ A compressed checkpoint is a directory::
                         and the model's other weights in the recipe's float dtype
     lmcompose.json      format version, per-layer structure, model-level online operations ("model_ops",
                         e.g. a rotation conjugating the final norm: 0 bytes, re-attached on load),
-                        recipe, report, evaluation protocol
+                        recipe, report, evaluation protocol, and the sha256 of every tensor and of the
+                        metadata of every layer ("checksums", checked on load: models/integrity.py)
     config.json         the Hugging Face config, to rebuild the architecture
     tokenizer files
 
 It is written into a temporary sibling directory and renamed into place, so an interrupted save never
-leaves a directory that looks whole.
+leaves a directory that looks whole (and the next save to the same place removes what it left). Loading
+checks that the files agree and are what was saved; a damaged or edited directory is a `CheckpointError`
+naming the file, the layer and the field, never a model that computes something else.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -25,15 +29,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.dtypes import FLOAT_DTYPES
+from ..core.errors import CheckpointError, CheckpointFileMissing
 from ..core.io import atomic_dir
 from ..core.memory import release_freed_memory
 from ..pipeline.blocks import compressed_modules, set_module
 from ..runtime.linear import CompressedLinear
 from ..runtime.model_ops import ModelOp, attach_model_op, check_model_ops, model_ops
+from .integrity import (
+    META_FILE,
+    WEIGHTS_FILE,
+    check_layer_tensors,
+    checksums,
+    file_checksums,
+    verify_checksums,
+)
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-META_FILE = "lmcompose.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def other_tensors(model: nn.Module, float_dtype: str) -> dict[str, torch.Tensor]:
@@ -62,11 +75,13 @@ def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, *, fl
             "layers": {n: m.meta() for n, m in layers.items()},
             "model_ops": [op.meta() for op in model_ops(model)], "recipe": recipe, "report": report,
             "protocol": protocol}
+    meta["checksums"] = checksums(tensors, meta)
     with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "lmcompose": str(FORMAT_VERSION)})
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        meta["checksums"]["files"] = file_checksums(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return Path(out_dir)
 
@@ -86,45 +101,155 @@ def file_tensor_bytes(path: str | Path, prefix: str | None = None) -> int:
     return total
 
 
-def load_compressed(path: str | Path, dtype: str = "fp32", device: str = "cpu"):
-    """Rebuild a compressed model saved by :func:`save_compressed`. Returns (model, tokenizer, meta)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def read_metadata(path: str | Path) -> dict:
+    """The lmcompose.json of run directory `path`, checked to be a checkpoint this lmcompose reads: a JSON
+    object with a known ``format_version``, a ``layers`` object and a ``model_ops`` list.
 
+    Raises:
+        CheckpointFileMissing: `path` or its lmcompose.json is missing.
+        CheckpointError: anything else (the message names the file and the field).
+    """
     path = Path(path)
     meta_path = path / META_FILE
+    if not path.is_dir():
+        raise CheckpointFileMissing("is not a directory", file=str(path))
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not an lmcompose checkpoint: {META_FILE} is missing")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint format_version={meta.get('format_version')!r}; this lmcompose reads {FORMAT_VERSION}")
+        raise CheckpointFileMissing(f"is missing: {str(path)!r} is not an lmcompose checkpoint", file=str(meta_path))
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"is not valid JSON ({err})", file=str(meta_path)) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"holds a JSON {type(meta).__name__}, not an object", file=str(meta_path))
+    for key, kind in (("format_version", None), ("layers", dict)):
+        if key not in meta:
+            raise CheckpointError("is missing", file=str(meta_path), field=key)
+        if kind is not None and not isinstance(meta[key], kind):
+            raise CheckpointError(f"is {type(meta[key]).__name__}, not an object", file=str(meta_path), field=key)
+    if meta["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"is {meta['format_version']!r}; this lmcompose reads {FORMAT_VERSION} (was it "
+                              "written by a newer lmcompose?)", file=str(meta_path), field="format_version")
+    if not isinstance(meta.get("model_ops", []), list):
+        raise CheckpointError("is not a list", file=str(meta_path), field="model_ops")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointFileMissing("is missing", file=str(weights))
+    try:
+        return load_file(str(weights))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ... on a damaged file
+        raise CheckpointError(f"cannot be read, it is truncated or damaged ({type(err).__name__}: {err})",
+                              file=str(weights)) from None
+
+
+def _build_model(path: Path, meta: dict):
+    """The architecture of config.json on the meta device, checked to hold every Linear lmcompose.json lists."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointFileMissing("is missing", file=str(config_path))
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds on a damaged config
+        first = (str(err).strip().splitlines() or [""])[0]  # transformers appends paragraphs of advice
+        raise CheckpointError(f"cannot build a model ({type(err).__name__}: {first})", file=str(config_path)) from None
+    for name, layer in meta["layers"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError("lmcompose.json lists this Linear, but the model that config.json describes has "
+                                  "no such module (config.json edited, e.g. fewer layers?)", file=str(config_path),
+                                  layer=name) from None
+        if not isinstance(module, nn.Linear):
+            raise CheckpointError(f"is a {type(module).__name__} in the model that config.json describes, not a "
+                                  "Linear", file=str(config_path), layer=name)
+        if (module.out_features, module.in_features) != (layer["out_features"], layer["in_features"]):
+            raise CheckpointError(f"lmcompose.json says [out, in] = [{layer['out_features']}, {layer['in_features']}]; "
+                                  f"config.json gives [{module.out_features}, {module.in_features}]",
+                                  file=str(config_path), layer=name, field="out_features/in_features")
+    return model
+
+
+def _check_other_tensors(path: Path, model: nn.Module, others: dict[str, torch.Tensor]) -> None:
+    """Every tensor outside the compressed Linears must have a place of its shape in `model`."""
+    weights, places = str(path / WEIGHTS_FILE), model.state_dict()
+    for key, t in others.items():
+        if key not in places and ".terms." in key:
+            raise CheckpointError(f"holds tensor {key} of a compressed Linear, but lmcompose.json does not list the "
+                                  "layer", file=weights, layer=key.split(".terms.")[0], field="layers")
+        if key not in places:
+            raise CheckpointError(f"holds tensor {key}, which has no place in the model that config.json describes "
+                                  "(config.json edited, or lmcompose.json lacks the layer?)", file=weights)
+        if tuple(places[key].shape) != tuple(t.shape):
+            raise CheckpointError(f"tensor {key} has shape {list(t.shape)}; the model that config.json describes "
+                                  f"needs {list(places[key].shape)}", file=weights)
+
+
+def load_compressed(path: str | Path, dtype: str = "fp32", device: str = "cpu", verify: bool = True):
+    """Rebuild a compressed model saved by :func:`save_compressed`. Returns (model, tokenizer, meta).
+
+    Every load checks that lmcompose.json, model.safetensors and config.json agree (each layer stores
+    exactly the tensors its metadata describes, every other tensor has a place in the model);
+    `verify` also checks the checksums recorded at save time (``models/integrity.py``: one sha256 pass
+    over the tensors, ~0.1 s for SmolLM2-135M). A checkpoint saved before checksums existed loads with
+    a warning.
+
+    Raises:
+        CheckpointError: a damaged, edited or inconsistent directory (the message names the file, and the
+            layer and field where there is one); `CheckpointFileMissing` for a missing file.
+        ValueError: a bad `dtype`.
+    """
+    from transformers import AutoTokenizer
+
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; allowed: {sorted(FLOAT_DTYPES)}")
+    path = Path(path)
+    meta = read_metadata(path)
+    meta_file = str(path / META_FILE)
     compute = FLOAT_DTYPES[dtype]
     try:  # refused before any weight is read: a model without its online operations computes something else
         ops = [ModelOp.from_meta(m) for m in meta.get("model_ops", [])]
-    except ValueError as err:
-        raise ValueError(f"checkpoint {str(path)!r}: {err}") from None
-    config = AutoConfig.from_pretrained(path)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    state = load_file(str(path / WEIGHTS_FILE))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err),
+                              file=meta_file, field="model_ops") from None
+    state = _read_tensors(path)
     for name, layer_meta in meta["layers"].items():
-        set_module(model, name, CompressedLinear.from_state(name, layer_meta, state, compute))
+        check_layer_tensors(str(path), name, layer_meta, state)
+    model = _build_model(path, meta)
     skip = tuple(f"{n}." for n in meta["layers"])
+    _check_other_tensors(path, model, {k: t for k, t in state.items() if not k.startswith(skip)})
+    if verify and "checksums" in meta:
+        verify_checksums(str(path), meta, state)
+    elif verify:
+        log.warning("%s has no checksums (saved by an older lmcompose): its tensors are not verified", meta_file)
+    for name, layer_meta in meta["layers"].items():
+        try:
+            linear = CompressedLinear.from_state(name, layer_meta, state, compute)
+        except Exception as err:  # noqa: BLE001 - shapes agree, values do not decode (e.g. a bad index)
+            raise CheckpointError(f"cannot be decoded ({type(err).__name__}: {err})", file=str(path / WEIGHTS_FILE),
+                                  layer=name) from None
+        set_module(model, name, linear)
     rest = {k: v.to(compute) if v.is_floating_point() else v for k, v in state.items() if not k.startswith(skip)}
     model.load_state_dict(rest, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
-        raise ValueError(f"checkpoint {str(path)!r} lacks tensors for {still_meta[:5]}")
+        raise CheckpointError(f"lacks tensors for {still_meta[:5]}", file=str(path / WEIGHTS_FILE))
     model = model.to(device=device, dtype=compute).eval()
-    check_model_ops(model, ops)
+    try:
+        check_model_ops(model, ops)
+    except ValueError as err:
+        raise CheckpointError(str(err), file=meta_file, field="model_ops") from None
     for op in ops:
         attach_model_op(model, op)
     del state, rest
     release_freed_memory()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model, tokenizer, meta
-
-

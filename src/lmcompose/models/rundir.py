@@ -7,13 +7,19 @@ import json
 from pathlib import Path
 
 from ..core.io import write_json_atomically
-from .checkpoint import META_FILE
+from .checkpoint import META_FILE, read_metadata
+
+# What the checksums cover, or what decides how the rest is read: never edited after saving.
+FIXED_FIELDS = ("format_version", "layers", "model_ops", "checksums")
 
 
 def update_metadata(out_dir: str | Path, **fields) -> dict:
-    """Set top-level `fields` of a saved checkpoint's lmcompose.json (atomically)."""
+    """Set top-level `fields` of a saved checkpoint's lmcompose.json (atomically); `FIXED_FIELDS` are refused."""
+    fixed = sorted(set(fields) & set(FIXED_FIELDS))
+    if fixed:
+        raise ValueError(f"fields {fixed} of {META_FILE} are fixed when the checkpoint is saved; editable: any other")
     path = Path(out_dir) / META_FILE
-    meta = json.loads(path.read_text())
+    meta = read_metadata(out_dir)
     meta.update(fields)
     write_json_atomically(path, meta)
     return meta

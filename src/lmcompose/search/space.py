@@ -26,17 +26,21 @@ Example (YAML, ``lmcompose search --space space.yaml``)::
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 from dataclasses import dataclass
 from typing import Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..algebra.spec import LinearSpec
 from ..core.errors import IllegalStep
+from ..core.messages import shown
+from ..core.yamlsafe import load_file, parse_yaml
 from ..recipe import CheckResult, Recipe
+from ..techniques.fields import strict_values
 from ..techniques.registry import get_technique
 
 log = logging.getLogger(__name__)
@@ -47,23 +51,33 @@ GRID_FIELDS = ("bits", "group_size", "symmetric", "scale_dtype")  # what a group
 
 
 class Range(BaseModel):
-    """A continuous (or integer, when both bounds are integers) range for Optuna."""
+    """A continuous range for Optuna, or an integer one when both bounds (and the step, if given) are integers
+    (``{low: 32, high: 256}`` samples integers, ``{low: 0.2, high: 0.6}`` floats). Bounds are finite numbers
+    (no booleans or strings); a log range needs ``low > 0``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    low: float
-    high: float
+    low: int | float
+    high: int | float
     log: bool = False
-    step: float | None = None
+    step: int | float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict(cls, data):
+        return strict_values(cls, data)
 
     @model_validator(mode="after")
     def _order(self):
         if not self.low < self.high:
             raise ValueError(f"range low={self.low} must be below high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"range low={self.low}: a log range needs low > 0")
         return self
 
     @property
     def is_int(self) -> bool:
-        return isinstance(self.low, int) and isinstance(self.high, int) and float(self.low).is_integer()
+        return all(isinstance(v, int) for v in (self.low, self.high)) and (self.step is None
+                                                                          or isinstance(self.step, int))
 
 
 Knob = Union[list, Range]
@@ -71,7 +85,10 @@ Knob = Union[list, Range]
 
 def _knob(where: str, value) -> Knob:
     if isinstance(value, dict):
-        return Range(**value)
+        try:
+            return Range(**{str(k): v for k, v in value.items()})
+        except ValueError as err:
+            raise ValueError(f"{where}: {' '.join(str(err).split())}") from None
     if isinstance(value, (list, tuple)):
         if not value:
             raise ValueError(f"{where}: an empty list of choices")
@@ -236,6 +253,9 @@ class SearchSpace(BaseModel):
             if isinstance(knobs, StepSpace):
                 out[name] = knobs
                 continue
+            if not isinstance(knobs, dict) or any(not isinstance(k, str) for k in knobs):
+                raise ValueError(f"techniques.{name}: got {shown(knobs)}: give a mapping of knob names to a list of "
+                                 "choices, a fixed value or a range {low, high}")
             knobs = dict(knobs)
             replaces = knobs.pop("ratio_replaces", None)
             out[name] = StepSpace(technique=name, knobs={k: _knob(f"techniques.{name}.{k}", x) for k, x in knobs.items()},
@@ -243,8 +263,28 @@ class SearchSpace(BaseModel):
         return out
 
     @classmethod
+    def from_dict(cls, data) -> "SearchSpace":
+        if not isinstance(data, dict) or any(not isinstance(k, str) for k in data):
+            raise ValueError(f"a search space must be a mapping of settings (techniques, max_steps, ...), got "
+                             f"{shown(data)}")
+        return cls(**data)
+
+    @classmethod
     def from_yaml(cls, text: str) -> "SearchSpace":
-        return cls(**yaml.safe_load(text))
+        return cls.from_dict(parse_yaml(text, "search space"))
+
+    @classmethod
+    def load(cls, path) -> "SearchSpace":
+        """Read a space from a YAML (or .json) file (`core.yamlsafe.load_file`)."""
+        return cls.from_dict(load_file(path, "search space"))
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the trials (a resumed study must be over the same space)."""
+        steps = {name: {"knobs": {k: v.model_dump() if isinstance(v, Range) else v for k, v in s.knobs.items()},
+                        "ratio_replaces": s.ratio_replaces} for name, s in self.techniques.items()}
+        data = {**self.model_dump(mode="json", exclude={"techniques"}), "techniques": steps}
+        text = json.dumps(data, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
     def pool(self) -> list[StepSpace]:

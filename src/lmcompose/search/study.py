@@ -7,6 +7,10 @@ command again, and trials a killed process left RUNNING are re-queued through th
 A small discrete space is enumerated with ``GridSampler`` (the same trials and front after a kill); larger
 ones use TPE, or NSGA-II for a front (seeded but adaptive: only the trial count is reproducible).
 
+A study remembers what it searches (`StudySettings.identity`: model, budget, space, calibration, level, as
+the study's user attribute ``identity``): resuming it with other settings is refused, naming what
+differs, because its trials would be scored or budgeted otherwise (`claim_study`, `check_resume`).
+
 Method notes: docs/methods/search.md
 
 Example::
@@ -16,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -26,6 +31,7 @@ from typing import Callable
 import torch
 
 from ..core.errors import IllegalStep
+from ..core.messages import shown
 from ..pipeline.dense_stats import DenseStats
 from ..recipe import Recipe
 from .objective import Evaluator
@@ -68,8 +74,10 @@ class StudySettings:
     level: str = "independent"
     front: bool = False
     heartbeat: int | None = 60
+    identity: dict = field(default_factory=dict)  # what the study searches; a resumed study must match it
 
     def __post_init__(self):
+        self.identity = json.loads(json.dumps(self.identity, default=str))  # as the storage gives it back
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler={self.sampler!r} is not allowed; allowed: {list(SAMPLERS)}")
         if self.level not in LEVELS:
@@ -140,8 +148,54 @@ def open_study(settings: StudySettings, problem: Problem):
                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1) if hb
                              else None)
     directions = ["minimize", "minimize"] if settings.front else ["minimize"]
-    return optuna.create_study(storage=storage, study_name=settings.study_name, directions=directions,
-                               sampler=sampler_for(settings, problem), load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=settings.study_name, directions=directions,
+                                sampler=sampler_for(settings, problem), load_if_exists=True)
+    claim_study(study, settings)
+    return study
+
+
+def _mismatch(stored: dict, settings: StudySettings) -> str | None:
+    differ = [k for k, v in settings.identity.items() if k in stored and stored[k] != v]
+    if not differ:
+        return None
+    what = "; ".join(f"{k}: {shown(stored[k])} in the study, {shown(settings.identity[k])} now" for k in differ)
+    return (f"the study {settings.study_name!r} in {settings.storage} searched another problem ({what}); resume it "
+            "with the same arguments, or start a new search with another --out (or --study-name)")
+
+
+def claim_study(study, settings: StudySettings) -> None:
+    """Record `settings.identity` on a new study; on a resumed one, raise ValueError naming what differs (a study
+    created before identities were recorded takes this one)."""
+    stored = study.user_attrs.get("identity")
+    if stored is None:
+        if settings.identity:
+            study.set_user_attr("identity", settings.identity)
+        return
+    problem = _mismatch(stored, settings)
+    if problem:
+        raise ValueError(problem)
+
+
+def check_resume(settings: StudySettings) -> bool:
+    """Before any work: whether a study of this name exists in the storage, raising ValueError if it searched
+    another problem (see `claim_study`). A SQLite file that does not exist yet is not created."""
+    import optuna
+
+    if settings.storage.startswith("sqlite:///") and not Path(settings.storage.removeprefix("sqlite:///")).is_file():
+        return False
+    try:
+        study = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
+    except KeyError:  # no study of that name in the storage
+        return False
+    except ImportError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a URL SQLAlchemy cannot parse or reach: name it
+        raise ValueError(f"storage {settings.storage!r} cannot be opened ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:300]})") from None
+    problem = _mismatch(study.user_attrs.get("identity") or {}, settings)
+    if problem:
+        raise ValueError(problem)
+    return True
 
 
 def score(evaluator: Evaluator, recipe: Recipe, level: str) -> tuple[float, dict | None]:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..algebra.spec import LinearSpec
 from ..core.errors import IllegalStep
 from .allocation import allocate_by_sensitivity
-from .fields import check_settings
+from .fields import check_settings, strict_values
 
 _REGISTRY: dict[str, type["Technique"]] = {}
 
@@ -58,13 +58,19 @@ class Technique(BaseModel):
         (0.5, 0.75, 1.0, 1.25, 1.5), description="sensitivity allocation: candidate ratios per Linear, as "
         "multiples of `ratio` (capped at 1)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _strict(cls, data):
+        return strict_values(cls, data)
+
     @model_validator(mode="after")
     def _allocation_needs_a_ratio(self):
         if self.allocation == "sensitivity" and getattr(self, "ratio", None) is None:
             raise ValueError(f"{self.name}: allocation='sensitivity' spreads a `ratio` budget over Linears; give "
                              "`ratio` (the fraction of fp16 bytes kept) instead of the native knob")
-        if any(m <= 0 for m in self.allocation_ratios):
-            raise ValueError(f"allocation_ratios={self.allocation_ratios!r} must all be > 0")
+        if not self.allocation_ratios or any(m <= 0 for m in self.allocation_ratios):
+            raise ValueError(f"allocation_ratios={list(self.allocation_ratios)!r} is not allowed; allowed: a "
+                             "non-empty list of finite numbers > 0")
         return self
 
     def targets(self, linear_name: str) -> bool:

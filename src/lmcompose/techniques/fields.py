@@ -12,15 +12,26 @@ layer and asks for a larger percdamp (``core.linalg.damped_inverse_cholesky``).
 
 `only_with` is the one validator for "this field only applies when ...": a field that has no effect
 must keep its declared default (defaults pass, so ``params()`` round-trips).
+
+`strict_values` is what every settings model (techniques, the recipe's calibration and recovery) runs
+before pydantic sees a value: no boolean or string becomes a number (``group_size: true`` would be 1,
+``bits: " 4 "`` 4), no number or string becomes a boolean, every float is finite (also inside lists and
+dicts), and no count exceeds `MAX_COUNT` (seeds lie in ``[0, 2**32)``). Each refusal names the field,
+the value and what is allowed.
 """
 
 from __future__ import annotations
 
+import math
+import types
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal, Union, get_args, get_origin
 
+import annotated_types
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
+
+from ..core.messages import shown
 
 ScaleDtype = Literal["fp16", "bf16", "fp32"]
 
@@ -101,3 +112,123 @@ def joined_parts(value, allowed: tuple[str, ...], example: str) -> str:
         raise ValueError(f"allowed: one or more of {list(allowed)}, each at most once, joined by '+' "
                          f"(e.g. {example}) or as a list")
     return "+".join(p for p in allowed if p in parts)
+
+
+MAX_COUNT = 10**7  # no integer setting (steps, ranks, group sizes, windows, tokens) means anything beyond this
+SEED_LIMIT = 2**32  # seeds lie in [0, 2**32): what every generator here accepts
+
+
+def _options(annotation) -> tuple:
+    """The alternatives of a field's type: ``int | None`` -> (int, NoneType); Annotated is looked through."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        return tuple(o for a in get_args(annotation) for o in _options(a))
+    return (annotation,)
+
+
+def _kind(option) -> str:
+    """'bool', 'int', 'float', 'floats' (a tuple or list of floats), 'float_map' (dict of floats) or 'other'."""
+    if option in (bool, int, float):
+        return option.__name__
+    origin, args = get_origin(option), get_args(option)
+    if origin in (tuple, list) and args and args[0] is float:
+        return "floats"
+    if origin is dict and len(args) == 2 and args[1] is float:
+        return "float_map"
+    return "other"
+
+
+def allowed_text(name: str, info: FieldInfo) -> str:
+    """What field `name` accepts, in words: ``an integer >= 2 and <= 8, or null``."""
+    options = _options(info.annotation)
+    bounds = []
+    for m in info.metadata:
+        for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None and isinstance(m, getattr(annotated_types, attr.capitalize())):
+                bounds.append(f"{op} {getattr(m, attr)}")
+    words = []
+    for o in options:
+        kind = _kind(o)
+        if o is type(None):
+            continue
+        if kind == "int":
+            if name == "seed":
+                limits = [f">= 0 and < {SEED_LIMIT}"]
+            else:
+                limits = bounds if any(b[0] == "<" for b in bounds) else [*bounds, f"<= {MAX_COUNT:,}"]
+            words.append(" and ".join(["an integer", *limits]).replace("integer and", "integer"))
+        elif kind == "float":
+            words.append(" and ".join(["a finite number", *bounds]).replace("number and", "number"))
+        elif kind == "bool":
+            words.append("true or false")
+        elif kind == "floats":
+            words.append("a non-empty list of finite numbers")
+        elif kind == "float_map":
+            words.append("a mapping of names to finite numbers")
+        elif get_origin(o) is Literal:
+            words.append("one of " + ", ".join(repr(a) for a in get_args(o)))
+        else:
+            words.append(getattr(o, "__name__", str(o).replace("typing.", "")))
+    if type(None) in options:
+        words.append("null")
+    return ", or ".join(words)
+
+
+def _number_problem(value, integer: bool, seed: bool) -> str | None:
+    """Why `value` is not a number a numeric field takes, or None."""
+    if isinstance(value, bool):
+        return "a boolean is not a number"
+    if isinstance(value, str):
+        return "a string is not a number (write the number without quotes)"
+    if not isinstance(value, (int, float)):
+        return None  # pydantic names the type
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:
+        finite = False
+    if not finite:
+        return "not a finite number"
+    if integer and seed and not 0 <= value < SEED_LIMIT:
+        return f"a seed lies in [0, {SEED_LIMIT})"
+    if integer and not seed and abs(value) > MAX_COUNT:
+        return f"more than {MAX_COUNT:,}"
+    return None
+
+
+def _field_problem(name: str, value, options: tuple) -> str | None:
+    """Why `value` is refused by a field of type `options`, or None (other mistakes are left to pydantic)."""
+    kinds = {_kind(o) for o in options if o is not type(None)}
+    if value is None:
+        return None
+    if kinds == {"bool"}:
+        return None if isinstance(value, bool) else "only true or false is a boolean"
+    if kinds and kinds <= {"int", "float"}:
+        return _number_problem(value, "float" not in kinds, name == "seed")
+    if kinds == {"floats"} and isinstance(value, (list, tuple)):
+        if not value:
+            return "an empty list"
+        return next((f"item {i}: {p}" for i, v in enumerate(value) if (p := _number_problem(v, False, False))),
+                    None)
+    if kinds == {"float_map"} and isinstance(value, dict):
+        return next((f"{shown(k)}: {p}" for k, v in value.items() if (p := _number_problem(v, False, False))),
+                    None)
+    return None
+
+
+def strict_values(cls: type[BaseModel], data):
+    """Refuse, before pydantic's coercion, what `cls`'s fields must not take (see the module docstring).
+
+    Use as ``model_validator(mode="before")``; other input (unknown keys, other types) is left to pydantic.
+    The message reads ``FIELD: got VALUE: why; allowed: ...`` (`recipe._format_error` puts the location
+    before it)."""
+    if not isinstance(data, dict):
+        return data
+    for name, value in data.items():
+        info = cls.model_fields.get(name) if isinstance(name, str) else None
+        if info is None:
+            continue
+        problem = _field_problem(name, value, _options(info.annotation))
+        if problem:
+            raise ValueError(f"{name}: got {shown(value)}: {problem}; allowed: {allowed_text(name, info)}")
+    return data
