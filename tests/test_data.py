@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmcompose.data import calibration_windows, eval_tokens, load_documents, load_text
+from lmcompose.data import text as text_sources
 
 RAW = b" \r\n = Title = \r\n \r\n First paragraph .\r\n Second paragraph .\r\n \r\n = = Part = = \r\n"
 
@@ -46,11 +47,14 @@ def test_data_dir_comes_from_the_environment(data_dir, monkeypatch):
     assert len(load_documents("c4", "validation")) == 40
 
 
-def test_missing_file_names_the_expected_path(tmp_path):
+def test_missing_file_names_the_expected_path(tmp_path, monkeypatch):
     expected = str(tmp_path / "c4" / "c4_validation_2k.parquet")
     with pytest.raises(FileNotFoundError) as err:
         load_text("c4", "validation", tmp_path)
     assert expected in str(err.value) and "LMCOMPOSE_DATA_DIR" in str(err.value) and "--data-dir" in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"wikitext-2/wiki\.valid\.tokens.*no data directory.*not shipped"):
+        load_text("wikitext2", "validation")  # not shipped with lmcompose (test_packaged_data.py: what is)
+    monkeypatch.setattr(text_sources, "PACKAGED", {})  # as if the shipped data were missing
     with pytest.raises(FileNotFoundError, match=r"wikitext-2/wiki\.test\.raw.*no data directory"):
         load_text("wikitext2", "test")
     with pytest.raises(FileNotFoundError, match="does not exist"):

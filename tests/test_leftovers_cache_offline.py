@@ -272,6 +272,9 @@ def test_a_hub_model_fails_in_seconds_when_the_hub_is_unreachable(no_network, tm
 
 def test_a_missing_data_file_fails_in_seconds_naming_it(no_network, tmp_path, monkeypatch):
     monkeypatch.setenv("LMCOMPOSE_DATA_DIR", str(tmp_path))
+    # with no network, the data shipped with lmcompose answers (test_packaged_data.py) ...
+    assert load_documents("wikitext2", "test")[0] == " = Robert Boulter = \n"
+    monkeypatch.setattr(text, "PACKAGED", {})  # ... and without it, the error
     t0 = time.perf_counter()
     with pytest.raises(FileNotFoundError) as err:
         load_documents("wikitext2", "test")
@@ -319,4 +322,7 @@ def test_a_data_dir_from_the_environment_falls_back_to_the_hub_when_online(tmp_p
     monkeypatch.setenv("LMCOMPOSE_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(text, "hub_unreachable", lambda: None)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: {"text": ["from the hub"]})
+    assert load_documents("wikitext2", "validation") == ["from the hub"]  # not shipped with lmcompose
+    assert load_documents("wikitext2", "test")[0] != "from the hub"  # shipped: the packaged copy comes first
+    monkeypatch.setattr(text, "PACKAGED", {})
     assert load_documents("wikitext2", "test") == ["from the hub"]

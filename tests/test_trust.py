@@ -393,3 +393,123 @@ def test_search_spaces_are_read_safely(tmp_path):
                           ("techniques: {svd: {rank: {low: .nan, high: 4}}}", "finite")]:
         with pytest.raises(ValueError, match=message):
             SearchSpace.from_yaml(text)
+
+
+# -- every command that loads honours --no-verify; data found before any load; leftovers of --out go first ------
+def test_export_passes_no_verify_to_the_loader(tmp_path, capsys, monkeypatch):
+    """`export` loads a run directory: --no-verify reaches load_compressed (it used to be refused by argparse)."""
+    from helpers import tiny_llama
+
+    from lmcompose.core.errors import CheckpointError
+    from lmcompose.models import checkpoint
+
+    run = checkpoint.save_compressed(tiny_llama(), tmp_path / "run")
+    seen = []
+
+    def fake_load_compressed(path, *a, verify=True, **k):
+        seen.append(verify)
+        raise CheckpointError("stop here")
+
+    monkeypatch.setattr(checkpoint, "load_compressed", fake_load_compressed)
+    for flags in ([], ["--no-verify"]):
+        code, _, err = _run(capsys, "export", run, "--format", "dense", "--out", tmp_path / "x", *flags)
+        assert code == 2 and "stop here" in _one_error(err)
+    assert seen == [True, False]
+
+
+def test_analyze_passes_its_loader_flags_and_refuses_a_run_directory(setup, tmp_path, capsys, monkeypatch):
+    """`analyze` passes --no-verify and --trust-remote-code on (they used to be accepted and ignored), the library
+    function hands them to load_model, and a run directory is refused before anything loads."""
+    from helpers import tiny_llama
+
+    from lmcompose.analysis import orthogonality as ortho
+    from lmcompose.models import checkpoint
+
+    _, model_dir, data, _ = setup
+    run = checkpoint.save_compressed(tiny_llama(), tmp_path / "run")
+    calls = []
+
+    def fake_analyze(*a, **k):
+        calls.append(k)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(ortho, "analyze", fake_analyze)
+    steps = ["--a", "rtn: {bits: 4, group_size: 32}", "--b", "magnitude: {sparsity: 0.5}"]
+    for flags in ([], ["--no-verify", "--trust-remote-code"]):
+        code, _, err = _run(capsys, "analyze", "--model", model_dir, "--data-dir", data, "--out", tmp_path / "a",
+                            *steps, *flags)
+        assert code == 2 and "error: stop here" in err  # (after the progress bar the command had started)
+    assert [(c["verify"], c["trust_remote_code"]) for c in calls] == [(True, False), (False, True)]
+    code, _, err = _run(capsys, "analyze", "--model", run, "--data-dir", data, "--out", tmp_path / "a", *steps)
+    assert code == 2 and "is an lmcompose run directory" in _one_error(err) and len(calls) == 2
+    monkeypatch.undo()
+
+    loads = []
+
+    def fake_load_model(name, **k):
+        loads.append(k)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(load_module, "load_model", fake_load_model)
+    with pytest.raises(ValueError, match="stop here"):
+        ortho.analyze(str(model_dir), {"rtn": {"bits": 4, "group_size": 32}}, {"magnitude": {"sparsity": 0.5}},
+                      data_dir=str(data), verify=False)
+    assert loads and loads[0]["verify"] is False and loads[0]["trust_remote_code"] is False
+
+
+@pytest.mark.parametrize("command, needed", [
+    (["eval"], "wikitext2:test needs the file"),
+    (["fidelity", "--compressed", "MODEL", "--dense", "MODEL"], "wikitext2:test needs the file"),
+    (["compress", "--recipe", "RECIPE", "--calib-source", "CALIB", "--out", "OUT"], "wikitext2:test needs the file"),
+    (["analyze", "--a", "rtn: {bits: 4}", "--b", "magnitude: {sparsity: 0.5}", "--out", "OUT"],
+     "c4:validation needs the file"),
+])
+def test_evaluation_data_is_found_before_any_model_loads(command, needed, setup, tmp_path, capsys, monkeypatch,
+                                                          no_loading):
+    """Without --data-dir, the data comes from $LMCOMPOSE_DATA_DIR or the hub: when neither has it, the command
+    fails in one line naming the file, before the model loads (it used to load the model first)."""
+    from lmcompose.core import hub
+    from lmcompose.data import text
+
+    _, model_dir, _, recipe = setup
+    # an installation without the copies shipped with lmcompose (where lmcompose ships them at all)
+    monkeypatch.setattr(text, "packaged_file", lambda *a, **k: None, raising=False)
+    (tmp_path / "empty").mkdir()
+    calib = tmp_path / "calib.txt"
+    calib.write_text("w1 w2 w3\n" * 50)
+    monkeypatch.setenv("LMCOMPOSE_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.reset()
+    subs = {"MODEL": model_dir, "RECIPE": recipe, "CALIB": calib, "OUT": tmp_path / "out"}
+    argv = [subs.get(a, a) for a in command]
+    if "--compressed" not in argv:
+        argv += ["--model", model_dir]
+    code, _, err = _run(capsys, *argv)
+    line = _one_error(err)
+    assert code == 2 and needed in line and str(tmp_path / "empty") in line and "HF_HUB_OFFLINE is set" in line, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_compress_removes_what_a_killed_save_of_its_out_left_before_any_work(setup, tmp_path, capsys, no_loading):
+    """A killed save leaves `.<out>.tmp-<pid>@<host>-*` beside --out; the next compress to that --out removes it
+    at its start, even when it never reaches its own save (here: the model load fails). A live writer's stays."""
+    import os
+    import subprocess
+    import sys
+
+    from lmcompose.core import io
+
+    _, model_dir, data, recipe = setup
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    stale = tmp_path / f".run.tmp-{gone}@{io._host()}-abc"
+    stale_export = tmp_path / f".dense.tmp-{gone}@{io._host()}-abc"
+    live = tmp_path / f".run.tmp-{os.getppid()}@{io._host()}-abc"
+    for d in (stale, stale_export, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 4096)
+    code, _, err = _run(capsys, "compress", "--model", model_dir, "--recipe", recipe, "--data-dir", data,
+                        "--out", tmp_path / "run", "--export-dense", tmp_path / "dense")
+    assert code != 0 and "a model was loaded" in err  # it stopped at the first load, long before saving
+    assert not stale.exists() and not stale_export.exists() and live.exists()
+    assert not (tmp_path / "run").exists()

@@ -136,11 +136,13 @@ def plan_variants(a: dict, b: dict, joint: dict | None, shapes, other_bytes: int
 
 def analyze(model_name: str, a: dict, b: dict, joint: dict | None = None, *, calibration: dict | None = None,
             protocol="quick", data_dir=None, dtype: str = "auto", device: str = "cpu",
-            on_variant=None) -> Analysis:
+            on_variant=None, trust_remote_code: bool = False, verify: bool = True) -> Analysis:
     """Run the orthogonality analysis of steps `a` and `b` (``{technique: {params}}``) on one model.
 
     The dense model is held in fp32; `dtype` is the compute dtype (``lmcompose.core.dtypes``) of the
-    compression forwards and of every evaluation, the dense one included."""
+    compression forwards and of every evaluation, the dense one included. `model_name` is anything
+    ``load_model`` takes (not an lmcompose run directory); `trust_remote_code` and `verify` (the checksums
+    of a .gguf model's cached dequantized copy) are passed to it."""
     from ..api import compress
     from ..core.dtypes import cast_for_eval
     from ..data import calibration_windows
@@ -149,10 +151,11 @@ def analyze(model_name: str, a: dict, b: dict, joint: dict | None = None, *, cal
 
     cal = Calibration(**(calibration or {}))
     protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
-    shapes, other = model_linear_shapes(model_name)
+    shapes, other = model_linear_shapes(model_name, trust_remote_code=trust_remote_code)
     variants = plan_variants(a, b, joint, shapes, other, cal.model_dump())  # fails before any loading
     t0 = time.perf_counter()
-    dense, tokenizer = load_model(model_name, dtype="fp32", device=device)
+    dense, tokenizer = load_model(model_name, dtype="fp32", device=device, trust_remote_code=trust_remote_code,
+                                  verify=verify)
     windows = calibration_windows(tokenizer, cal.source, cal.n, cal.seqlen, cal.seed, data_dir, cal.split)
     evaluated = copy.deepcopy(dense)
     cast_for_eval(evaluated, dtype)

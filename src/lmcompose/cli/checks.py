@@ -5,7 +5,8 @@
 * `output` for ``--out``/``--json``/``--export-dense``: not under an existing file, not an existing target
   without ``--overwrite``, in a directory that can be written;
 * `data_file` for an explicit ``--data-dir``: the file a named source needs must be in it (an explicit
-  directory is never silently replaced by the hub's copy);
+  directory is never silently replaced by the hub's copy); with ``resolve``, also a source found without one
+  (the library's own `data.text.resolve_file`);
 * `existing` for inputs that must exist (run directories, files), `model_exists` for model arguments.
 """
 
@@ -89,23 +90,29 @@ def output(path: str | os.PathLike, flag: str, overwrite: bool | None = False, d
     return path
 
 
-def data_file(data_dir_arg: str | None, source: str, split: str, flag: str = "--data-dir") -> None:
+def data_file(data_dir_arg: str | None, source: str, split: str, flag: str = "--data-dir",
+              resolve: bool = False) -> None:
     """With an explicit data directory, the file the named source `source`:`split` needs must be in it (a local
-    file source must exist). Without one, the library resolves the source (data directory or hub)."""
-    from ..data.text import LOCAL_SUFFIXES, NAMED
+    file source must exist). Without one, the library resolves the source (data directory or hub) when it reads
+    it; with `resolve` (commands that will read it: eval, fidelity, compress --eval, analyze) that resolution
+    runs now, before any model loads (`data.text.resolve_file`: $LMCOMPOSE_DATA_DIR, the data shipped with
+    lmcompose, or a hub reachable within seconds), else the error names the file needed and where to put it."""
+    from ..data.text import LOCAL_SUFFIXES, NAMED, resolve_file
 
     if Path(str(source)).suffix in LOCAL_SUFFIXES:
         if not Path(str(source)).expanduser().is_file():
             raise FileNotFoundError(f"calibration file {str(source)!r} does not exist")
         return
     if data_dir_arg is None or (source, split) not in NAMED:
+        if resolve:
+            resolve_file(source, split, data_dir_arg)
         return
     needed = Path(data_dir_arg).expanduser() / NAMED[(source, split)]
     if not needed.is_file():
         raise with_hint(FileNotFoundError(f"{flag} {data_dir_arg!r} has no {NAMED[(source, split)]} (needed for "
                                           f"{source}:{split}): {str(needed)!r} does not exist"),
                         "put the file there (same layout as ../shared/data), or leave out --data-dir to use "
-                        "$LMCOMPOSE_DATA_DIR or the Hugging Face hub")
+                        "$LMCOMPOSE_DATA_DIR, the data shipped with lmcompose or the Hugging Face hub")
 
 
 def existing(path: str, what: str) -> Path:

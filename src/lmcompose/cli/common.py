@@ -30,6 +30,8 @@ err_console = Console(stderr=True)
 
 DEFAULT_MODEL = "smollm2-135m"
 MODEL_HELP = "short name (smollm2-135m, gemma3-270m), hub id, local dir, .gguf, or an lmcompose run directory"
+VERIFY_HELP = ("skip the checksums of a run directory or cached model (~0.1 s for SmolLM2); consistency checks "
+               "still run")
 DTYPE_HELP = "compute dtype; auto = bf16 where it is measurably faster than fp32 (CPUs with AMX, GPUs), else fp32"
 
 
@@ -58,11 +60,13 @@ def write_json_output(path: str | None, data: dict) -> None:
 
 
 def model_options(sp: argparse.ArgumentParser, model_help: str = MODEL_HELP, weights_dtype_help: str | None = None,
-                  device_choices=("cpu", "cuda", "auto"), default_model: str | None = DEFAULT_MODEL) -> None:
-    """``--model --dtype --device --data-dir --trust-remote-code``.
+                  device_choices=("cpu", "cuda", "auto"), default_model: str | None = DEFAULT_MODEL,
+                  verify_help: str = VERIFY_HELP) -> None:
+    """``--model --dtype --device --data-dir --trust-remote-code --no-verify``.
 
     Commands that only run forwards load the model in the compute dtype (``--dtype auto|fp32|bf16|fp16``);
-    commands whose techniques read the weights give `weights_dtype_help` and take fp32/bf16/fp16."""
+    commands whose techniques read the weights give `weights_dtype_help` and take fp32/bf16/fp16. Every
+    command that offers ``--no-verify`` passes ``verify=not args.no_verify`` to its loader."""
     if default_model is None:
         sp.add_argument("--model", required=True, help=model_help)
     else:
@@ -73,11 +77,10 @@ def model_options(sp: argparse.ArgumentParser, model_help: str = MODEL_HELP, wei
         sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help=weights_dtype_help)
     sp.add_argument("--device", default="cpu", choices=list(device_choices))
     sp.add_argument("--data-dir", type=data_dir_arg, default=None,
-                    help="evaluation/calibration data (else $LMCOMPOSE_DATA_DIR); an existing directory")
+                    help="evaluation/calibration data (else $LMCOMPOSE_DATA_DIR, then the data shipped "
+                         "with lmcompose, then the hub); an existing directory")
     sp.add_argument("--trust-remote-code", action="store_true")
-    sp.add_argument("--no-verify", action="store_true",
-                    help="skip the checksums of a run directory or cached model (~0.1 s for SmolLM2); consistency "
-                         "checks still run")
+    sp.add_argument("--no-verify", action="store_true", help=verify_help)
 
 
 def dumps(value) -> str:

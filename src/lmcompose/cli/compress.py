@@ -34,7 +34,7 @@ def recipe_from_args(args):
 
 def cmd_compress(args) -> int:
     from ..api import compress
-    from ..core.io import write_text_atomically
+    from ..core.io import remove_stale_temporaries, write_text_atomically
     from ..data import calibration_windows
     from ..models.checkpoint import save_compressed
     from ..models.export.dense import export_dense
@@ -48,11 +48,16 @@ def cmd_compress(args) -> int:
     out = checks.output(args.out or f"runs/{Path(args.model).name}-{recipe.hash()}", "--out", args.overwrite)
     if args.export_dense:
         checks.output(args.export_dense, "--export-dense", args.overwrite)
+    # What a killed earlier save of these targets left (hidden temporaries beside them) goes now, not only when
+    # this run reaches its own save: a run that fails or is stopped before saving still cleans up.
+    for target in (out, args.export_dense):
+        if target:
+            remove_stale_temporaries(Path(target).expanduser())
     if args.eval != "none":
         from ..eval.perplexity import get_protocol
 
         protocol = get_protocol(args.eval, **({"max_tokens": args.max_tokens} if args.max_tokens else {}))
-        checks.data_file(args.data_dir, protocol.dataset, protocol.split)
+        checks.data_file(args.data_dir, protocol.dataset, protocol.split, resolve=True)
     checks.model_exists(args.model)
     planned = check_on_model(recipe, args.model, args.trust_remote_code)
     console.print(plan_table(planned, f"plan: recipe {recipe.hash()} on {args.model}"))

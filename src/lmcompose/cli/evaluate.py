@@ -37,7 +37,7 @@ def cmd_eval(args) -> int:
     overrides = {k: v for k, v in {"seqlen": args.seqlen, "batch_size": args.batch_size,
                                    "max_tokens": args.max_tokens}.items() if v is not None}
     protocol = get_protocol(args.protocol, **overrides)
-    checks.data_file(args.data_dir, protocol.dataset, protocol.split)
+    checks.data_file(args.data_dir, protocol.dataset, protocol.split, resolve=True)
     if args.json:
         checks.output(args.json, "--json", overwrite=True, directory=False)
     checks.model_exists(args.model)
@@ -118,7 +118,7 @@ def cmd_fidelity(args) -> int:
             raise ValueError(f"{args.compressed} records no base_model: pass --dense")
     overrides = {k: v for k, v in {"seqlen": args.seqlen, "batch_size": args.batch_size}.items() if v is not None}
     protocol = get_protocol(args.protocol, **overrides)
-    checks.data_file(args.data_dir, protocol.dataset, protocol.split)
+    checks.data_file(args.data_dir, protocol.dataset, protocol.split, resolve=True)
     if args.json:
         checks.output(args.json, "--json", overwrite=True, directory=False)
     checks.model_exists(dense_name, "--dense")
@@ -199,7 +199,7 @@ def add_parser(sub) -> None:
     f.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES), help=DTYPE_HELP)
     f.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     f.add_argument("--data-dir", type=checks.data_dir, default=None,
-                   help="data directory (default $LMCOMPOSE_DATA_DIR)")
+                   help="data directory (default $LMCOMPOSE_DATA_DIR, then the data shipped with lmcompose)")
     f.add_argument("--trust-remote-code", action="store_true")
     f.add_argument("--no-verify", action="store_true", help="skip the checksums of the checkpoints (see eval --help)")
     f.add_argument("--protocol", default="quick", choices=list(PROTOCOLS),

@@ -43,7 +43,8 @@ def print_recovery(recipe) -> None:
 def check_calibration(recipe, data_dir: str | None, resolve: bool = False) -> None:
     """The recipe's calibration source must be readable, before any weights load: a local file that exists, or a
     named source (its name was checked with the recipe) whose file is in an explicit `data_dir`. With `resolve`
-    (compress), a named source must also be found in $LMCOMPOSE_DATA_DIR or on a reachable hub."""
+    (compress), a named source must also be found in $LMCOMPOSE_DATA_DIR, the data shipped with lmcompose or on a
+    reachable hub."""
     cal = recipe.calibration
     checks.data_file(data_dir, cal.source, cal.split)
     if resolve:
@@ -129,7 +130,8 @@ def add_parser(sub) -> None:
         sp.add_argument("--model", default=DEFAULT_MODEL)
         sp.add_argument("--trust-remote-code", action="store_true")
         sp.add_argument("--data-dir", type=checks.data_dir, default=None,
-                        help="where the calibration source is looked for (else $LMCOMPOSE_DATA_DIR, then the hub)")
+                        help="where the calibration source is looked for (else $LMCOMPOSE_DATA_DIR, then "
+                             "the data shipped with lmcompose, then the hub)")
         sp.set_defaults(func=func)
     t = sub.add_parser("techniques", help="list registered techniques with their parameters")
     t.set_defaults(func=cmd_techniques)

@@ -9,6 +9,8 @@ from .common import console
 
 
 def cmd_report(args) -> int:
+    """Reads each run's report.json, lmcompose.json and the tensor table in the safetensors header: no weights
+    are loaded, so there are no checksums to verify (hence no ``--no-verify``; `export` has one)."""
     from ..reporting.render import caveats, write_report
     from ..reporting.runs import load_runs
 
@@ -31,7 +33,7 @@ def cmd_export(args) -> int:
 
     checks.existing(args.run_dir, "run directory")
     checks.output(args.out, "--out", args.overwrite, directory=args.format != "gguf")
-    model, tokenizer, meta = load_compressed(args.run_dir)
+    model, tokenizer, meta = load_compressed(args.run_dir, verify=not args.no_verify)
     if args.no_tokenizer:
         tokenizer = None
     if args.format == "dense":
@@ -66,5 +68,7 @@ def add_parser(sub) -> None:
     e.add_argument("--allow-requant", action="store_true",
                    help="GGUF: write Linears whose grid has no GGML type as F16 dense instead of refusing")
     e.add_argument("--no-tokenizer", action="store_true", help="write the weights without the tokenizer")
+    e.add_argument("--no-verify", action="store_true",
+                   help="skip the checksums of the run directory (see eval --help); consistency checks still run")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_export)

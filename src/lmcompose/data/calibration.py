@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .text import NAMED, load_documents, load_text, resolve_file
+from .text import NAMED, PACKAGED, load_documents, load_text, resolve_file
 
 log = logging.getLogger(__name__)
 EVAL = ("wikitext2", "test")
@@ -42,11 +42,12 @@ def _is_eval_data(source: str, split: str, calib_file: Path | None, eval_source:
         eval_file = None
     if calib_file is None:
         return False
-    if eval_file is not None:
-        return calib_file.resolve() == eval_file.resolve()
-    # The evaluation file is not reachable here; still refuse a copy of it by name.
-    named = NAMED.get(tuple(eval_source))
-    return named is not None and calib_file.name == Path(named).name
+    if eval_file is not None and calib_file.resolve() == eval_file.resolve():
+        return True
+    # Also refuse a copy of it by name (wherever the evaluation file itself comes from: a data directory, the
+    # data shipped with lmcompose or the hub).
+    names = {Path(table[tuple(eval_source)]).name for table in (NAMED, PACKAGED) if tuple(eval_source) in table}
+    return calib_file.name in names
 
 
 def calibration_windows(tokenizer, source: str | os.PathLike = "c4", n: int = 128, seqlen: int = 512,
@@ -60,7 +61,8 @@ def calibration_windows(tokenizer, source: str | os.PathLike = "c4", n: int = 12
         n: number of windows.
         seqlen: tokens per window.
         seed: seed of the sampler's own generator.
-        data_dir: the data directory (default ``$LMCOMPOSE_DATA_DIR``).
+        data_dir: the data directory (default ``$LMCOMPOSE_DATA_DIR``, then the data shipped with lmcompose,
+            then the hub: see `lmcompose.data.text.resolve_file`).
         split: the split of a named source.
         eval_source: the ``(source, split)`` used for evaluation, which calibration must not use.
         force: allow calibrating on the evaluation data anyway.

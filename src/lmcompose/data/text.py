@@ -1,8 +1,11 @@
-"""Text sources: named datasets found in a local data directory first, the Hugging Face hub second.
+"""Text sources: named datasets found in a local data directory, in the data shipped with lmcompose, or on
+the Hugging Face hub, in that order.
 
 Named sources: ``wikitext2`` (``test`` for evaluation only, ``validation`` for calibration) and ``c4``
-(``validation``), read from `data_dir` or ``$LMCOMPOSE_DATA_DIR`` (the layout of ``../shared/data``); any
-local ``.txt``/``.raw``/``.tokens``/``.jsonl``/``.parquet`` file is a source too. Rows follow the hub's
+(``validation``), read from `data_dir` (``--data-dir``), else ``$LMCOMPOSE_DATA_DIR`` (the layout of
+``../shared/data``), else the package data in ``lmcompose/data/packaged/`` (WikiText-2 test and the C4
+sample, byte-for-byte the data folder's files, xz-compressed: see its README), else the hub. Any local
+``.txt``/``.raw``/``.tokens``/``.jsonl``/``.parquet`` file is a source too. Rows follow the hub's
 ``wikitext-2-raw-v1`` rows exactly, so the evaluation text is the string GPTQ/SparseGPT evaluate on.
 
 Offline (no network, or ``HF_HUB_OFFLINE``), a source whose file is missing fails in seconds with the path
@@ -13,9 +16,12 @@ Method notes: docs/methods/data.md (the file table, the hub fallback, how rows a
 
 from __future__ import annotations
 
+import gzip
+import importlib.resources
 import importlib.util
 import json
 import logging
+import lzma
 import os
 from pathlib import Path
 
@@ -36,12 +42,34 @@ HUB = {
                            {"validation": "en/c4-validation.00000-of-00008.json.gz"}),
 }
 LOCAL_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl", ".parquet")
+# Named sources shipped inside the package (lmcompose/data/packaged/, package data): the data folder's files
+# compressed with xz (wiki.test.raw byte-for-byte; the C4 parquet's `text` column, in order, as JSON lines).
+PACKAGED_PACKAGE = "lmcompose.data.packaged"
+PACKAGED = {
+    ("wikitext2", "test"): "wiki.test.raw.xz",
+    ("c4", "validation"): "c4_validation_2k.jsonl.xz",
+}
+_COMPRESSED = {".xz": lzma.open, ".gz": gzip.open}
 
 
 def data_root(explicit: str | os.PathLike | None = None) -> Path | None:
     """The data directory: `explicit`, else ``$LMCOMPOSE_DATA_DIR``, else None."""
     value = explicit if explicit is not None else os.environ.get("LMCOMPOSE_DATA_DIR")
     return Path(value).expanduser() if value else None
+
+
+def packaged_file(source: str, split: str) -> Path | None:
+    """The copy of a named source shipped with lmcompose (found with `importlib.resources`), or None when the
+    source is not shipped (or the package data is missing, e.g. a build that left it out)."""
+    name = PACKAGED.get((str(source), split))
+    if name is None:
+        return None
+    try:
+        resource = importlib.resources.files(PACKAGED_PACKAGE) / name
+    except ModuleNotFoundError:
+        return None
+    # Installed packages are directories on disk (never zip-imported), so the resource is a real path.
+    return Path(str(resource)) if isinstance(resource, Path) and resource.is_file() else None
 
 
 def _hub_problem() -> str | None:
@@ -55,9 +83,9 @@ def resolve_file(source: str | os.PathLike, split: str, data_dir: str | os.PathL
     """The local file a source names, or None when it will come from the hub.
 
     A named source is looked for in `data_dir` (else ``$LMCOMPOSE_DATA_DIR``). An explicit `data_dir` that
-    lacks the file is an error (never a silent download); a data directory from the environment that lacks
-    it falls back to the hub, and so does no data directory, when the hub can be reached (probed in
-    seconds: ``core/hub.py``).
+    lacks the file is an error (never a silent substitute); a data directory from the environment that lacks
+    it, or no data directory, falls back to the copy shipped with lmcompose (`packaged_file`: WikiText-2
+    test, C4 validation sample), then to the hub when it can be reached (probed in seconds: ``core/hub.py``).
 
     Raises:
         ValueError: an unknown source name or split.
@@ -81,25 +109,49 @@ def resolve_file(source: str | os.PathLike, split: str, data_dir: str | os.PathL
     if data_dir is not None:
         raise FileNotFoundError(f"{source}:{split} needs the file {root / relative}, which the data directory given "
                                 f"(--data-dir / data_dir) lacks; put it there (same layout as ../shared/data), or "
-                                "leave --data-dir out to use $LMCOMPOSE_DATA_DIR or the Hugging Face hub")
+                                "leave --data-dir out to use $LMCOMPOSE_DATA_DIR, the data shipped with lmcompose "
+                                "or the Hugging Face hub")
+    shipped = packaged_file(source, split)
+    if shipped is not None:
+        if root is not None:
+            log.info("%s:%s is not in $LMCOMPOSE_DATA_DIR (%s); using the copy shipped with lmcompose", source,
+                     split, root)
+        return shipped
     problem = _hub_problem()
     if problem is None:
         log.info("%s:%s not found locally; using the Hugging Face hub copy", source, split)
         return None
     where = str(root / relative) if root is not None else f"<data dir>/{relative} (no data directory is set)"
-    raise FileNotFoundError(f"{source}:{split} needs the file {where}, and {problem}; put the file there and set the "
-                            "data directory with --data-dir or LMCOMPOSE_DATA_DIR (same layout as ../shared/data)")
+    shipped = ("not shipped with lmcompose" if (source, split) not in PACKAGED
+               else "missing from this installation of lmcompose (reinstall it)")
+    raise FileNotFoundError(f"{source}:{split} needs the file {where}, its copy is {shipped}, and {problem}; put the "
+                            "file there and set the data directory with --data-dir or LMCOMPOSE_DATA_DIR (same "
+                            "layout as ../shared/data)")
+
+
+def _open_text(path: Path):
+    """`path` opened for reading text in universal-newline mode (CRLF and a lone CR become LF), decompressing
+    ``.xz``/``.gz`` files."""
+    opener = _COMPRESSED.get(path.suffix)
+    if opener is not None:
+        return opener(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _format(path: Path) -> str:
+    """The suffix that names a file's format, under a compression suffix (``a.jsonl.xz`` -> ``.jsonl``)."""
+    return Path(path.stem).suffix if path.suffix in _COMPRESSED else path.suffix
 
 
 def read_rows(path: str | os.PathLike) -> list[str]:
     """Rows of a text file exactly as the hub's wikitext rows: see the module docstring."""
-    with open(path, encoding="utf-8") as f:  # universal newlines: CRLF (and a lone CR) become LF
+    with _open_text(Path(path)) as f:  # universal newlines: CRLF (and a lone CR) become LF
         return [row if row.strip() else "" for row in f]
 
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8") as f:
+    with _open_text(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -134,9 +186,9 @@ def load_documents(source: str | os.PathLike, split: str, data_dir: str | os.Pat
 
         name, config, hub_split, files = HUB[(str(source), split)]
         return list(datasets.load_dataset(name, config, data_files=files, split=hub_split)["text"])
-    if path.suffix == ".parquet":
+    if _format(path) == ".parquet":
         return _read_parquet(path)
-    if path.suffix == ".jsonl":
+    if _format(path) == ".jsonl":
         return _read_jsonl(path)
     return read_rows(path)
 

@@ -172,16 +172,24 @@ def builtin_spec(name: str) -> LocalTaskSpec:
                      f"{ALIASES}), or the path of a .yaml/.json task spec")
 
 
+# Where a missing built-in task file comes from (the package ships only WikiText-2 test and the C4 sample).
+TASK_FILES_HINT = ("the zero-shot task files are not shipped with lmcompose: put them in a data directory laid out "
+                   "like ../shared/data (boolq/dev.jsonl, rte/val.jsonl, piqa/valid.jsonl + valid-labels.lst, "
+                   "winogrande/dev.jsonl, openbookqa/test.jsonl, lambada/lambada_test.jsonl; where to get each: "
+                   "docs/methods/data.md, 'Zero-shot task files') and pass --data-dir or set LMCOMPOSE_DATA_DIR")
+
+
 def _resolve(path: str, data_dir) -> Path:
     p = Path(path).expanduser()
     if not p.is_absolute():
         root = data_root(data_dir)
         if root is None:
-            raise FileNotFoundError(f"task file {path!r} is relative but no data directory is set "
-                                    "(pass data_dir / --data-dir or set LMCOMPOSE_DATA_DIR)")
+            raise FileNotFoundError(f"task file {path!r} is relative but no data directory is set; "
+                                    f"{TASK_FILES_HINT}")
         p = root / p
     if not p.is_file():
-        raise FileNotFoundError(f"task file {str(p)!r} does not exist")
+        raise FileNotFoundError(f"task file {str(p)!r} does not exist"
+                                + (f"; {TASK_FILES_HINT}" if not Path(path).expanduser().is_absolute() else ""))
     return p
 
 
