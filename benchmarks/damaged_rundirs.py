@@ -25,23 +25,10 @@ import torch
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
-from conftest import build_tiny_tokenizer
-from helpers import logits, tiny_llama, windows
-from test_damaged_rundirs import CASES, RECIPES
+from helpers import logits, windows
+from test_damaged_rundirs import CASES, build_runs
 
-from lmcompose import Recipe, compress
-from lmcompose.models.checkpoint import save_compressed
 from lmcompose.models.load import load_any
-
-
-def build_runs(root: Path) -> dict:
-    """The intact runs (as the test's `runs` fixture): {name: (path, logits of the compressed model)}."""
-    out = {}
-    for name, steps in RECIPES.items():
-        model = tiny_llama()
-        compress(model, Recipe.from_dict({"calibration": {"batch_size": 2}, "steps": steps}), windows())
-        out[name] = (save_compressed(model, root / name, build_tiny_tokenizer()), logits(model, windows()))
-    return out
 
 
 def cell(text: str, width: int = 120) -> str:

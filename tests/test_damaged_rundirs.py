@@ -27,15 +27,19 @@ RECIPES = {"dense": [{"rtn": {"bits": 4, "group_size": 32}}],
            "sparse": [{"magnitude": {"sparsity": 0.5}}, {"rtn": {"bits": 4, "group_size": 32}}]}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
+def build_runs(root) -> dict:
+    """The intact runs: {name: (path, logits of the compressed model)} (also benchmarks/damaged_rundirs.py)."""
     out = {}
     for name, steps in RECIPES.items():
         model = tiny_llama()
         compress(model, Recipe.from_dict({"calibration": {"batch_size": 2}, "steps": steps}), windows())
         out[name] = (save_compressed(model, root / name, build_tiny_tokenizer()), logits(model, windows()))
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return build_runs(tmp_path_factory.mktemp("runs"))
 
 
 # -- ways to damage a run directory ---------------------------------------------------------------------
