@@ -32,7 +32,6 @@ from typing import Iterator, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -46,7 +45,7 @@ from .core.errors import IllegalStep
 from .core.messages import shown
 from .core.yamlsafe import load_file, parse_yaml
 from .techniques.base import Technique
-from .techniques.fields import SEED_LIMIT, joined_parts, only_with, strict_values
+from .techniques.fields import SEED_LIMIT, StrictModel, joined_parts, only_with
 from .techniques.registry import get_technique, registry
 
 _FIELD_MESSAGE = re.compile(r"^[A-Za-z_]\w*: got ")
@@ -102,7 +101,7 @@ def build_step(entry, index: int = 0) -> Technique:
         raise ValueError(_format_error(f"{where}.{name}", err)) from None
 
 
-class Calibration(BaseModel):
+class Calibration(StrictModel):
     """Where the calibration windows come from. The source's name is checked when the recipe is built; whether
     its file is there, by `resolve` (``recipe check`` and ``compress`` call it before any weights load)."""
 
@@ -114,11 +113,6 @@ class Calibration(BaseModel):
     seqlen: int = Field(512, ge=8, description="tokens per window")
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="seed of the window sampler (its own generator)")
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _strict(cls, data):
-        return strict_values(cls, data)
 
     @model_validator(mode="after")
     def _known_source(self):
@@ -145,7 +139,7 @@ class Calibration(BaseModel):
 TRAINABLE = ("lowrank", "sparse", "scales")  # what recovery can train, in the order `train` is written
 
 
-class Recovery(BaseModel):
+class Recovery(StrictModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: int = Field(0, ge=0, description="optimizer steps; 0 = no recovery")
@@ -165,11 +159,6 @@ class Recovery(BaseModel):
     top_k: int = Field(64, ge=1, description="with teacher: cached: tokens kept per position (plus the tail's mass)")
     heldout: int = Field(0, ge=0, description="the last calibration windows held out of training, to report a "
                                               "held-out loss before and after")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _strict(cls, data):
-        return strict_values(cls, data)
 
     @field_validator("train", mode="before")
     @classmethod
@@ -216,7 +205,7 @@ class Recovery(BaseModel):
 _LATER_FIELDS = ("loss", "teacher", "top_k", "heldout")
 
 
-class Recipe(BaseModel):
+class Recipe(StrictModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schedule: Literal["layer-major", "step-major"] = "layer-major"
@@ -229,11 +218,6 @@ class Recipe(BaseModel):
                                                       "steps: 0 = off")
     allow_growth: bool = Field(False, description="accept a recipe whose compressed Linears take more bytes than "
                                                   "they take uncompressed (refused by `check` otherwise)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _strict(cls, data):
-        return strict_values(cls, data)
 
     @field_validator("steps", mode="before")
     @classmethod

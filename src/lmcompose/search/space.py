@@ -40,7 +40,7 @@ from ..core.errors import IllegalStep
 from ..core.messages import shown
 from ..core.yamlsafe import load_file, parse_yaml
 from ..recipe import CheckResult, Recipe
-from ..techniques.fields import strict_values
+from ..techniques.fields import StrictModel
 from ..techniques.registry import get_technique
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ EXTRA_UNITS = ("model", "group", "block")  # the units of steps placed around a 
 GRID_FIELDS = ("bits", "group_size", "symmetric", "scale_dtype")  # what a group step takes from its quantizer
 
 
-class Range(BaseModel):
+class Range(StrictModel):
     """A continuous range for Optuna, or an integer one when both bounds (and the step, if given) are integers
     (``{low: 32, high: 256}`` samples integers, ``{low: 0.2, high: 0.6}`` floats). Bounds are finite numbers
     (no booleans or strings); a log range needs ``low > 0``."""
@@ -60,11 +60,6 @@ class Range(BaseModel):
     high: int | float
     log: bool = False
     step: int | float | None = Field(None, gt=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _strict(cls, data):
-        return strict_values(cls, data)
 
     @model_validator(mode="after")
     def _order(self):

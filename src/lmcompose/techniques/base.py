@@ -17,17 +17,17 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from ..algebra.spec import LinearSpec
 from ..core.errors import IllegalStep
 from .allocation import allocate_by_sensitivity
-from .fields import check_settings, strict_values
+from .fields import StrictModel, check_settings
 
 _REGISTRY: dict[str, type["Technique"]] = {}
 
 
-class Technique(BaseModel):
+class Technique(StrictModel):
     """Base config of every technique. Selection fields are shared by all of them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -57,11 +57,6 @@ class Technique(BaseModel):
     allocation_ratios: tuple[float, ...] = Field(
         (0.5, 0.75, 1.0, 1.25, 1.5), description="sensitivity allocation: candidate ratios per Linear, as "
         "multiples of `ratio` (capped at 1)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _strict(cls, data):
-        return strict_values(cls, data)
 
     @model_validator(mode="after")
     def _allocation_needs_a_ratio(self):

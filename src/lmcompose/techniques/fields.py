@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterable, Literal, Union, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic.fields import FieldInfo
 
 from ..core.messages import shown
@@ -232,3 +232,13 @@ def strict_values(cls: type[BaseModel], data):
         if problem:
             raise ValueError(f"{name}: got {shown(value)}: {problem}; allowed: {allowed_text(name, info)}")
     return data
+
+
+class StrictModel(BaseModel):
+    """A config whose fields refuse bool/str coercion and non-finite or out-of-range values before pydantic
+    converts them (`strict_values`): the base of techniques, recipes and search ranges."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict(cls, data):
+        return strict_values(cls, data)
