@@ -83,7 +83,7 @@ RULES = {r.id: r for r in [
          "low-rank and quantization step: masks, factors and grids are then chosen in the rotated basis, and a "
          "rotation after them would move every kept weight off its mask and grid",
          "QuaRot (Ashkboos et al., NeurIPS 2024) and SpinQuant (Liu et al., ICLR 2025) rotate, then quantize; "
-         "enforced by Recipe.walk (model-scope steps lead); docs/methods/transforms.md"),
+         "enforced by Recipe.walk (model-unit steps lead); docs/methods/transforms.md"),
 ]}
 
 

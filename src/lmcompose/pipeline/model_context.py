@@ -1,4 +1,4 @@
-"""What a model-scope step (``Technique.transform_model``) may use of the pipeline, found structurally.
+"""What a model-unit step (``Technique.transform_model``) may use of the pipeline, found structurally.
 
 A step that transforms the whole model before the sequential pass (a rotation of the residual stream)
 needs the structure of every block (`pipeline.structure.trace_block`) and of the model's two ends, block

@@ -162,7 +162,7 @@ class AWQ(Technique):
     # -- the work ------------------------------------------------------------------------------
     def apply(self, layer, stats):
         raise NotImplementedError(f"{self.name} scales a group of Linears through the producer of their input: it "
-                                  "runs in the sequential pipeline (scope 'group'), not on one Linear alone")
+                                  "runs in the sequential pipeline (unit 'group'), not on one Linear alone")
 
     def apply_group(self, layers: dict, stats, context) -> dict[str, GroupResult]:
         gram, abs_mean = stats.gram.float(), stats.abs_mean.float()

@@ -466,7 +466,7 @@ class Reconstruct(Technique):
     # -- the work ------------------------------------------------------------------------------
     def apply(self, layer, stats):
         raise IllegalStep(f"{self.name} trains a whole decoder block against the dense block's output; it runs in "
-                          "the sequential pipeline (scope 'block'), not on one Linear alone")
+                          "the sequential pipeline (unit 'block'), not on one Linear alone")
 
     def apply_block(self, context) -> dict:
         if context.targets is None:

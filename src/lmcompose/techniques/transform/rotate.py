@@ -141,7 +141,7 @@ class Rotate(Technique):
         return spec.with_input_ops((*spec.input_ops, InputRotationSpec(t.n, t.kind, t.seed)))
 
     def apply(self, layer, stats):
-        raise IllegalStep("rotate transforms the whole model before the sequential pass (scope 'model'); "
+        raise IllegalStep("rotate transforms the whole model before the sequential pass (unit 'model'); "
                           "it has no per-Linear form")
 
     # -- the transform ------------------------------------------------------------------------------------
