@@ -289,7 +289,11 @@ def test_a_missing_data_file_fails_in_seconds_naming_it(no_network, tmp_path, mo
 def test_the_probe_does_not_wait_for_a_hanging_resolver(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(hub.socket, "create_connection", lambda *a, **k: time.sleep(30))
+    def hang(*args, **kwargs):
+        time.sleep(30)
+        raise OSError("resolver gave up")  # long after the test; the daemon thread ends quietly
+
+    monkeypatch.setattr(hub.socket, "create_connection", hang)
     monkeypatch.setattr(hub, "PROBE_TIMEOUT_S", 0.2)
     hub.reset()
     t0 = time.perf_counter()
