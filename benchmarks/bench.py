@@ -224,7 +224,7 @@ def run_row(table, name, steps, model, protocol, out_root, extra, calib, with_fu
     from lmcompose.models.checkpoint import file_tensor_bytes
 
     rep = json.loads((out / "report.json").read_text())
-    file_bytes = file_tensor_bytes(out / "model.safetensors")
+    file_bytes = file_tensor_bytes(out)  # the run directory: model.safetensors, or shards (--stream)
     row.update(ppl=rep["evaluation"].get("ppl"), protocol=rep["evaluation"].get("protocol"),
                bits_per_weight=rep["summary"]["bits_per_weight"], ratio=rep["summary"]["ratio_of_fp16"],
                total_bytes=rep["total_bytes"], file_tensor_bytes=file_bytes,

@@ -195,6 +195,37 @@ def speed_section() -> str:
     return "\n".join(lines) + "\n"
 
 
+def export_section(path: Path) -> str:
+    """benchmarks/export/export-<model>.jsonl written by bench_export.py: one row per (recipe, format)."""
+    latest = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            latest[(r["row"], r["format"])] = r  # the last run of a row wins
+    rows = list(latest.values())
+    head = ("| row | format | stored as (Linears) | Linear bytes: ours | Linear bytes: in the file | file bytes "
+            "| logits max diff | ppl ours | ppl re-loaded |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['row']} | {r['format']} | failed: {r['error'][:100]} | | | | | "
+                         f"{fmt(r.get('ppl_ours'), '.3f')} | |")
+            continue
+        stored = ", ".join(f"{k} ×{v}" for k, v in r["stored"].items())
+        lines.append(f"| {r['row']} | {r['format']} | {stored} | {r['linear_our_bytes']:,} | "
+                     f"{r['linear_file_bytes']:,} | {r['file_bytes']:,} | {r['logits_max_diff']:.2e} | "
+                     f"{r['ppl_ours']:.3f} | {r['ppl_reloaded']:.3f} |")
+    meta = rows[0] if rows else {}
+    recipes = "\n".join(f"    {name}: {json.dumps(steps)}" for name, steps in
+                         {r["row"]: r["recipe"]["steps"] for r in rows}.items())
+    return (f"Model `{meta.get('model')}`, machine: {meta.get('machine')}, dates "
+            f"{', '.join(sorted({r['date'][:10] for r in rows}))}. Perplexity: protocol "
+            f"`{json.dumps(meta.get('protocol'))}`, ours and the export re-loaded by transformers "
+            "(compressed-tensors loader; GGUF loader with `gguf_file=`); logits max diff over 2 evaluation "
+            "windows.\n\n" + "\n".join(lines) + f"\n\nReproduce: `OMP_NUM_THREADS=1 python benchmarks/bench_export.py "
+            f"--model {meta.get('model')} --only \"<row>\"`.\n\n{recipes}\n")
+
+
 def main() -> int:
     text = DOC.read_text()
     blocks = [(path.stem, section(path)) for path in sorted((HERE / "results").glob("*.jsonl"))]
@@ -202,6 +233,7 @@ def main() -> int:
         blocks.append(("zeroshot-fidelity-smollm2-135m", quality_section()))
     blocks.append(("search-vs-baselines-smollm2-135m", search_section()))
     blocks.append(("speed-smollm2-135m", speed_section()))
+    blocks += [(path.stem, export_section(path)) for path in sorted((HERE / "export").glob("export-*.jsonl"))]
     for key, body in blocks:
         block = f"<!-- table:{key} -->\n{body}<!-- /table:{key} -->"
         pattern = re.compile(rf"<!-- table:{re.escape(key)} -->.*?<!-- /table:{re.escape(key)} -->", re.S)

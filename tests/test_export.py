@@ -36,7 +36,7 @@ def byte_bpe():
 
 
 # -- compressed-tensors --------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_packing_matches_compressed_tensors(bits):
     helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
     codes = torch.randint(0, 2**bits, (6, 37), generator=torch.Generator().manual_seed(bits))
@@ -61,7 +61,7 @@ def test_compressed_tensors_loads_back_with_our_weights(step, tmp_path):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     model, x = quantized(step), windows()
-    out = export_compressed_tensors(model, tmp_path / "ct")
+    out = export_compressed_tensors(model, tmp_path / "ct").path
     qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
     assert qc.format == "pack-quantized" and sum(len(g.targets) for g in qc.config_groups.values()) == 14
     back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
@@ -79,7 +79,7 @@ def test_compressed_tensors_default_load_decompresses_on_first_forward(tmp_path)
     # symmetric only: with dequantize=False, transformers 5.23 + compressed-tensors 0.20 allocate an
     # *unpacked* weight_zero_point, while the package's own compress() (and vLLM) write it packed
     model, x = quantized({"rtn": {"bits": 4, "group_size": 32, "symmetric": True}}), windows()
-    back = AutoModelForCausalLM.from_pretrained(export_compressed_tensors(model, tmp_path / "ct"),
+    back = AutoModelForCausalLM.from_pretrained(export_compressed_tensors(model, tmp_path / "ct").path,
                                                 dtype=torch.float32).eval()
     torch.testing.assert_close(logits(back, x), logits(model, x), rtol=0, atol=1e-3)
 
@@ -87,8 +87,7 @@ def test_compressed_tensors_default_load_decompresses_on_first_forward(tmp_path)
 @pytest.mark.parametrize("step,match", [
     ({"gptq": {"bits": 4, "group_size": 32, "act_order": True}}, "act-order permutation"),
     ({"rtn": {"bits": 4, "group_size": 24}}, "group_size=24 does not divide in_features=64"),
-    ({"rtn": {"bits": 3, "group_size": 32}}, "bits=3"),
-    ({"wanda": {"sparsity": 0.5}}, r"model\.layers\.0\.self_attn\.q_proj is sparse"),
+    ({"svd": {"ratio": 0.5}}, r"cannot carry low rank: model\.layers\.0\.self_attn\.q_proj is U·V of rank"),
 ])
 def test_compressed_tensors_refuses_what_it_cannot_represent(step, match, tmp_path):
     model = quantized(step)
@@ -117,7 +116,7 @@ def test_gguf_loads_back_with_our_weights(step, type_name, tmp_path):
     import gguf
 
     model, x = quantized(step), windows()
-    path = export_gguf(model, tmp_path / "m.gguf")
+    path = export_gguf(model, tmp_path / "m.gguf").path
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert types["blk.1.attn_q.weight"] == types["blk.0.ffn_down.weight"] == type_name
     assert types["token_embd.weight"] == "F16" and types["output_norm.weight"] == "F32"
@@ -138,7 +137,7 @@ def test_gguf_q4_1_codes_are_bit_exact(tmp_path):
     import gguf
 
     model = quantized({"rtn": {"bits": 4, "group_size": 64, "symmetric": False}})
-    path = export_gguf(model, tmp_path / "m.gguf")
+    path = export_gguf(model, tmp_path / "m.gguf").path
     (t,) = [t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.attn_v.weight"]  # v: rows not permuted
     q = qlayers(model)["model.layers.0.self_attn.v_proj"].terms[0].a
     blocks = torch.from_numpy(t.data.copy()).reshape(-1, 20)  # Q4_1: d, m (fp16), 16 bytes of nibbles
@@ -156,7 +155,7 @@ def test_gguf_tokenizer_round_trips(tmp_path):
     model.resize_token_embeddings(320, mean_resizing=False)
     x = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
     quantized({"rtn": {"bits": 4, "group_size": 32, "symmetric": True}}, model, x)
-    path = export_gguf(model, tmp_path / "m.gguf", tok)
+    path = export_gguf(model, tmp_path / "m.gguf", tok).path
     back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     text = "the lazy fox says hello, world!  </s>"
     assert back(text).input_ids == tok(text).input_ids and back.eos_token == "</s>"
@@ -167,15 +166,17 @@ def test_gguf_refuses_or_requantizes_grids_without_a_ggml_type(tmp_path):
     import gguf
 
     model, x = quantized({"rtn": {"bits": 8, "group_size": 32, "symmetric": False}}), windows()
-    with pytest.raises(ValueError, match="asymmetric 8-bit has no GGML type.*allow_requant"):
+    with pytest.raises(ValueError, match="asymmetric 8-bit has no exact GGML type.*allow_requant"):
         export_gguf(model, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
-    path = export_gguf(model, tmp_path / "m.gguf", allow_requant=True)
-    reader = gguf.GGUFReader(path)
-    assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.")} <= {"F16", "F32"}
+    path = export_gguf(model, tmp_path / "m.gguf", allow_requant=True).path
+    reader = gguf.GGUFReader(path)  # re-quantized to the nearest width gguf.quants writes: Q8_0
+    assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.")} == {"Q8_0", "F32"}
     requant = json.loads(bytes(reader.fields["lmcompose.requantized"].parts[-1]).decode())
     assert len(requant) == 14
-    torch.testing.assert_close(logits(_load_gguf(path), x), logits(model, x), rtol=0, atol=2e-3)
+    # a second rounding (Q8_0's own d per 32 columns): close, not exact (the exact check of the re-quantized
+    # values is test_export_compositions.py::test_gguf_requantizes_act_order_to_the_nearest_type)
+    torch.testing.assert_close(logits(_load_gguf(path), x), logits(model, x), rtol=0, atol=2e-2)
     with pytest.raises(ValueError, match="llama architecture only"):
         export_gguf(quantized({"rtn": {"bits": 4, "group_size": 32}}, tiny_gemma3()), tmp_path / "g.gguf")
     with pytest.raises(ValueError, match="byte-level BPE"):

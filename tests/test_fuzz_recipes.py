@@ -245,10 +245,16 @@ def contract(load) -> str:
         return "refused"
     try:
         result = recipe.check(SHAPES)
-        explain(recipe, SHAPES)
     except ValueError as err:
         _clean(err)
+        try:  # explain refuses what check refuses (hard rules, growth), with the same words
+            explain(recipe, SHAPES)
+        except ValueError as again:
+            assert str(again) == str(err), (str(again)[:300], str(err)[:300])
+        else:
+            raise AssertionError(f"check refused and explain did not: {str(err)[:300]}")
         return "illegal plan"
+    explain(recipe, SHAPES)
     uncompressed = result.linear_dense_bytes * (2 if recipe.float_dtype == "fp32" else 1)  # dense, fp16 or wider
     assert result.linear_bytes <= uncompressed or recipe.allow_growth
     again = Recipe.from_yaml(recipe.to_yaml())

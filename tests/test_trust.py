@@ -172,6 +172,35 @@ def test_a_recipe_that_grows_the_model_is_refused_unless_allowed():
                                                                      "scale_dtype": "fp32"}}]}).check(SHAPES)
 
 
+def test_explain_refuses_growth_as_check_does(setup, tmp_path, capsys):
+    """`recipe explain` used to explain a recipe that `recipe check` and compress refuse for storing more bytes
+    than the dense Linears: both now end in the same `Recipe.refuse_growth`, with the same one-line error."""
+    from lmcompose.rules import explain
+
+    grows = {"steps": [{"rtn": {"bits": 8, "group_size": 1}}]}
+    with pytest.raises(IllegalStep) as checked:
+        Recipe.from_dict(grows).check(SHAPES)
+    with pytest.raises(IllegalStep) as explained:
+        explain(Recipe.from_dict(grows), SHAPES)
+    assert str(explained.value) == str(checked.value) and "allow_growth: true" in str(explained.value)
+    allowed = explain(Recipe.from_dict({**grows, "allow_growth": True}), SHAPES)
+    assert allowed[-1].linear_bytes == Recipe.from_dict({**grows, "allow_growth": True}).check(SHAPES).linear_bytes
+
+    _, model_dir, data, _ = setup
+    path = tmp_path / "grows.yaml"
+    path.write_text("steps:\n  - rtn: {bits: 8, group_size: 1}\n")
+    lines = []
+    for command in ("check", "explain"):
+        code, out, err = _run(capsys, "recipe", command, path, "--model", model_dir, "--data-dir", data)
+        assert code == 2 and not out
+        lines.append(_one_error(err))
+    assert lines[0] == lines[1] and "more than the" in lines[0] and "allow_growth: true" in lines[0]
+    path.write_text("allow_growth: true\nsteps:\n  - rtn: {bits: 8, group_size: 1}\n")
+    for command in ("check", "explain"):
+        code, out, _ = _run(capsys, "recipe", command, path, "--model", model_dir, "--data-dir", data)
+        assert code == 0 and "32.0" in out  # 32 bits per weight, as the recipe asked
+
+
 # -- the CLI's one error path -----------------------------------------------------------------------------
 def _run(capsys, *argv):
     code = main([str(a) for a in argv])
@@ -455,6 +484,46 @@ def test_analyze_passes_its_loader_flags_and_refuses_a_run_directory(setup, tmp_
         ortho.analyze(str(model_dir), {"rtn": {"bits": 4, "group_size": 32}}, {"magnitude": {"sparsity": 0.5}},
                       data_dir=str(data), verify=False)
     assert loads and loads[0]["verify"] is False and loads[0]["trust_remote_code"] is False
+
+
+def test_search_and_bench_speed_pass_no_verify_to_the_loader(setup, tmp_path, capsys, monkeypatch):
+    """`search` and `bench-speed` load models too: they take --no-verify (declared once, by
+    `cli.common.verify_option`) and hand it to every loader they call."""
+    from helpers import tiny_llama
+
+    from lmcompose.models import checkpoint
+    from lmcompose.search.study import load_dense
+
+    _, model_dir, data, _ = setup
+    loads = []
+
+    def fake_load_model(name, **k):
+        loads.append(k["verify"])
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(load_module, "load_model", fake_load_model)
+    for i, flags in enumerate(([], ["--no-verify"])):
+        code, _, err = _run(capsys, "search", "--model", model_dir, "--budget", "0.5", "--out", tmp_path / f"s{i}",
+                            "--data-dir", data, "--level", "proxy", "--finalists", "0", "--heldout-n", "0", *flags)
+        assert code == 2 and "error: stop here" in err  # (after the line on the grid the command had started)
+    assert loads == [True, False]
+    for verify in (True, False):  # the factory of the search's workers
+        with pytest.raises(ValueError, match="stop here"):
+            load_dense(str(model_dir), "fp32", "cpu", False, verify)
+    assert loads[2:] == [True, False]
+
+    run = checkpoint.save_compressed(tiny_llama(), tmp_path / "run")
+    seen = []
+
+    def fake_load_any(name, *a, verify=True, **k):
+        seen.append(verify)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(load_module, "load_any", fake_load_any)
+    for flags in ([], ["--no-verify"]):
+        code, _, err = _run(capsys, "bench-speed", "--model", run, "--no-isolate", "--policy", "auto", *flags)
+        assert code == 2 and "stop here" in _one_error(err)
+    assert seen == [True, False]
 
 
 @pytest.mark.parametrize("command, needed", [

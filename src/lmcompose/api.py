@@ -27,6 +27,7 @@ from .pipeline.blocks import (
     other_param_bytes,
 )
 from .pipeline.records import Report
+from .pipeline.resume import RunJournal, fingerprint, unsupported
 from .pipeline.sequential import SequentialCompressor
 from .recipe import Recipe
 from .training.distill import dense_teacher
@@ -58,8 +59,44 @@ def environment() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def _journal(model, recipe, windows, work_dir, resume, overwrite, model_name, resolved, streamed):
+    """The run's `RunJournal` in `work_dir` (None without one, or for a recipe that cannot resume)."""
+    if work_dir is None:
+        if resume:
+            raise ValueError("resume=True needs work_dir (the directory an interrupted run recorded its blocks in)")
+        return None
+    why = unsupported(recipe.steps, recipe.schedule)
+    if why is not None:
+        if resume:
+            raise ValueError(f"--resume is not supported for {why}; rerun without --resume (and --overwrite)")
+        log.info("this run cannot be resumed (%s): no work directory is written", why)
+        return None
+    from . import __version__
+    from .pipeline.blocks import find_blocks
+
+    fp = fingerprint(model, recipe.hash(), windows, model_name=model_name, compute_dtype=resolved,
+                     schedule=recipe.schedule, n_blocks=len(find_blocks(model)[1]), streamed=streamed,
+                     version=__version__)
+    return RunJournal(work_dir, fp, resume=resume, overwrite=overwrite)
+
+
+def _check_streamable(recipe: Recipe) -> None:
+    """Steps that need the whole model in memory cannot run block by block from disk."""
+    whole = [s.name for s in recipe.steps if s.unit == "model" or getattr(s, "needs_prepass", False)]
+    if whole:
+        raise ValueError(f"step(s) {whole} transform or measure the whole model at once and cannot be streamed "
+                         "block by block; run without --stream")
+    if recipe.schedule != "layer-major":
+        raise ValueError(f"schedule={recipe.schedule!r} cannot be streamed (each step would read every block "
+                         "again); allowed with --stream: 'layer-major'")
+    if recipe.recover.steps:
+        raise ValueError("a recipe with a 'recover' section fine-tunes the whole model at once and cannot be "
+                         "streamed; run without --stream")
+
+
 def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, model_name: str = "",
-             on_block=None, compute_dtype: str = "auto") -> Report:
+             on_block=None, compute_dtype: str = "auto", work_dir=None, resume: bool = False,
+             overwrite_work: bool = False, block_io=None) -> Report:
     """Compress `model` in place with `recipe`, calibrating on `windows` ([n, seqlen] token ids).
 
     The recipe is type-checked and costed on the model's shapes before any block is touched. With
@@ -74,6 +111,13 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
     step: ``teacher: cached`` runs the dense model over the windows now (the whole model on `device`) and
     keeps its top-k log-probabilities; ``teacher: online`` keeps a deep copy of the model (a second model
     in memory until the recovery ends).
+
+    With `work_dir` set (CLI: ``OUT.partial`` beside ``--out``), every final block is recorded there
+    (`lmcompose.pipeline.resume`) and ``resume=True`` continues an interrupted run from its last finished
+    block, bit-identically; an existing work directory without `resume` is refused unless
+    `overwrite_work`. Remove it once the model is saved (``RunJournal.discard`` / ``shutil.rmtree``).
+    `block_io` (``models.stream.StreamedBlocks``) loads each block's weights just before it is visited and
+    frees them after: the model's blocks may then start on the meta device.
     """
     compute_dtypes.check(compute_dtype, "compute_dtype")
     recipe = as_recipe(recipe)
@@ -86,11 +130,19 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
     resolved = compute_dtypes.resolve(compute_dtype, device if device is not None else home,
                                       compute_dtypes.model_dtype(model))
     rec = recipe.recover
+    if block_io is not None:
+        _check_streamable(recipe)
+        if work_dir is None:
+            raise ValueError("a streamed run (block_io) needs work_dir: its finished blocks are kept there until "
+                             "the checkpoint is written (models.checkpoint.save_streamed)")
+    journal = _journal(model, recipe, windows, work_dir, resume, overwrite_work, model_name, resolved,
+                       block_io is not None)
     # a KL recovery needs the dense model's distributions: cached (top-k, now) or a copy of it (online)
     teacher = (dense_teacher(model, windows, rec, resolved, device, recipe.calibration.batch_size)
                if rec.steps and rec.loss == "kl" else None)
     try:
-        runner = SequentialCompressor(model, recipe.steps, recipe.float_dtype, device, on_block, resolved)
+        runner = SequentialCompressor(model, recipe.steps, recipe.float_dtype, device, on_block, resolved,
+                                      journal=journal, block_io=block_io)
         runner.run(windows, recipe.calibration.batch_size, recipe.schedule)
         recovery = recover(model, windows, rec, resolved, device, teacher) if rec.steps else None
     finally:

@@ -361,19 +361,30 @@ class Recipe(StrictModel):
         """
         specs = self.linear_specs(shapes)
         dense = {n: s.dense_fp16_nbytes() for n, s in specs.items()}
-        before = {n: max(dense[n], s.nbytes()) for n, s in specs.items()}  # uncompressed: fp16, or float_dtype
+        before = uncompressed_bytes(specs)
         touched = set()
         for walked in self.walk(specs):
             specs.update(walked.after)
             touched.update(walked.names)
         result = CheckResult(specs, dense, sorted(touched), other_bytes)
-        uncompressed = sum(before[n] for n in touched)
-        if not self.allow_growth and result.linear_bytes > uncompressed:
-            raise IllegalStep(f"the recipe stores {result.linear_bytes:,} bytes for the {len(touched)} Linears it "
-                              f"compresses, more than the {uncompressed:,} bytes they take uncompressed (dense in "
-                              f"{self.float_dtype}; {result.bits_per_weight:.2f} bits per weight); compress more "
-                              "(fewer bits, larger groups, a lower rank) or set allow_growth: true")
+        self.refuse_growth(result, before)
         return result
+
+    def refuse_growth(self, result: "CheckResult", before: dict[str, int]) -> None:
+        """Raise ``IllegalStep`` when the compressed Linears of `result` take more bytes than they did uncompressed
+        (`before`, from `uncompressed_bytes` of the specs before the walk), unless the recipe says
+        ``allow_growth: true``. `check` and ``lmcompose.rules.explain`` both end here."""
+        uncompressed = sum(before[n] for n in result.compressed)
+        if not self.allow_growth and result.linear_bytes > uncompressed:
+            raise IllegalStep(f"the recipe stores {result.linear_bytes:,} bytes for the {len(result.compressed)} "
+                              f"Linears it compresses, more than the {uncompressed:,} bytes they take uncompressed "
+                              f"(dense in {self.float_dtype}; {result.bits_per_weight:.2f} bits per weight); "
+                              "compress more (fewer bits, larger groups, a lower rank) or set allow_growth: true")
+
+
+def uncompressed_bytes(specs: dict[str, LinearSpec]) -> dict[str, int]:
+    """Bytes of each Linear before any step: dense fp16, or the recipe's float_dtype where that is wider."""
+    return {n: max(s.dense_fp16_nbytes(), s.nbytes()) for n, s in specs.items()}
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 from .algebra.spec import LinearSpec
-from .recipe import Recipe
+from .recipe import CheckResult, Recipe, uncompressed_bytes
 
 
 @dataclass(frozen=True)
@@ -163,10 +163,12 @@ def _applies(step) -> list[str]:
 def explain(recipe: Recipe, shapes: dict[str, tuple[int, int]]) -> list[StepExplanation]:
     """Walk `recipe` over the model's Linear shapes (no weights), one explanation per step.
 
-    Raises ``IllegalStep`` (a hard rule) exactly as ``Recipe.check`` does: both are ``Recipe.walk``.
+    Raises ``IllegalStep`` (a hard rule) exactly as ``Recipe.check`` does: both are ``Recipe.walk``, and both
+    refuse a recipe that stores more bytes than the dense Linears unless it says ``allow_growth: true``.
     """
     specs = recipe.linear_specs(shapes)
     dense_fp16 = {n: s.dense_fp16_nbytes() for n, s in specs.items()}
+    uncompressed = uncompressed_bytes(specs)
     touched: set[str] = set()
     out = []
     walks = list(recipe.walk(specs))  # a hard rule raises: an illegal chain is refused, not explained
@@ -189,4 +191,5 @@ def explain(recipe: Recipe, shapes: dict[str, tuple[int, int]]) -> list[StepExpl
                 more = f" ({len(hits)} of {len(names)} Linears)" if len(hits) > 1 else ""
                 exp.warnings.append(Finding(RULES[rid], i, hits[0] + more))
         out.append(exp)
+    recipe.refuse_growth(CheckResult(specs, dense_fp16, sorted(touched)), uncompressed)
     return out

@@ -1,7 +1,8 @@
 """The `lmcompose` command line: the only place that prints or parses arguments (one module per
 command group; what they share is in `common`).
 
-    lmcompose compress [--model smollm2-135m] [--recipe R.yaml | --preset NAME] [--out DIR] [--eval quick]
+    lmcompose compress [--model smollm2-135m] [--recipe R.yaml | --preset NAME] [--out DIR] [--eval quick] [--verbose]
+    lmcompose generate RUN_DIR|MODEL --prompt "..." [--max-new-tokens 64] [--no-dense] [--no-chat-template]
     lmcompose eval --model NAME|PATH|CHECKPOINT --protocol quick
     lmcompose recipe check R.yaml --model NAME
     lmcompose recipe explain R.yaml --model NAME
@@ -28,10 +29,10 @@ import logging
 import sys
 import traceback
 
-from . import analyze, compress, evaluate, recipe, report, search
+from . import analyze, compress, evaluate, generate, recipe, report, search
 from .common import err_console
 
-COMMAND_MODULES = (compress, evaluate, recipe, search, report, analyze)  # each adds its subcommands
+COMMAND_MODULES = (compress, evaluate, generate, recipe, search, report, analyze)  # each adds its subcommands
 
 # Exit codes: 0 done; 2 the input was refused (an argument, a recipe, a file, a model: the user can fix it);
 # 1 lmcompose failed (a bug, or the machine: out of memory); 130 interrupted.
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
     debug = "--debug" in argv  # taken anywhere on the line, and known even when parsing fails
     try:
         args = build_parser().parse_args([a for a in argv if a != "--debug"])
+        args.argv = argv  # the command line as given (a run's model card records it)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         return args.func(args)

@@ -41,6 +41,44 @@ def progress() -> Progress:
                     console=err_console, transient=False)
 
 
+class BlockProgress:
+    """Progress of a per-block loop (the ``on_block(done, total)`` callback of `lmcompose.api.compress`): a rich
+    bar on stderr when stderr is a terminal, else one plain line per block with that block's seconds and the
+    time so far (a log file or a CI job then still shows that the run moves and how fast). Use as a context
+    manager; the instance itself is the callback."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.live = err_console.is_terminal
+        self._prog = progress() if self.live else None
+        self._task = None
+        self._t0 = self._last = 0.0
+
+    def __enter__(self) -> "BlockProgress":
+        import time
+
+        self._t0 = self._last = time.perf_counter()
+        if self._prog is not None:
+            self._prog.__enter__()
+            self._task = self._prog.add_task(escape(self.description), total=None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._prog is not None:
+            self._prog.__exit__(*exc)
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        now = time.perf_counter()
+        if self._prog is not None:
+            self._prog.update(self._task, completed=done, total=total)
+        else:
+            err_console.print(f"{self.description}: block {done}/{total} done in {now - self._last:.1f} s "
+                              f"({now - self._t0:.1f} s so far)", markup=False, highlight=False, soft_wrap=True)
+        self._last = now
+
+
 def mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
@@ -80,7 +118,13 @@ def model_options(sp: argparse.ArgumentParser, model_help: str = MODEL_HELP, wei
                     help="evaluation/calibration data (else $LMCOMPOSE_DATA_DIR, then the data shipped "
                          "with lmcompose, then the hub); an existing directory")
     sp.add_argument("--trust-remote-code", action="store_true")
-    sp.add_argument("--no-verify", action="store_true", help=verify_help)
+    verify_option(sp, verify_help)
+
+
+def verify_option(sp: argparse.ArgumentParser, help: str = VERIFY_HELP) -> None:
+    """``--no-verify``, the one declaration of it (`model_options` and the commands that declare their own model
+    arguments); the command passes ``verify=not args.no_verify`` to every loader it calls."""
+    sp.add_argument("--no-verify", action="store_true", help=help)
 
 
 def dumps(value) -> str:

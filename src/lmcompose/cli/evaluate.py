@@ -21,12 +21,55 @@ from .common import (
     model_options,
     print_totals,
     progress,
+    verify_option,
     write_json_output,
 )
 
 
 def mib_number(n: int) -> str:
     return f"{n / 2**20:,.1f}"
+
+
+DENSE_FOR_HELP = ("the model evaluated is RUN_DIR's dense base model: record the result in RUN_DIR's report.json as "
+                  "its dense reference (shown by `lmcompose report` and the run's README.md)")
+
+
+def check_dense_for(run_dir: str | None, model: str) -> None:
+    """``--dense-for RUN_DIR``, before any model loads: a run directory of `lmcompose compress` whose base model
+    is `model` (the name it was compressed from)."""
+    from ..models.checkpoint import META_FILE
+    from ..models.rundir import REPORT_FILE
+
+    if run_dir is None:
+        return
+    path = checks.existing(run_dir, "--dense-for")
+    if not (path / REPORT_FILE).is_file() or not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"--dense-for {run_dir!r} is not a run directory of `lmcompose compress` (no "
+                                f"{REPORT_FILE} and {META_FILE})")
+    base = json.loads((path / META_FILE).read_text()).get("base_model")
+    if base and base != model:
+        raise ValueError(f"--dense-for {run_dir!r} was compressed from {base!r}, not --model {model!r}; allowed: "
+                         f"--model {base}")
+
+
+def refresh_card(run_dir: str) -> None:
+    """Rewrite a run's model card after a result was recorded in its report.json (a directory without
+    lmcompose.json, not a run of `lmcompose compress`, gets no card)."""
+    from ..models.checkpoint import META_FILE
+    from ..reporting.card import write_card
+
+    if (Path(run_dir) / META_FILE).is_file():
+        write_card(run_dir)
+
+
+def record_dense(run_dir: str | None, model: str, key: str, value: dict) -> None:
+    from ..models.rundir import record_dense_result
+    from ..reporting.card import write_card
+
+    if run_dir is not None:
+        record_dense_result(run_dir, model, key, value)
+        write_card(run_dir)
+        console.print(f"recorded as the dense reference of {run_dir} (shown by `lmcompose report`)", markup=False)
 
 
 def cmd_eval(args) -> int:
@@ -41,6 +84,7 @@ def cmd_eval(args) -> int:
     if args.json:
         checks.output(args.json, "--json", overwrite=True, directory=False)
     checks.model_exists(args.model)
+    check_dense_for(args.dense_for, args.model)
     model, tokenizer = load_any(args.model, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code,
                                 verify=not args.no_verify)
     with progress() as prog:
@@ -51,6 +95,7 @@ def cmd_eval(args) -> int:
                    "windows": result.n_windows, "seconds": f"{result.seconds:.1f}",
                    "protocol": json.dumps(result.protocol)})
     write_json_output(args.json, {"model": args.model, **result.to_dict()})
+    record_dense(args.dense_for, args.model, "perplexity", result.to_dict())
     return 0
 
 
@@ -71,6 +116,7 @@ def cmd_zeroshot(args) -> int:
         raise ValueError(f"--tasks={args.tasks!r}: give at least one task")
     for t in tasks:  # names known, spec files valid, data files present: before the model loads
         task_config(t, args.data_dir)
+    check_dense_for(args.dense_for, args.model)
     model, tokenizer = load_any(args.model, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code,
                                 verify=not args.no_verify)
     result = zeroshot(model, tokenizer, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
@@ -87,8 +133,10 @@ def cmd_zeroshot(args) -> int:
                           str(metrics["n"]), result["task_hashes"][task])
     console.print(table)
     if record_result(args.model, "zeroshot", result):
+        refresh_card(args.model)
         console.print(f"recorded in {Path(args.model) / REPORT_FILE} (shown by `lmcompose report`)")
     write_json_output(args.json, {"model": args.model, **result})
+    record_dense(args.dense_for, args.model, "zeroshot", result)
     return 0
 
 
@@ -136,6 +184,7 @@ def cmd_fidelity(args) -> int:
                    "seconds": f"{result.seconds:.1f}", "protocol": json.dumps(result.protocol)})
     summary = {"dense": dense_name, "compressed": args.compressed, **result.to_dict()}
     if record_result(args.compressed, "fidelity", summary):
+        refresh_card(args.compressed)
         console.print(f"recorded in {Path(args.compressed) / REPORT_FILE} (shown by `lmcompose report`)")
     write_json_output(args.json, summary)
     return 0
@@ -151,7 +200,8 @@ def cmd_bench_speed(args) -> int:
         checks.output(args.json, "--json", overwrite=True, directory=False)
     result = bench_speed(args.model, args.dense, tuple(args.policy), args.prompt_len, args.new_tokens,
                          tuple(args.batch_sizes), args.dtype, args.device, args.repeats, args.warmup,
-                         isolate=not args.no_isolate, trust_remote_code=args.trust_remote_code)
+                         isolate=not args.no_isolate, trust_remote_code=args.trust_remote_code,
+                         verify=not args.no_verify)
     table = Table(title=f"bench-speed ({args.device}, {args.dtype}, {result['environment']['threads']} threads)")
     cols = ["run", "paths"] + [f"prefill b{b} tok/s" for b in args.batch_sizes] + [
         "decode tok/s", "RSS loaded MiB", "peak RSS MiB", "weights held MiB"]
@@ -181,6 +231,7 @@ def add_parser(sub) -> None:
     e.add_argument("--batch-size", type=checks.count(), default=None)
     e.add_argument("--max-tokens", type=checks.count(2), default=None)
     e.add_argument("--json", default=None, help="also write the result as JSON here")
+    e.add_argument("--dense-for", default=None, metavar="RUN_DIR", help=DENSE_FOR_HELP)
     e.set_defaults(func=cmd_eval)
 
     z = sub.add_parser("zeroshot", help="zero-shot accuracy through lm-evaluation-harness, tasks from local files")
@@ -191,6 +242,7 @@ def add_parser(sub) -> None:
     z.add_argument("--batch-size", type=checks.count(), default=8)
     z.add_argument("--num-fewshot", type=checks.count(0, 1000), default=0)
     z.add_argument("--json", default=None, help="also write the result as JSON here")
+    z.add_argument("--dense-for", default=None, metavar="RUN_DIR", help=DENSE_FOR_HELP)
     z.set_defaults(func=cmd_zeroshot)
 
     f = sub.add_parser("fidelity", help="KL(dense ‖ compressed) and top-1 agreement on held-out text")
@@ -201,7 +253,7 @@ def add_parser(sub) -> None:
     f.add_argument("--data-dir", type=checks.data_dir, default=None,
                    help="data directory (default $LMCOMPOSE_DATA_DIR, then the data shipped with lmcompose)")
     f.add_argument("--trust-remote-code", action="store_true")
-    f.add_argument("--no-verify", action="store_true", help="skip the checksums of the checkpoints (see eval --help)")
+    verify_option(f, "skip the checksums of the checkpoints (see eval --help)")
     f.add_argument("--protocol", default="quick", choices=list(PROTOCOLS),
                    help="quick (WikiText-2 test, seqlen 512) or full")
     f.add_argument("--max-windows", type=checks.count(), default=16)
@@ -224,6 +276,8 @@ def add_parser(sub) -> None:
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--no-isolate", action="store_true", help="run in this process (peak RSS then covers all runs)")
     b.add_argument("--trust-remote-code", action="store_true")
+    verify_option(b, "skip the checksums of the run directories (compressed and --dense) and of a .gguf's cached "
+                     "dequantized copy (see eval --help)")
     b.add_argument("--json", default=None, help="write all numbers here")
     b.set_defaults(func=cmd_bench_speed)
 

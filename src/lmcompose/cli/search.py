@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from . import checks
-from .common import DEFAULT_MODEL, err_console, progress
+from .common import DEFAULT_MODEL, err_console, progress, verify_option
 
 
 def add_parser(sub) -> None:
@@ -52,6 +52,7 @@ def add_parser(sub) -> None:
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--data-dir", type=checks.data_dir, default=None)
     s.add_argument("--trust-remote-code", action="store_true")
+    verify_option(s, "skip the checksums of a .gguf model's cached dequantized copy (its sizes are still checked)")
     s.set_defaults(func=cmd_search)
 
 
@@ -110,11 +111,12 @@ def cmd_search(args) -> int:
         err_console.print(f"grid: {len(problem.grid)} recipes admitted, {len(problem.cut)} cut before any work")
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
-                                  trust_remote_code=args.trust_remote_code)
+                                  trust_remote_code=args.trust_remote_code, verify=not args.no_verify)
     windows = calibration_windows(tokenizer, n=args.calib_n + args.heldout_n, seqlen=args.calib_seqlen,
                                   seed=args.seed, data_dir=args.data_dir)
     calib, heldout = windows[:args.calib_n], windows[args.calib_n:]
-    factory = functools.partial(load_dense, args.model, args.dtype, args.device, args.trust_remote_code)
+    factory = functools.partial(load_dense, args.model, args.dtype, args.device, args.trust_remote_code,
+                                not args.no_verify)
     spec = EvaluatorSpec(factory, calib, heldout, str(out / "cache"), args.device, name=args.model,
                          compute_dtype=args.compute_dtype)
     evaluator = Evaluator(model, DenseStats.load_or_compute(model, calib, spec.cache_dir,

@@ -95,7 +95,8 @@ def run_one(job: dict) -> dict:
     from ..models.load import load_any
 
     t0 = time.perf_counter()
-    model, _ = load_any(job["model"], job["dtype"], job["device"], job.get("trust_remote_code", False))
+    model, _ = load_any(job["model"], job["dtype"], job["device"], job.get("trust_remote_code", False),
+                        verify=job.get("verify", True))
     load_seconds = time.perf_counter() - t0
     policy = job.get("policy")
     modes: dict[str, int] = {}
@@ -148,8 +149,10 @@ def policy_presets() -> dict[str, dict]:
 
 def bench_speed(model: str, dense: str | None = None, policies=("auto", "dense"), prompt_len: int = 256,
                 new_tokens: int = 64, batch_sizes=(1, 8), dtype: str = "fp32", device: str = "cpu",
-                repeats: int = 5, warmup: int = 1, isolate: bool = True, trust_remote_code: bool = False) -> dict:
-    """Benchmark the dense model (if given) and `model` under each named policy (see `policy_presets`)."""
+                repeats: int = 5, warmup: int = 1, isolate: bool = True, trust_remote_code: bool = False,
+                verify: bool = True) -> dict:
+    """Benchmark the dense model (if given) and `model` under each named policy (see `policy_presets`).
+    `verify`: check the checksums of run directories and cached GGUF copies as they load (CLI: ``--no-verify``)."""
     from ..models.checkpoint import META_FILE, read_metadata
 
     if prompt_len < 1 or new_tokens < 1 or repeats < 1 or warmup < 0 or not batch_sizes:
@@ -166,7 +169,7 @@ def bench_speed(model: str, dense: str | None = None, policies=("auto", "dense")
         dense = read_metadata(model).get("base_model")  # a damaged lmcompose.json: CheckpointError
     common = {"dtype": dtype, "device": device, "prompt_len": prompt_len, "new_tokens": new_tokens,
               "batch_sizes": list(batch_sizes), "repeats": repeats, "warmup": warmup,
-              "trust_remote_code": trust_remote_code}
+              "trust_remote_code": trust_remote_code, "verify": verify}
     jobs = [] if dense is None else [{**common, "label": "dense", "model": dense, "policy": None}]
     jobs += [{**common, "label": f"compressed/{p}", "model": model, "policy": presets[p]} for p in policies]
     runs = [(run_isolated if isolate else run_one)(job) for job in jobs]

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,7 +32,8 @@ from ..core.dtypes import FLOAT_DTYPES
 from ..core.errors import CheckpointError, CheckpointFileMissing
 from ..core.io import atomic_dir
 from ..core.memory import release_freed_memory
-from ..pipeline.blocks import compressed_modules, set_module
+from ..pipeline.blocks import compressed_modules, find_blocks, set_module
+from ..pipeline.resume import read_block
 from ..runtime.linear import CompressedLinear
 from ..runtime.model_ops import ModelOp, attach_model_op, check_model_ops, model_ops
 from .integrity import (
@@ -40,18 +41,23 @@ from .integrity import (
     WEIGHTS_FILE,
     check_layer_tensors,
     checksums,
+    checksums_of,
     file_checksums,
+    tensor_sha256,
     verify_checksums,
 )
+
+SHARD_INDEX = "model.safetensors.index.json"
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
 
-def other_tensors(model: nn.Module, float_dtype: str) -> dict[str, torch.Tensor]:
-    """Everything but the compressed Linears, as saved: floats in `float_dtype`, tied tensors once."""
-    skip = tuple(f"{n}." for n in compressed_modules(model))
+def other_tensors(model: nn.Module, float_dtype: str, skip_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Everything but the compressed Linears (and the tensors under `skip_prefixes`), as saved: floats in
+    `float_dtype`, tied tensors once."""
+    skip = tuple(f"{n}." for n in compressed_modules(model)) + tuple(skip_prefixes)
     out, seen = {}, set()
     for name, t in model.state_dict().items():
         if name.startswith(skip):
@@ -71,34 +77,137 @@ def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, *, fl
     tensors = other_tensors(model, float_dtype)
     for name, mod in layers.items():
         tensors.update(mod.state(name))
-    meta = {"format_version": FORMAT_VERSION, "base_model": base_model, "float_dtype": float_dtype,
-            "layers": {n: m.meta() for n, m in layers.items()},
-            "model_ops": [op.meta() for op in model_ops(model)], "recipe": recipe, "report": report,
-            "protocol": protocol}
+    meta = _meta(base_model, float_dtype, {n: m.meta() for n, m in layers.items()}, model, recipe, report, protocol)
     meta["checksums"] = checksums(tensors, meta)
     with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "lmcompose": str(FORMAT_VERSION)})
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        meta["checksums"]["files"] = file_checksums(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        _finish(tmp, model, tokenizer, meta)
     return Path(out_dir)
 
 
+def _meta(base_model, float_dtype, layers: dict, model, recipe, report, protocol) -> dict:
+    """lmcompose.json of a run, before its checksums."""
+    return {"format_version": FORMAT_VERSION, "base_model": base_model, "float_dtype": float_dtype,
+            "layers": layers, "model_ops": [op.meta() for op in model_ops(model)], "recipe": recipe,
+            "report": report, "protocol": protocol}
+
+
+def _finish(tmp: Path, model, tokenizer, meta: dict) -> None:
+    """Config, tokenizer, then lmcompose.json (last: it hashes every file written before it)."""
+    model.config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    meta["checksums"]["files"] = file_checksums(tmp)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+
+
+def _shard_name(k: int, total: int) -> str:
+    return f"model-{k:05d}-of-{total:05d}.safetensors"  # as transformers names the files of a sharded checkpoint
+
+
+def save_streamed(model: nn.Module, out_dir: str | Path, tokenizer=None, *, work_dir: str | Path,
+                  float_dtype: str = "fp16", recipe: dict | None = None, report: dict | None = None,
+                  protocol: dict | None = None, base_model: str = "", overwrite: bool = False) -> Path:
+    """Save a model compressed block by block from disk (`models.stream`): the final blocks recorded in
+    `work_dir` (`pipeline.resume`) become one shard each, the tensors outside the blocks one more, with a
+    ``model.safetensors.index.json`` as transformers writes it. Same metadata, same checksums and the same
+    tensors (bit for bit) as `save_compressed` of the same model compressed in memory; one block is read
+    at a time."""
+    prefix, blocks = find_blocks(model)
+    total = len(blocks) + 1
+    cast = FLOAT_DTYPES[float_dtype]
+    layers, sums, weight_map, size = {}, {}, {}, 0
+
+    def write(tensors: dict[str, torch.Tensor], name: str, tmp: Path) -> None:
+        nonlocal size
+        save_file(tensors, str(tmp / name), metadata={"format": "pt", "lmcompose": str(FORMAT_VERSION)})
+        for key, t in tensors.items():
+            sums[key], weight_map[key] = tensor_sha256(t), name
+            size += t.numel() * t.element_size()
+
+    with atomic_dir(out_dir, overwrite) as tmp:
+        for i in range(len(blocks)):
+            meta_i, state = read_block(work_dir, i)
+            block_layers = {n: {k: v for k, v in m.items() if k != "compute_dtype"} for n, m in meta_i["layers"].items()}
+            skip = tuple(f"{n}." for n in block_layers)
+            write({k: (t.to(cast).contiguous() if t.is_floating_point() and not k.startswith(skip) else t)
+                   for k, t in state.items()}, _shard_name(i + 1, total), tmp)
+            layers.update(block_layers)
+            del state
+            release_freed_memory()  # one block in memory at a time, also for glibc
+        write(other_tensors(model, float_dtype, (f"{prefix}.",)), _shard_name(total, total), tmp)
+        meta = _meta(base_model, float_dtype, layers, model, recipe, report, protocol)
+        meta["checksums"] = checksums_of(sums, meta)
+        (tmp / SHARD_INDEX).write_text(json.dumps({"metadata": {"total_size": size},
+                                                   "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        _finish(tmp, model, tokenizer, meta)
+    return Path(out_dir)
+
+
+def index_weight_map(directory: str | Path) -> dict[str, Path] | None:
+    """Which shard of `directory` holds each tensor, from its ``model.safetensors.index.json`` (each shard
+    checked to exist); None when there is no index. The one reader of the index: loading, streaming and
+    reporting all use it."""
+    directory = Path(directory)
+    index = directory / SHARD_INDEX
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"cannot be read ({type(err).__name__}: {err})", file=str(index)) from None
+    files = {key: directory / name for key, name in weight_map.items()}
+    for path in sorted(set(files.values())):
+        if not path.is_file():
+            raise CheckpointFileMissing(f"is missing (listed in {SHARD_INDEX})", file=str(path))
+    return files
+
+
+def weights_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: `path` is a run directory (its ``model.safetensors``, else the
+    shards its ``model.safetensors.index.json`` lists), an index file (its shards) or one safetensors file.
+
+    Raises:
+        CheckpointFileMissing: no weights there, or a shard the index lists is missing.
+        CheckpointError: an unreadable index.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    if path.is_dir() or path.name == SHARD_INDEX:
+        directory = path if path.is_dir() else path.parent
+        files = index_weight_map(directory)
+        if files is None:
+            raise CheckpointFileMissing(f"is missing (and so is {SHARD_INDEX})", file=str(directory / WEIGHTS_FILE))
+        return sorted(set(files.values()))
+    if not path.is_file():
+        raise CheckpointFileMissing("is missing", file=str(path))
+    return [path]
+
+
+def safetensors_table(path: str | Path) -> dict[str, int]:
+    """Stored bytes of every tensor of a checkpoint (`path` as for :func:`weights_files`: a run directory,
+    sharded or not, an index file or one safetensors file), from the files' headers alone (no weight is read)."""
+    out = {}
+    for file in weights_files(path):
+        try:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            out.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                        if k != "__metadata__"})
+        except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise CheckpointError(f"has no readable safetensors header ({type(err).__name__}: {err})",
+                                  file=str(file)) from None
+    return out
+
+
 def file_tensor_bytes(path: str | Path, prefix: str | None = None) -> int:
-    """Sum of tensor bytes stored in a safetensors file (optionally under one key prefix)."""
-    total = 0
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            if prefix is None or key.startswith(prefix):
-                sl = f.get_slice(key)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                total += n * {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I16": 2, "I32": 4,
-                              "I64": 8, "BOOL": 1}[sl.get_dtype()]
-    return total
+    """Sum of tensor bytes stored in a checkpoint (optionally under one key prefix); `path` is a run directory
+    (one ``model.safetensors`` or shards), an index file or one safetensors file."""
+    return sum(n for k, n in safetensors_table(path).items() if prefix is None or k.startswith(prefix))
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -134,7 +243,29 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
+def _read_sharded(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded run directory (`save_streamed`), each where its index says."""
+    files = index_weight_map(path)
+    state = {}
+    for shard in sorted(set(files.values())):
+        try:
+            tensors = load_file(str(shard))
+        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ... on a damaged file
+            raise CheckpointError(f"cannot be read, it is truncated or damaged ({type(err).__name__}: {err})",
+                                  file=str(shard)) from None
+        for key in tensors:
+            if files.get(key) != shard:
+                raise CheckpointError(f"holds tensor {key}, which {SHARD_INDEX} places in "
+                                      f"{files[key].name if key in files else None!r}", file=str(shard))
+        state.update(tensors)
+    for key in sorted(files.keys() - state.keys()):
+        raise CheckpointError(f"lists tensor {key}, which no shard holds", file=str(path / SHARD_INDEX))
+    return state
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not (path / WEIGHTS_FILE).is_file() and (path / SHARD_INDEX).is_file():
+        return _read_sharded(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointFileMissing("is missing", file=str(weights))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from ..core.io import file_sha256
 ALGORITHM = "sha256"
 META_FILE = "lmcompose.json"
 WEIGHTS_FILE = "model.safetensors"
+SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # a sharded checkpoint's files, hashed per tensor
 _FLOATS = frozenset(FLOAT_DTYPES.values())
 _INDEX_INTS = frozenset({torch.int16, torch.int32})
 
@@ -68,8 +70,13 @@ def meta_sha256(value) -> str:
 def checksums(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     """The ``checksums`` entry of lmcompose.json for `tensors` (what model.safetensors will hold) and
     `meta` (its ``layers`` and ``model_ops``)."""
+    return checksums_of({name: tensor_sha256(t) for name, t in tensors.items()}, meta)
+
+
+def checksums_of(tensor_sums: dict[str, str], meta: dict) -> dict:
+    """`checksums` from the tensors' sha256 already taken (a checkpoint written shard by shard)."""
     return {"algorithm": ALGORITHM,
-            "tensors": {name: tensor_sha256(t) for name, t in sorted(tensors.items())},
+            "tensors": dict(sorted(tensor_sums.items())),
             "layers": {name: meta_sha256(m) for name, m in meta["layers"].items()},
             "model_ops": meta_sha256(meta.get("model_ops", []))}
 
@@ -78,7 +85,7 @@ def file_checksums(directory: Path) -> dict[str, str]:
     """sha256 of every file of a run directory but model.safetensors (hashed per tensor) and lmcompose.json
     (edited after saving): config.json and the tokenizer's files."""
     return {p.relative_to(directory).as_posix(): file_sha256(p) for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name not in (WEIGHTS_FILE, META_FILE)}
+            if p.is_file() and p.name not in (WEIGHTS_FILE, META_FILE) and not SHARD_FILE.fullmatch(p.name)}
 
 
 def _layer_of(key: str, layers) -> str | None:

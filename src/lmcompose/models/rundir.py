@@ -39,3 +39,25 @@ def record_result(run_dir: str | Path, key: str, value: dict) -> bool:
     report[key] = value
     write_json_atomically(path, report)
     return True
+
+
+# What a run records about its dense base model, under report.json's ``dense``: ``model`` (the base model's name
+# as given to compress) and per evaluation (``perplexity``, ``zeroshot``) the same record the run's own has.
+DENSE_KEY = "dense"
+
+
+def record_dense_result(run_dir: str | Path, model: str, key: str, value: dict) -> None:
+    """Store an evaluation of run `run_dir`'s dense base model `model` under ``dense.<key>`` of its report.json,
+    where ``lmcompose report`` and the model card show it beside the run's own number. Refuses a run
+    directory without report.json, or one whose recorded dense model is another."""
+    path = Path(run_dir) / REPORT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory of `lmcompose compress`: {REPORT_FILE} is "
+                                "missing")
+    report = json.loads(path.read_text())
+    dense = report.get(DENSE_KEY) or {}
+    if dense.get("model") not in (None, model):
+        raise ValueError(f"{str(path)!r} records dense model {dense['model']!r}, not {model!r}; allowed: the same "
+                         "dense model for every dense result of a run")
+    report[DENSE_KEY] = {**dense, "model": model, key: value}
+    write_json_atomically(path, report)

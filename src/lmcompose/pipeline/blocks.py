@@ -80,7 +80,8 @@ def other_nbytes(model: nn.Module, float_dtype: str) -> int:
     skip = tuple(f"{n}." for n in compressed_modules(model))
     total, seen = 0, set()
     for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else (name,)
+        # meta tensors (a streamed model's freed blocks) all have address 0: they are told apart by name
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() and t.device.type != "meta" else (name,)
         if name.startswith(skip) or key in seen:
             continue
         seen.add(key)

@@ -4,6 +4,12 @@ its input statistics, and records what came back.
 
 Schedules: ``layer-major`` runs every step on block i before block i+1; ``step-major`` runs one step
 over the whole model (its own sequential pass) before the next.
+
+Two optional collaborators, each told about block boundaries only: a `journal`
+(`pipeline.resume.RunJournal`) records every final block so that a killed run can resume, and a
+`block_io` (e.g. `models.stream.StreamedBlocks`) materialises a block's weights just before it is visited
+(``load(index, block, prefix)``) and frees them once the block is final (``release(index, block)``), so
+that only one block's weights are in memory at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from torch import nn
 from ..core import dtypes as compute
 from ..runtime.linear import CompressedLinear
 from ..algebra.terms import Dense
-from ..techniques.apply import BlockContext, GroupContext, apply_block_step, apply_group_step, apply_steps
+from ..techniques.apply import (BlockContext, GroupContext, apply_block_step, apply_group_step, apply_stacked,
+                                apply_steps)
 from .blocks import block_linears, find_blocks, set_module
 from .dense_stats import DenseStats
 from .model_context import ModelContext
@@ -32,8 +39,10 @@ class SequentialCompressor:
     """Runs a recipe's steps over a model block by block. Created per ``compress()`` call."""
 
     def __init__(self, model: nn.Module, steps, float_dtype: str = "fp16", device=None, on_block=None,
-                 compute_dtype: str = "fp32"):
+                 compute_dtype: str = "fp32", journal=None, block_io=None):
         self.model = model
+        self.journal = journal  # pipeline.resume.RunJournal, or None
+        self.block_io = block_io  # loads / frees each block's weights around its visit, or None
         self.compute_dtype = compute_dtype  # resolved (not "auto"): block forwards run under its autocast
         self.steps = steps
         self.float_dtype = float_dtype
@@ -51,9 +60,29 @@ class SequentialCompressor:
         """Block forwards in the compute dtype; techniques and errors never run under it."""
         return compute.autocast(self.compute_dtype, device)
 
-    def _compress_group(self, step, names: list[str], stats: dict):
+    def _compress_group(self, step, names: list[str], stats: dict, shared: list[list[str]] = ()):
+        """Apply `step` to each of `names`; the Linears of one list in `shared` read the same input and
+        are solved as one stacked matrix where the step allows it (`apply_stacked`)."""
         allocated = self.allocated.get(id(step), {})  # per-Linear copies of an allocating step
+        done = set()
         for name in names:
+            if name in done:
+                continue
+            group = next((g for g in shared if name in g), [])
+            group = [n for n in group if n in names and n in stats and n not in allocated]
+            if len(group) > 1:
+                layers = {n: self._compressed(n) for n in group}
+                for n in group:
+                    self.records.setdefault(n, LayerRecord.start(n, layers[n]))
+                results = apply_stacked(step, layers, stats[name], {n: self.records[n].original for n in group})
+                if results is not None:
+                    for n, result in results.items():
+                        self.records[n].add_step(result)
+                        set_module(self.model, n, result.layer)
+                        log.info("%s %s (stacked): rel. error %.3e, %.2f bits/weight", n, step.name,
+                                 result.rel_error, result.layer.spec().bits_per_weight())
+                    done.update(group)
+                    continue
             if name not in stats:
                 self.records.setdefault(name, LayerRecord.left_unchanged(name, "never called in calibration"))
                 log.warning("%s received no calibration input; left unchanged", name)
@@ -183,14 +212,32 @@ class SequentialCompressor:
                     self._group_step(step, index, inputs, group, stats, device)
                 continue
             if not step.true_sequential:
-                self._compress_group(step, list(targets), stats)
+                self._compress_group(step, list(targets), stats, groups)
                 continue
             for g, group in enumerate(groups):
                 if g > 0:  # inputs of this group changed when the previous groups were compressed
                     current = {n: m for n, m in block_linears(block, prefix).items() if n in group}
                     with self._forwards(device):
                         stats, _ = observe(block, inputs, index, current)
-                self._compress_group(step, group, stats)
+                self._compress_group(step, group, stats, [group])
+
+    def _restore(self, current: BlockInputs, dense_stream: BlockInputs | None, device) -> int:
+        """Put back the blocks an interrupted run finished (`journal`), and the hidden states entering the
+        next one; returns how many blocks are done."""
+        done = self.journal.done
+        for i in range(done):
+            records, seconds = self.journal.restore_block(i, self.model, self.blocks[i], f"{self.prefix}.{i}")
+            self.records.update(records)
+            self.block_seconds[i] = seconds
+            if self.block_io is not None:
+                self.block_io.release(i, self.blocks[i])
+        if done:
+            current.hidden, dense = self.journal.hidden(device)
+            if dense_stream is not None:
+                dense_stream.hidden = dense
+            if self.on_block:
+                self.on_block(done, len(self.blocks))
+        return done
 
     @torch.no_grad()
     def run(self, windows: torch.Tensor, batch_size: int, schedule: str = "layer-major") -> None:
@@ -214,8 +261,11 @@ class SequentialCompressor:
         dense_stream = inputs.copy() if "dense" in wants else None
         for p, steps in enumerate(passes):
             current = inputs.copy()
-            for i in range(n):
+            first = self._restore(current, dense_stream, device) if self.journal is not None else 0
+            for i in range(first, n):
                 t0 = time.perf_counter()
+                if self.block_io is not None:
+                    self.block_io.load(i, self.blocks[i], f"{self.prefix}.{i}")
                 self.blocks[i].to(device)
                 if wants:  # the dense block's outputs, before its steps run (layer-major: Recipe.walk checks it)
                     with self._forwards(device):
@@ -236,5 +286,11 @@ class SequentialCompressor:
                         if name.startswith(f"{self.prefix}.{i}."):
                             record.original = None
                 self.block_seconds[i] += time.perf_counter() - t0
+                if self.journal is not None and p == len(passes) - 1:
+                    self.journal.block_done(i, self.blocks[i], f"{self.prefix}.{i}", self.records,
+                                            self.block_seconds[i], current.hidden,
+                                            None if dense_stream is None else dense_stream.hidden)
+                if self.block_io is not None and p == len(passes) - 1:
+                    self.block_io.release(i, self.blocks[i])
                 if self.on_block:
                     self.on_block(p * n + i + 1, len(passes) * n)

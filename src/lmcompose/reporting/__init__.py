@@ -1,9 +1,9 @@
 """Reports people would rather look at than read: `lmcompose report RUN_DIR [RUN_DIR ...] --out DIR`.
 
 A run directory is what ``lmcompose compress --out DIR`` writes (``report.json``, ``lmcompose.json``,
-``model.safetensors``). From several of them this package writes ``report.md`` with PNG figures beside
-it in ``figures/`` and one self-contained ``report.html`` (figures as base64 PNG, CSS inline, no external
-URL):
+``model.safetensors``, or shards and their ``model.safetensors.index.json`` with ``--stream``). From several
+of them this package writes ``report.md`` with PNG figures beside it in ``figures/`` and one self-contained
+``report.html`` (figures as base64 PNG, CSS inline, no external URL):
 
 1. perplexity against total bytes and against bits/weight, the Pareto front highlighted, one row of
    panels per evaluation protocol (runs measured differently are never drawn on one plot);

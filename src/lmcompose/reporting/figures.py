@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ..core.pareto import pareto_front
-from .runs import CATEGORIES, Run, protocol_key, protocol_label
+from .runs import CATEGORIES, Run, n_runs, protocol_key, protocol_label
 
 COLORS = dict(zip(CATEGORIES, ("#4878d0", "#ee854a", "#d65f5f", "#6acc64", "#956cb4", "#b0b0b0")))
 
@@ -94,7 +94,7 @@ def pareto_figure(runs: list[Run]) -> Figure | None:
         left.set_title("perplexity vs size", fontsize=10)
         right.set_title("perplexity vs bits/weight", fontsize=10)
         left.legend(fontsize=8, loc="upper right")
-        sub.suptitle(f"protocol {protocol_label(group[0].protocol)} ({len(group)} runs)", fontsize=11,
+        sub.suptitle(f"protocol {protocol_label(group[0].protocol)} ({n_runs(len(group))})", fontsize=11,
                      fontweight="bold" if len(groups) > 1 else "normal")
     return fig
 

@@ -23,7 +23,7 @@ from .figures import (
     png,
     protocol_groups,
 )
-from .runs import CATEGORIES, Run, protocol_key, protocol_label
+from .runs import CATEGORIES, Run, n_runs, protocol_key, protocol_label
 
 MIB = 2**20
 NUMERIC = re.compile(r"—|[-+]?[\d.,]+(e[-+]?\d+)?( \([\d.,]+ [KMG]?i?B\))?")  # right-aligned table cells
@@ -46,7 +46,7 @@ def caveats(runs: list[Run]) -> list[str]:
     out = []
     groups = protocol_groups(runs)
     if len(groups) > 1:
-        labels = "; ".join(f"{protocol_label(g[0].protocol)} ({len(g)} runs)" for g in groups)
+        labels = "; ".join(f"{protocol_label(g[0].protocol)} ({n_runs(len(g))})" for g in groups)
         out.append(f"Caveat: the runs were evaluated under {len(groups)} different protocols ({labels}). "
                    "Perplexities under different protocols are not comparable, so the Pareto figure has one "
                    "row of panels per protocol.")
@@ -116,6 +116,58 @@ def _fidelity_rows(runs: list[Run]) -> list[list[str]]:
              protocol_label(r.fidelity.get("protocol"))] for r in runs if r.fidelity]
 
 
+def _change(run_value: float, dense_value: float) -> str:
+    return f"{100 * (run_value / dense_value - 1):+.1f}%" if dense_value else "—"
+
+
+def _mean_acc(zeroshot: dict | None, tasks) -> float | None:
+    accs = [zeroshot["tasks"][t]["acc"] for t in tasks] if zeroshot else []
+    return sum(accs) / len(accs) if accs else None
+
+
+def dense_rows(run: Run) -> list[list[str]]:
+    """``measure | this run | dense base model | change`` for one run: what every number of the run is to be
+    read against. A dense number never measured says which command measures it (and records it in the run)."""
+    dense, base = run.dense, run.base_model
+    flag = f" --protocol {run.protocol['name']}" if run.protocol and run.protocol.get("name") not in (None, "quick") \
+        else ""
+    rows = [["bits/weight of the compressed Linears", _num(run.bits_per_weight, ".3f"), "16.000 (fp16)", ""],
+            ["total bytes", f"{run.total_bytes:,}", f"{run.dense_total_bytes:,} (Linears in fp16)",
+             _change(run.total_bytes, run.dense_total_bytes)]]
+    dppl = (dense.get("perplexity") or {})
+    if run.ppl is None:
+        rows.append(["perplexity", f"not evaluated — run `lmcompose eval --model {run.path}`", "", ""])
+    elif not dppl:
+        rows.append([f"perplexity ({protocol_label(run.protocol)})", f"{run.ppl:.3f}",
+                     f"not measured — run `lmcompose eval --model {base}{flag} --dense-for {run.path}`", ""])
+    elif protocol_key(dppl.get("protocol")) != protocol_key(run.protocol):
+        rows.append([f"perplexity ({protocol_label(run.protocol)})", f"{run.ppl:.3f}",
+                     f"{dppl['ppl']:.3f} under another protocol ({protocol_label(dppl.get('protocol'))}): not "
+                     "comparable", "—"])
+    else:
+        rows.append([f"perplexity ({protocol_label(run.protocol)})", f"{run.ppl:.3f}", f"{dppl['ppl']:.3f}",
+                     _change(run.ppl, dppl["ppl"])])
+    dz, z = dense.get("zeroshot"), run.zeroshot
+    common = sorted(set(z["tasks"]) & set(dz["tasks"])) if z and dz else []
+    if common:
+        a, b = _mean_acc(z, common), _mean_acc(dz, common)
+        rows.append([f"zero-shot mean accuracy ({', '.join(common)})", f"{a:.3f}", f"{b:.3f}",
+                     f"{100 * (a - b):+.1f} points"])
+    else:
+        run_cell = (f"{_mean_acc(z, list(z['tasks'])):.3f} ({', '.join(z['tasks'])})" if z
+                    else f"not measured — run `lmcompose zeroshot --model {run.path}`")
+        dense_cell = ("measured on other tasks" if dz else
+                      f"not measured — run `lmcompose zeroshot --model {base} --dense-for {run.path}`")
+        rows.append(["zero-shot mean accuracy", run_cell, dense_cell, ""])
+    if run.fidelity:
+        rows += [["KL(dense ‖ run), nats per token", f"{run.fidelity['kl_mean']:.4f}", "0 (the reference)", ""],
+                 ["top-1 agreement with dense", f"{run.fidelity['top1_agreement']:.4f}", "1 (the reference)", ""]]
+    else:
+        rows.append(["fidelity to dense (KL, top-1 agreement)",
+                     f"not measured — run `lmcompose fidelity --compressed {run.path}`", "the reference", ""])
+    return rows
+
+
 def protocols_note(runs: list[Run]) -> str:
     seen = {protocol_key(r.protocol): r.protocol for r in runs if r.protocol}
     return "Evaluation protocols, in full: " + "; ".join(json.dumps(p) for p in seen.values())
@@ -128,7 +180,15 @@ def sections(runs: list[Run], pngs: dict[str, bytes]) -> list[tuple]:
     breakdown = [[r.name] + [f"{r.bytes_by_category[c] / size:,.2f}" for c in CATEGORIES]
                  + [f"{r.file_bytes:,}", "yes" if r.bytes_match else f"NO (report: {r.total_bytes:,})"]
                  for r in runs]
-    blocks = [("h2", "Runs"),
+    blocks = []
+    for r in runs if len(runs) == 1 else []:  # one run: its dense reference first, so every number has a baseline
+        blocks += [("h2", f"{r.name} beside the dense model ({r.base_model})"),
+                   ("table", ["measure", r.name, f"dense: {r.base_model}", "change"], dense_rows(r))]
+    if len(runs) > 1:
+        blocks += [("h2", "Dense references"),
+                   ("table", ["run", "dense model", "perplexity", "dense perplexity", "change"],
+                    [[r.name, r.base_model, *dense_rows(r)[2][1:]] for r in runs])]
+    blocks += [("h2", "Runs"),
               ("table", ["run", "recipe", "bits/weight", "total bytes", "perplexity (protocol)",
                          "mean layer rel. error", "compress s", "peak RSS MiB"], _summary_rows(runs)),
               ("note", protocols_note(runs))]
@@ -205,7 +265,7 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 def to_html(runs: list[Run], title: str, pngs: dict[str, bytes]) -> str:
     """One self-contained page: inline CSS, figures as base64 PNG, no external reference."""
     parts = [f"<h1>{html.escape(title)}</h1>",
-             f"<p class=\"sub\">{len(runs)} runs · generated by <code>lmcompose report</code></p>"]
+             f"<p class=\"sub\">{n_runs(len(runs))} · generated by <code>lmcompose report</code></p>"]
     parts += [f"<div class=\"caveat\">{html.escape(c)}</div>" for c in caveats(runs)]
     for kind, *body in sections(runs, pngs):
         if kind == "h2":

@@ -1,8 +1,9 @@
 """Run directories as data: what a report needs from each, the exact byte breakdown, the Pareto set.
 
-The byte breakdown reads the tensor table of the saved ``model.safetensors`` (its JSON header: name,
-dtype, shape and byte offsets of every tensor; no weight is read) and sorts every stored tensor into a
-category using the per-layer term kinds of ``lmcompose.json``. Counting the file itself makes the
+The byte breakdown reads the tensor table of the saved ``model.safetensors``, or of every shard that
+``model.safetensors.index.json`` lists for a run saved in shards (``compress --stream``): the JSON header
+of each file, with name, dtype, shape and byte offsets of every tensor; no weight is read. It sorts every
+stored tensor into a category using the per-layer term kinds of ``lmcompose.json``. Counting the files themselves makes the
 breakdown exact by construction; :attr:`Run.bytes_match` compares its sum with the ``total_bytes`` the
 algebra computed (``LinearSpec.nbytes`` plus the other tensors), and the report shows any mismatch.
 
@@ -13,12 +14,11 @@ without ``batch_size`` (windows all have the same length, so batching does not c
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models.checkpoint import META_FILE, WEIGHTS_FILE
-from ..models.rundir import REPORT_FILE
+from ..models.checkpoint import META_FILE, SHARD_INDEX, WEIGHTS_FILE, safetensors_table
+from ..models.rundir import DENSE_KEY, REPORT_FILE
 
 CATEGORIES = ("dense", "sparse values", "sparse index", "low-rank factors", "scales/zeros/perm", "other tensors")
 _SLOTS = {"dense": {"a"}, "sparse": {"values", "index", "col", "rowptr"}, "lowrank": {"u", "v", "d"}}
@@ -27,14 +27,6 @@ _QUANT_PARTS = {"codes", "scale", "zero", "perm"}
 _KNOBS = {"bits": "w{}", "group_size": "g{}", "sparsity": "{:.0%}", "pattern": "{}", "rank": "rank {}",
           "ratio": "ratio {}", "rank_fraction": "rank {:.0%}"}
 _HIDDEN = {"include", "exclude"} | set(_KNOBS)
-
-
-def safetensors_table(path: str | Path) -> dict[str, int]:
-    """Stored bytes of every tensor in a safetensors file, from its header alone."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
 def _category(key: str, layers: dict) -> str:
@@ -59,11 +51,17 @@ def _category(key: str, layers: dict) -> str:
 
 
 def byte_breakdown(weights_path: str | Path, meta: dict) -> dict[str, int]:
-    """Bytes of a saved checkpoint by category (keys: :data:`CATEGORIES`); sums to the file's tensor bytes."""
+    """Bytes of a saved checkpoint by category (keys: :data:`CATEGORIES`); sums to its files' tensor bytes.
+    `weights_path`: the run directory (one file or shards), its index file or its ``model.safetensors``."""
     out = dict.fromkeys(CATEGORIES, 0)
     for key, nbytes in safetensors_table(weights_path).items():
         out[_category(key, meta["layers"])] += nbytes
     return out
+
+
+def n_runs(n: int) -> str:
+    """``1 run``, ``2 runs``: how headers and captions count runs."""
+    return f"{n} run{'' if n == 1 else 's'}"
 
 
 def protocol_key(protocol: dict | None) -> str:
@@ -152,6 +150,22 @@ class Run:
         return self.report.get("fidelity")
 
     @property
+    def dense(self) -> dict:
+        """What was measured on the run's dense base model (``model``, ``perplexity``, ``zeroshot``): recorded by
+        ``lmcompose compress`` when it evaluates, or by ``lmcompose eval|zeroshot --model BASE --dense-for RUN``."""
+        return self.report.get(DENSE_KEY) or {}
+
+    @property
+    def base_model(self) -> str:
+        return self.dense.get("model") or self.meta.get("base_model") or self.report.get("model") or "?"
+
+    @property
+    def dense_total_bytes(self) -> int:
+        """Bytes of the same model with its compressed Linears dense in fp16 (the other tensors as stored)."""
+        r = self.report
+        return r["total_bytes"] - r["linear_bytes"] + r.get("linear_dense_fp16_bytes", 0)
+
+    @property
     def total_bytes(self) -> int:
         return self.report["total_bytes"]
 
@@ -187,7 +201,9 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"run directory {str(path)!r} does not exist or is not a directory")
-    missing = [f for f in (REPORT_FILE, META_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
+    missing = [f for f in (REPORT_FILE, META_FILE) if not (path / f).is_file()]
+    if not any((path / f).is_file() for f in (WEIGHTS_FILE, SHARD_INDEX)):
+        missing.append(f"{WEIGHTS_FILE} (or {SHARD_INDEX} with its shards)")
     if missing:
         raise FileNotFoundError(f"{str(path)!r} is not an lmcompose run directory: {', '.join(missing)} missing "
                                 "(a run directory is what `lmcompose compress --out DIR` writes)")
@@ -195,7 +211,7 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     for key in ("total_bytes", "linear_bytes", "layers"):
         if key not in report:
             raise ValueError(f"{str(path / REPORT_FILE)!r} lacks {key!r}; is it a report.json of `lmcompose compress`?")
-    return Run(path, name or path.name, report, meta, byte_breakdown(path / WEIGHTS_FILE, meta))
+    return Run(path, name or path.name, report, meta, byte_breakdown(path, meta))
 
 
 def load_runs(paths) -> list[Run]:

@@ -300,8 +300,10 @@ def start_workers(n: int, spec: EvaluatorSpec, problem: Problem, settings: Study
 
 
 
-def load_dense(name: str, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
-    """The model alone (a picklable factory for `EvaluatorSpec` via functools.partial)."""
+def load_dense(name: str, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False,
+               verify: bool = True):
+    """The model alone (a picklable factory for `EvaluatorSpec` via functools.partial); `verify` as in
+    ``load_model`` (CLI: ``--no-verify``)."""
     from ..models.load import load_model
 
-    return load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)[0]
+    return load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code, verify=verify)[0]

@@ -1,9 +1,24 @@
-"""Export to GGUF (llama architecture only; for llama.cpp).
+"""Export to GGUF (llama architecture only; for llama.cpp), with a GGML type per tensor.
 
-A grid whose 32-column blocks never straddle two of our groups and whose scales are fp16 values maps
-bit-exactly onto Q4_0, Q5_0 or Q8_0 (symmetric) or Q4_1, Q5_1 (asymmetric; the offset is rounded to fp16).
-Other grids are refused unless ``allow_requant=True`` (written as F16, listed in the
-``lmcompose.requantized`` metadata key). The tokenizer is written as a byte-level BPE.
+Each quantized Linear goes to the cheapest GGML block type that holds its grid *exactly* (codes and d
+bit-exact), so a mixed-bit result (sensitivity allocation) gets one type per Linear:
+
+    symmetric b ≤ 4 → Q4_0 (d·(q-8), our code shifted by 8 - 2^(b-1)),  symmetric 5 → Q5_0 (d·(q-16)),
+    symmetric 6..8 → Q8_0 (d·q, q = code - 2^(b-1));
+    asymmetric b ≤ 3 → Q4_0 (q = code - zero + 8), asymmetric 4 → Q4_1 (d·q + m), 5 → Q5_1,
+    asymmetric 6, 7 → Q8_0 (q = code - zero, which fits an int8)
+
+A grid maps only when its 32-column blocks never straddle two of our groups and its scales are fp16
+values. For Q4_1/Q5_1 the offset m = -d·zero is rounded to fp16 (the one inexact value). A grid with no
+exact type (asymmetric 8-bit, a stored act-order permutation, misaligned groups) is refused unless
+``allow_requant=True``, which re-quantizes its dequantized weight to the type of the nearest width that
+``gguf.quants`` can write (Q4_0/Q4_1, Q5_0/Q5_1, Q8_0; F16 when in_features is not a multiple of 32),
+logged and listed in the ``lmcompose.requantized`` metadata key. The GGML types are the legacy 32-column
+ones: ``gguf.quants`` can write no K-quant (Q2_K..Q6_K raise NotImplementedError), so a 2- or 3-bit
+Linear takes Q4_0's 4.5 bits per weight; the summary reports our bytes beside the file's.
+
+A sparse Linear is written as its dense grid with the pruned entries at the zero-point code (exact zeros,
+except Q4_1/Q5_1's rounded m); float Linears as F16 (or F32). The tokenizer is written as a byte-level BPE.
 
 Method notes: docs/methods/formats.md (the type table, the tokenizer, the limits)
 """
@@ -19,26 +34,41 @@ import torch
 
 from ...algebra.quant import QTensor
 from ...core.io import atomic_file
-from ...pipeline.blocks import compressed_modules
 from ..checkpoint import other_tensors
-from . import quantized_weights
+from . import ExportSummary, layer_exports
 
 log = logging.getLogger(__name__)
 
 
 GGUF_BLOCK = 32
 
+# Legacy 32-column GGML types: (bytes per block, the signed range of the stored q around its offset)
+GGML_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
 
-GGUF_TYPES = {(True, 4): "Q4_0", (False, 4): "Q4_1", (True, 5): "Q5_0", (False, 5): "Q5_1", (True, 8): "Q8_0"}
+
+def exact_type_name(symmetric: bool, bits: int) -> str | None:
+    """The cheapest GGML type holding a (symmetric, bits) grid exactly (module docstring), or None."""
+    if symmetric:
+        return "Q4_0" if bits <= 4 else "Q5_0" if bits == 5 else "Q8_0"
+    return {2: "Q4_0", 3: "Q4_0", 4: "Q4_1", 5: "Q5_1", 6: "Q8_0", 7: "Q8_0"}.get(bits)
+
+
+def requant_type_name(symmetric: bool, bits: int) -> str:
+    """The type `allow_requant` re-quantizes a (symmetric, bits) grid to: the nearest width gguf.quants writes."""
+    if bits <= 4:
+        return "Q4_0" if symmetric else "Q4_1"
+    if bits == 5:
+        return "Q5_0" if symmetric else "Q5_1"
+    return "Q8_0"
 
 
 def gguf_type(q: QTensor) -> tuple[str | None, str]:
     """(GGML type name, "") when the grid maps onto one exactly, else (None, reason)."""
     spec, cols = q.spec, q.shape[1]
-    name = GGUF_TYPES.get((spec.symmetric, spec.bits))
+    name = exact_type_name(spec.symmetric, spec.bits)
     if name is None:
-        allowed = ", ".join(f"{'sym' if s else 'asym'} {b}-bit" for s, b in GGUF_TYPES)
-        return None, f"{'symmetric' if spec.symmetric else 'asymmetric'} {spec.bits}-bit has no GGML type ({allowed})"
+        return None, (f"{'symmetric' if spec.symmetric else 'asymmetric'} {spec.bits}-bit has no exact GGML type "
+                      "(asymmetric codes minus zero points must fit Q8_0's int8: up to 7 bits)")
     if q.perm is not None:
         return None, "the grid stores an act-order permutation (GGUF blocks follow the column order)"
     if cols % GGUF_BLOCK or (spec.group_size is not None and spec.group_size % GGUF_BLOCK):
@@ -59,23 +89,33 @@ def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
 
 
 def gguf_blocks(q: QTensor, type_name: str) -> np.ndarray:
-    """The GGML block bytes [rows, blocks·type_size] of `q` (codes and d bit-exact)."""
+    """The GGML block bytes [rows, blocks·type_size] of `q` in `type_name` (the exact map, codes and d
+    bit-exact)."""
     rows, cols = q.shape
     g = q.spec.group_size or cols
     block_group = torch.arange(0, cols, GGUF_BLOCK) // g
     d = q.scale[:, block_group].reshape(-1)  # fp16 values (checked), one per 32-column block
-    codes = q.codes.to(torch.int32).reshape(-1, GGUF_BLOCK)
+    codes = q.codes.to(torch.int32)
+    if q.zero is None:
+        signed = codes - (q.spec.maxq + 1) // 2  # our d·(code - 2^(b-1))
+    else:
+        signed = codes - q.zero.to(torch.int32)[:, q.group_index()]  # d·(code - zero)
+    signed = signed.reshape(-1, GGUF_BLOCK)
+    codes = codes.reshape(-1, GGUF_BLOCK)
     parts = [_f16_bytes(d)]
-    if q.zero is not None:  # asymmetric: d·q + m with m = -d·zero (rounded to fp16)
+    if type_name in ("Q4_1", "Q5_1"):  # d·q + m with q = code and m = -d·zero (rounded to fp16)
         zero = q.zero.float()[:, block_group].reshape(-1)
         parts.append(_f16_bytes(-d.float() * zero))
+        stored = codes
+    else:  # d·(q - offset): q = signed + offset (Q8_0 stores the signed int8 itself)
+        stored = signed + {"Q4_0": 8, "Q5_0": 16, "Q8_0": 0}[type_name]
     if type_name == "Q8_0":
-        parts.append((codes - 128).to(torch.int8).view(torch.uint8))
+        parts.append(stored.to(torch.int8).view(torch.uint8))
     else:
         if type_name in ("Q5_0", "Q5_1"):  # 5th bits as one little-endian uint32 per block
-            high = ((codes >> 4) & 1).to(torch.int64) << torch.arange(GGUF_BLOCK, dtype=torch.int64)
+            high = ((stored >> 4) & 1).to(torch.int64) << torch.arange(GGUF_BLOCK, dtype=torch.int64)
             parts.append(high.sum(1).to(torch.int32).reshape(-1, 1).view(torch.uint8))
-        parts.append(_nibbles(codes).to(torch.uint8))
+        parts.append(_nibbles(stored).to(torch.uint8))
     blocks = torch.cat(parts, dim=1)
     return blocks.reshape(rows, -1).numpy()
 
@@ -151,19 +191,28 @@ def _gguf_tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> None:
 
 
 def export_gguf(model, out_path: str | Path, tokenizer=None, *, allow_requant: bool = False,
-                float_dtype: str = "fp16", pre_tokenizer: str = "gpt-2", overwrite: bool = False) -> Path:
-    """Write a llama-architecture GGUF file whose quantized Linears keep their codes bit-exactly.
+                float_dtype: str = "fp16", pre_tokenizer: str = "gpt-2", overwrite: bool = False,
+                merge_dense: bool = False) -> ExportSummary:
+    """Write a llama-architecture GGUF file, each quantized Linear in the cheapest GGML type that holds its
+    codes exactly (module docstring).
 
     Args:
-        model: a quantization-only result of a ``llama`` model (config ``model_type``).
+        model: a ``llama`` model (config ``model_type``) whose Linears are quantized, sparse or float.
         out_path: the ``.gguf`` file (written to a temporary sibling, then renamed).
         tokenizer: byte-level BPE tokenizer written as GGUF metadata; None writes weights only.
-        allow_requant: write Linears whose grid has no GGML type as F16 dense instead of refusing.
+        allow_requant: re-quantize Linears whose grid has no exact GGML type to the nearest one
+            (`requant_type_name`) instead of refusing.
         float_dtype: ``fp16`` or ``fp32`` for the other 2-D tensors (1-D tensors are F32, as in llama.cpp).
         pre_tokenizer: ``tokenizer.ggml.pre`` (llama.cpp's pre-tokenizer name; ``gpt-2`` is GPT-2's regex).
         overwrite: replace an existing file.
+        merge_dense: write Linears whose structure GGUF cannot carry (low rank, input operations, a sum of
+            terms) as merged F16/F32 weights instead of refusing.
+
+    Returns:
+        An `ExportSummary`: per Linear, its GGML type, our bytes and the bytes its tensors take in the file.
     """
     import gguf
+    import gguf.quants
 
     config = model.config
     if config.model_type != "llama":
@@ -174,22 +223,29 @@ def export_gguf(model, out_path: str | Path, tokenizer=None, *, allow_requant: b
     out = Path(out_path)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{str(out)!r} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    weights = quantized_weights(model, "GGUF")
-    layers = compressed_modules(model)
+    layers = layer_exports(model, "GGUF", merge_dense=merge_dense)
     tensors: dict[str, torch.Tensor | QTensor] = dict(other_tensors(model, "fp32"))
+    types: dict[str, str] = {}  # HF weight name -> GGML type of a quantized Linear
     requant = []
-    for name, q in weights.items():
-        type_name, reason = gguf_type(q)
-        if type_name is None and not allow_requant:
-            raise ValueError(f"{name}: {reason}; pass allow_requant=True (CLI: --allow-requant) to write such "
-                             "Linears as F16 dense weights instead")
-        if type_name is None:
-            log.warning("GGUF export: %s written as F16 dense (%s)", name, reason)
-            requant.append(name)
-        tensors[f"{name}.weight"] = q if type_name else q.dequantize(torch.float32)
-        if layers[name].bias_value is not None:
-            tensors[f"{name}.bias"] = layers[name].bias_value.float().cpu()
+    for name, l in layers.items():
+        w = l.weight
+        if isinstance(w, QTensor):
+            type_name, reason = gguf_type(w)
+            if type_name is None and not allow_requant:
+                raise ValueError(f"{name}: {reason}; pass allow_requant=True (CLI: --allow-requant) to re-quantize "
+                                 "such Linears to the nearest GGML type")
+            if type_name is None:
+                type_name = requant_type_name(w.spec.symmetric, w.spec.bits) if w.shape[1] % GGUF_BLOCK == 0 else None
+                log.warning("GGUF export: %s re-quantized to %s (%s)", name, type_name or "F16", reason)
+                requant.append(name)
+                w = w.dequantize(torch.float32)
+            if type_name is not None:
+                types[f"{name}.weight"] = type_name
+        tensors[f"{name}.weight"] = w if isinstance(w, QTensor) else w.float()
+        if l.bias is not None:
+            tensors[f"{name}.bias"] = l.bias.float()
 
+    summary = ExportSummary(out, "gguf")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
@@ -210,16 +266,30 @@ def export_gguf(model, out_path: str | Path, tokenizer=None, *, allow_requant: b
                 rows = t.shape[0]
                 t = _permute_rows(t, _rope_rows(rows, n_head))
             gguf_name = f"{mapped}.{suffix}"
+            type_name = types.get(hf_name)
             if isinstance(t, QTensor):
-                type_name, _ = gguf_type(t)
-                writer.add_tensor(gguf_name, gguf_blocks(t, type_name),
-                                  raw_dtype=gguf.GGMLQuantizationType[type_name])
-            elif t.ndim == 1 or float_dtype == "fp32":
-                writer.add_tensor(gguf_name, t.float().numpy())
+                data = gguf_blocks(t, type_name)
+                writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType[type_name])
+            elif type_name is not None:  # re-quantized (allow_requant)
+                data = gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType[type_name])
+                writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType[type_name])
             else:
-                writer.add_tensor(gguf_name, t.to(torch.float16).numpy())
+                data = t.float().numpy() if t.ndim == 1 or float_dtype == "fp32" else t.to(torch.float16).numpy()
+                writer.add_tensor(gguf_name, data)
+            if base in layers:
+                row = summary.layers.setdefault(base, {"structure": layers[base].structure, "our_bytes":
+                                                       layers[base].our_bytes, "file_bytes": 0})
+                row["file_bytes"] += int(data.nbytes)
+                if suffix == "weight":
+                    stored = type_name or ("F16" if data.dtype == np.float16 else "F32")
+                    row["stored"] = f"{stored} requant" if base in requant else \
+                        f"{stored} merged" if layers[base].merged else stored
+                    row["gguf_name"] = gguf_name
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return out
+    summary.file_bytes = out.stat().st_size
+    if requant:
+        summary.notes.append(f"{len(requant)} Linears re-quantized (no exact GGML type): {', '.join(requant)}")
+    return summary
