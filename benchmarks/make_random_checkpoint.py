@@ -70,13 +70,12 @@ def write_tokenizer(out: Path, vocab: int, source: str | None, data_dir: str | N
                              "not fit the embedding; give a larger --vocab or another tokenizer")
         tok.save_pretrained(out)
         return
-    import pyarrow.parquet as pq
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    data = Path(data_dir or os.environ.get("LMCOMPOSE_DATA_DIR", "data")) / "c4" / "c4_validation_2k.parquet"
-    if not data.is_file():
-        raise SystemExit(f"{data} is missing: set LMCOMPOSE_DATA_DIR (or --data-dir), or pass --tokenizer DIR")
-    texts = pq.read_table(data, columns=["text"]).column("text").to_pylist()
+    from lmcompose.data.text import load_documents
+
+    # the C4 sample lmcompose resolves as for calibration: --data-dir, $LMCOMPOSE_DATA_DIR, the packaged copy
+    texts = load_documents("c4", "validation", data_dir)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -100,7 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="copy this tokenizer (local directory) instead of training one")
-    p.add_argument("--data-dir", default=None, help="where c4/c4_validation_2k.parquet is (default $LMCOMPOSE_DATA_DIR)")
+    p.add_argument("--data-dir", default=None, help="where the C4 sample is (default: $LMCOMPOSE_DATA_DIR, else the copy shipped with lmcompose)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if out.exists():

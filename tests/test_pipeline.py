@@ -183,3 +183,63 @@ def test_layer_records_default_to_not_skipped():
     from lmcompose.pipeline.records import LayerRecord
 
     assert LayerRecord("x").skipped is None and LayerRecord.left_unchanged("x", "why").skipped == "why"
+
+
+def test_observe_stops_after_the_last_linear_and_keeps_the_statistics():
+    # After the first batch, observe skips what follows the last Linear's input (down_proj's product):
+    # the statistics are those of full forwards.
+    from lmcompose.core.stats import StatsAccumulator
+    model = tiny_llama()
+    inputs = capture_inputs(model, windows(n=6), 2, "cpu")
+    prefix, blocks = find_blocks(model)
+    targets = {f"{prefix}.0.{n}": m for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    down = blocks[0].mlp.down_proj
+    full = {name: StatsAccumulator(m.in_features) for name, m in targets.items()}
+    handles = [m.register_forward_pre_hook(lambda mod, a, name=name: full[name].update(a[0]))
+               for name, m in targets.items()]
+    run_block(blocks[0], inputs, 0)
+    for h in handles:
+        h.remove()
+    ran = []
+    handle = down.register_forward_hook(lambda *a: ran.append(1))
+    stats, _ = observe(blocks[0], inputs, 0, targets)
+    handle.remove()
+    assert len(ran) == 1  # the first batch only
+    for name in targets:
+        expected = full[name].result()
+        assert torch.equal(stats[name].gram, expected.gram)
+        assert torch.equal(stats[name].absmax, expected.absmax)
+        assert stats[name].n_tokens == expected.n_tokens
+
+
+@pytest.mark.parametrize("step", [
+    {"gptq": {"bits": 4, "group_size": 32, "act_order": True, "static_groups": True}},
+    {"gptq": {"bits": 3, "group_size": 16, "act_order": True}},   # stored permutation
+    {"gptq": {"bits": 4}},
+    {"rtn": {"bits": 4, "group_size": 32}},
+])
+def test_stacked_solve_equals_one_solve_per_linear(step, monkeypatch):
+    # q/k/v and gate/up read one input: their rows are solved as one matrix, with the same result.
+    from lmcompose.pipeline import sequential
+    runs, solved = {}, []
+    real = sequential.apply_stacked
+    monkeypatch.setattr(sequential, "apply_stacked", lambda *a: solved.append(real(*a)) or solved[-1])
+    for stacked in (True, False):
+        if not stacked:
+            monkeypatch.setattr(sequential, "apply_stacked", lambda *a, **k: None)
+        model = tiny_llama()
+        report = compress(model, recipe(step, float_dtype="fp32"), windows())
+        runs[stacked] = (model, {l.name: l for l in report.layers})
+    assert len(solved) == 4 and all(len(r) in (2, 3) for r in solved)  # q/k/v and gate/up of 2 blocks
+    (a, rec_a), (b, rec_b) = runs[True], runs[False]
+    for name, m in a.named_modules():
+        if isinstance(m, CompressedLinear):
+            qa, qb = m.terms[0].a, b.get_submodule(name).terms[0].a
+            assert torch.equal(qa.codes, qb.codes) and torch.equal(qa.scale, qb.scale), name
+            assert (qa.zero is None and qb.zero is None) or torch.equal(qa.zero, qb.zero), name
+            assert (qa.perm is None and qb.perm is None) or torch.equal(qa.perm, qb.perm), name
+            assert qa.codes.is_contiguous() and qa.codes.untyped_storage().nbytes() == qa.codes.numel()
+            sa, sb = rec_a[name].steps[-1], rec_b[name].steps[-1]
+            assert sa["rel_error"] == sb["rel_error"]
+            if "obs_loss" in sa:  # the layer's share of the stacked sweep's loss (fp64 sums, other order)
+                assert sa["obs_loss"] == pytest.approx(sb["obs_loss"], rel=1e-12)

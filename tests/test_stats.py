@@ -29,3 +29,18 @@ def test_relative_error_is_output_error_over_output_energy():
     acc.update(x)
     direct = ((x @ (w - w_hat).T).pow(2).sum() / (x @ w.T).pow(2).sum()).item()
     assert abs(relative_error(w, w_hat, acc.result().gram) - direct) < 1e-5 * direct
+
+
+def test_gram_in_strips_equals_batch_formula_and_is_symmetric():
+    # wider than GRAM_STRIP: the upper triangle is accumulated strip by strip, the lower one mirrored
+    from lmcompose.core.stats import GRAM_STRIP
+    n = 2 * GRAM_STRIP + 40
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(b, 9, n, generator=g) for b in (2, 1, 3)]
+    acc = StatsAccumulator(n)
+    for b in batches:
+        acc.update(b)
+    gram = acc.result().gram
+    x = torch.cat([b.reshape(-1, n) for b in batches]).double()
+    torch.testing.assert_close(gram.double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(gram, gram.T)

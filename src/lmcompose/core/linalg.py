@@ -3,6 +3,8 @@ the OBS methods (SparseGPT, GPTQ, OBS salience) and a seeded randomized SVD."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
@@ -33,6 +35,28 @@ def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, dead: torch.Tensor
                          f"λ={float(damp):.3e} (percdamp={percdamp}, {str(dtype).removeprefix('torch.')}); "
                          "raise percdamp (e.g. 0.1)")
     return chol, float(damp)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the body on one intra-op thread (a context manager, or a decorator: ``@one_thread()``).
+
+    The OBS solvers (GPTQ, SparseGPT) issue thousands of small ops per layer, and their Cholesky
+    factorizations are of a few-hundred-wide matrix. Split over threads, each op ends in a barrier; when
+    another process holds one of the cores, every barrier waits for a descheduled thread. On the 2-core
+    machine of BENCHMARKS.md ("Calibration passes and solvers"), with other processes running, a GPTQ
+    solve of a 1536×576 layer took 2–6 s on 2 threads and 0.2 s on 1, and the damped inverse Cholesky of
+    a 576-wide H 0.15 s against 0.01 s. On an idle machine one thread costs these solvers little: their
+    ops are too small to gain from a second one. Forwards and Gram products keep every thread."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def randomized_svd(a: torch.Tensor, q: int, niter: int = 2, generator: torch.Generator | None = None):

@@ -104,9 +104,16 @@ def observe(block: nn.Module, inputs: BlockInputs, index: int, linears: dict[str
 
     Returns ``(stats, groups)``: stats per Linear name (Linears fed the same tensor, such as q/k/v,
     share one accumulator), and the groups of Linears in execution order, one group per distinct input.
+
+    The block's output is not needed, so when the first batch called each of `linears` exactly once, the
+    later batches stop as soon as all of them have read their input (for a decoder block: before the
+    down projection's product and the residual add). A block whose Linears are called a varying number
+    of times (an MoE that skips experts) runs in full.
     """
     accs, alias, order = {}, {}, []
     seen = {}  # id(input) -> (input, canonical name); holding the tensor keeps its id unique
+    calls: dict[str, int] = {}  # calls per Linear in the current batch
+    stop_early = False  # set after the first batch: every Linear was called once
 
     def hook(name):
         def fn(module, a):
@@ -121,6 +128,9 @@ def observe(block: nn.Module, inputs: BlockInputs, index: int, linears: dict[str
                     accs[name] = StatsAccumulator(x.shape[-1], device=x.device)
                     order.append(name)
                 accs[name].update(x)
+            calls[name] = calls.get(name, 0) + 1
+            if stop_early and len(calls) == len(linears):
+                raise _StopForward  # every Linear has read its input: the rest of the block is not needed
         return fn
 
     with owned_hooks() as hooks:
@@ -128,7 +138,13 @@ def observe(block: nn.Module, inputs: BlockInputs, index: int, linears: dict[str
             hooks.forward_pre(lin, hook(name))
         for b, h in enumerate(inputs.hidden):
             seen.clear()
-            block(h, *inputs.args[b][index], **inputs.kwargs[b][index])
+            calls.clear()
+            try:
+                block(h, *inputs.args[b][index], **inputs.kwargs[b][index])
+            except _StopForward:
+                pass
+            if b == 0:
+                stop_early = len(calls) == len(linears) and all(c == 1 for c in calls.values())
         seen.clear()
     stats = {name: accs[alias[name]].result() for name in linears if name in alias}
     groups = [[n for n in linears if alias.get(n) == c] for c in order]

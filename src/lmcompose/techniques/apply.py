@@ -55,6 +55,31 @@ def apply_steps(layer: CompressedLinear, steps, stats: Stats, name: str = "",
     return layer, results
 
 
+def apply_stacked(step, layers: dict[str, CompressedLinear], stats: Stats,
+                  originals: dict[str, torch.Tensor | None]) -> dict[str, StepResult] | None:
+    """One step on Linears that read the same input (`stats`), solved as one matrix of stacked rows
+    (``step.apply_stacked``, e.g. GPTQ's q/k/v or gate/up in one sweep); then each layer is checked and
+    measured as `apply_steps` does. Returns None, having changed nothing, when the step cannot stack
+    these layers: the caller then applies it layer by layer."""
+    stacked = getattr(step, "apply_stacked", None)
+    if stacked is None or len(layers) < 2:
+        return None
+    t0 = time.perf_counter()
+    made = stacked(list(layers.values()), stats)
+    if made is None:
+        return None
+    seconds = (time.perf_counter() - t0) / len(made)
+    out = {}
+    for (name, layer), (new, info) in zip(layers.items(), made):
+        check_step(layer, new, step, name)
+        original = originals.get(name)
+        if original is None:
+            original = layer.to_dense(torch.float32)
+        err = relative_error(original, new.to_dense(torch.float32), stats.gram)
+        out[name] = StepResult(step.name, info, err, seconds, new)
+    return out
+
+
 @dataclass
 class GroupResult:
     """What a group step made of one Linear. `input_scale` is d when the step folded a per-channel scale

@@ -13,9 +13,9 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ...algebra.quant import QuantSpec
+from ...algebra.quant import QTensor, QuantSpec
 from ...algebra.spec import LinearSpec, TensorSpec
-from ...algebra.terms import LowRank, materialize
+from ...algebra.terms import Dense, LowRank, materialize
 from ...core.errors import IllegalStep
 from ..base import Technique
 from ..budget import budget_bytes
@@ -27,6 +27,9 @@ Target = Literal["dense", "sparse", "lowrank", "all"]
 class QuantConfig(Technique):
     family: ClassVar[str] = "quantize"
     ratio_replaces: ClassVar[tuple[str, ...]] = ("bits",)
+    # True when each output row's codes depend only on that row and the input Gram (RTN, GPTQ): Linears
+    # that read one input can then be quantized as one matrix of stacked rows (`apply_stacked`).
+    row_separable: ClassVar[bool] = False
 
     bits: int | None = setting("bits", None, doc="bits per weight code (default 4 unless `ratio` is given)")
     ratio: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the Linear's fp16 bytes to keep "
@@ -99,6 +102,34 @@ class QuantConfig(Technique):
 
     def quantize_slot(self, w: torch.Tensor, hessian: torch.Tensor, mask, bits: int):
         raise NotImplementedError
+
+    def apply_stacked(self, layers: list, stats) -> list | None:
+        """`apply` on Linears that read one input (q/k/v, gate/up), from one `quantize_slot` on their
+        stacked rows: the same codes, grids and permutation as one `apply` per layer, when the quantizer
+        is `row_separable` and every layer is one float dense term without input operations (else None).
+        Returns ``[(layer, info), ...]`` in the order of `layers`."""
+        if not self.row_separable or len(layers) < 2 or not self._matches("dense"):
+            return None
+        for layer in layers:
+            term = layer.terms[0] if len(layer.terms) == 1 else None
+            if (layer.input_ops or not isinstance(term, Dense) or not isinstance(term.a, torch.Tensor)
+                    or not term.a.is_floating_point()):
+                return None
+        bits = {self.resolve_bits(layer.spec()) for layer in layers}
+        if len(bits) != 1:
+            return None
+        bits = bits.pop()
+        sources = [layer.terms[0].a for layer in layers]
+        qt = self.quantize_slot(torch.cat([materialize(a, torch.float32) for a in sources]), stats.gram, None, bits)
+        out, start = [], 0
+        for layer, source in zip(layers, sources):
+            end = start + source.shape[0]
+            part = QTensor(qt.codes[start:end].clone(), qt.scale[start:end].clone(),
+                           None if qt.zero is None else qt.zero[start:end].clone(), qt.spec, qt.perm, source)
+            out.append((layer.with_terms([layer.terms[0].replace(a=part)]),
+                        {"bits": bits, "group_size": self.group_size, "symmetric": self.symmetric}))
+            start = end
+        return out
 
 
 def _replace_spec(term, slots: dict):

@@ -26,7 +26,7 @@ import torch
 from pydantic import PrivateAttr
 
 from ...algebra.quant import QTensor, QuantSpec, grid_params, quantize_to_grid
-from ...core.linalg import damped_inverse_cholesky
+from ...core.linalg import damped_inverse_cholesky, one_thread
 from ..base import register
 from ..fields import setting
 from .common import QuantConfig
@@ -49,6 +49,7 @@ def _check(w, h, spec, mask, percdamp, blocksize):
 
 
 @torch.no_grad()
+@one_thread()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, mask: torch.Tensor | None = None,
                   act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
                   blocksize: int = 128) -> tuple[QTensor, dict]:
@@ -94,6 +95,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, mask: to
     hinv, damp = damped_inverse_cholesky(h, percdamp, layer_shape=(rows, cols))
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=dev)
     loss = torch.zeros((), dtype=torch.float64, device=dev)
+    row_loss = torch.zeros(rows, dtype=torch.float64, device=dev)  # the same, per row (stacked layers)
     scale, zero = scales[:, 0], zeros[:, 0]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -116,7 +118,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, mask: to
             e = (col - q) / hinv1[i, i]
             w1[:, i:] -= torch.outer(e, hinv1[i, i:])
             err1[:, i] = e
-        loss += (err1.double() ** 2).sum() / 2  # Σ (w − q)² / U_ii² / 2: the reference's `Losses`
+        sq = err1.double() ** 2
+        loss += sq.sum() / 2  # Σ (w − q)² / U_ii² / 2: the reference's `Losses`
+        row_loss += sq.sum(1) / 2
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     if perm is not None:
@@ -128,7 +132,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, mask: to
     qt = QTensor(codes, scales, zeros, spec, stored_perm)
     info = {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
             "act_order": act_order, "static_groups": static, "percdamp": percdamp, "damp": damp,
-            "blocksize": blocksize, "dead_columns": int(dead.sum()), "obs_loss": float(loss)}
+            "blocksize": blocksize, "dead_columns": int(dead.sum()), "obs_loss": float(loss),
+            "row_loss": row_loss}
     return qt, info
 
 
@@ -136,6 +141,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, mask: to
 class GPTQ(QuantConfig):
     name: ClassVar[str] = "gptq"
     summary: ClassVar[str] = "quantize column by column, compensating each error through the inverse Hessian"
+    row_separable: ClassVar[bool] = True  # given H, the sweep's updates stay within each row
 
     act_order: bool = setting("act_order")
     static_groups: bool = setting("static_groups")
@@ -155,6 +161,12 @@ class GPTQ(QuantConfig):
         self._slot_infos.append(info)
         return qt
 
+    def _info(self, info: dict, slots: list[dict], obs_loss: float) -> dict:
+        info.update(act_order=self.act_order, static_groups=self.static_groups, percdamp=self.percdamp,
+                    blocksize=self.blocksize, damp=[s["damp"] for s in slots],
+                    dead_columns=sum(s["dead_columns"] for s in slots), obs_loss=obs_loss)
+        return info
+
     def apply(self, layer, stats):
         self._slot_infos.clear()
         try:
@@ -162,8 +174,20 @@ class GPTQ(QuantConfig):
             slots = list(self._slot_infos)
         finally:
             self._slot_infos.clear()
-        info.update(act_order=self.act_order, static_groups=self.static_groups, percdamp=self.percdamp,
-                    blocksize=self.blocksize, damp=[s["damp"] for s in slots],
-                    dead_columns=sum(s["dead_columns"] for s in slots),
-                    obs_loss=sum(s["obs_loss"] for s in slots))
-        return new, info
+        return new, self._info(info, slots, sum(s["obs_loss"] for s in slots))
+
+    def apply_stacked(self, layers, stats):
+        self._slot_infos.clear()
+        try:
+            made = super().apply_stacked(layers, stats)
+            slots = list(self._slot_infos)
+        finally:
+            self._slot_infos.clear()
+        if made is None:
+            return None
+        out, start = [], 0
+        for layer, info in made:  # each layer's share of the one sweep: its own rows' loss
+            end = start + layer.out_features
+            out.append((layer, self._info(info, slots, float(slots[0]["row_loss"][start:end].sum()))))
+            start = end
+        return out
