@@ -228,7 +228,9 @@ def export_section(path: Path) -> str:
 
 def main() -> int:
     text = DOC.read_text()
-    blocks = [(path.stem, section(path)) for path in sorted((HERE / "results").glob("*.jsonl"))]
+    # peers-*.jsonl (benchmarks/peers/run_peer.py) are quoted in the text of their sections, not tabled here
+    blocks = [(path.stem, section(path)) for path in sorted((HERE / "results").glob("*.jsonl"))
+              if not path.name.startswith("peers-")]
     if any((HERE / "zeroshot").glob("*.json")):
         blocks.append(("zeroshot-fidelity-smollm2-135m", quality_section()))
     blocks.append(("search-vs-baselines-smollm2-135m", search_section()))
