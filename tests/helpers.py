@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 
@@ -101,3 +103,15 @@ def compress_as_checked(model, steps, x=None, *, batch_size: int = 2, **kw):
     for name, layer in layers.items():
         assert layer.spec() == planned.specs[name] and layer.nbytes() == planned.specs[name].nbytes(), name
     return report, planned
+
+
+def only_shipped_data(monkeypatch) -> None:
+    """No data directory configured and no hub: only the data shipped with lmcompose can answer."""
+    import pytest
+
+    monkeypatch.delenv("LMCOMPOSE_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if importlib.util.find_spec("datasets") is not None:
+        import datasets
+
+        monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("went to the hub"))

@@ -3,11 +3,10 @@ a line per block when its output is not a terminal and a short summary with the 
 run's; the run directory carries a model card; `lmcompose generate` answers beside the dense model; `lmcompose
 report` on one run opens with the dense reference."""
 
-import importlib.util
 import json
 
 import pytest
-from helpers import tiny_llama
+from helpers import only_shipped_data, tiny_llama
 
 from lmcompose.cli import main
 
@@ -33,12 +32,7 @@ def _word_tokenizer():
 @pytest.fixture(autouse=True)
 def no_data_dir(monkeypatch):
     """No data directory and no hub: the data shipped with lmcompose answers."""
-    monkeypatch.delenv("LMCOMPOSE_DATA_DIR", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if importlib.util.find_spec("datasets") is not None:
-        import datasets
-
-        monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("went to the hub"))
+    only_shipped_data(monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import only_shipped_data, tiny_llama
 
 import lmcompose
 from lmcompose.cli import main
@@ -30,12 +30,7 @@ WIKI_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
 @pytest.fixture(autouse=True)
 def no_data_dir(monkeypatch):
     """No data directory configured and no hub: only the shipped data can answer."""
-    monkeypatch.delenv("LMCOMPOSE_DATA_DIR", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if importlib.util.find_spec("datasets") is not None:
-        import datasets
-
-        monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("went to the hub"))
+    only_shipped_data(monkeypatch)
 
 
 def test_the_packaged_files_are_package_data_found_by_importlib_resources():
