@@ -210,6 +210,16 @@ def file_sha256(path: str | os.PathLike) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def tensor_sha256(t) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (a reinterpretation of the same bytes differs)."""
+    import torch
+
+    h = hashlib.sha256(f"{t.dtype}|{list(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def _entry(p: Path) -> dict:
     st = p.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(p)}

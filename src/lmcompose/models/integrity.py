@@ -42,7 +42,7 @@ from ..algebra.packing import nm_index_bits, packed_nbytes
 from ..algebra.quant import QuantSpec
 from ..core.dtypes import FLOAT_DTYPES
 from ..core.errors import CheckpointError
-from ..core.io import file_sha256
+from ..core.io import file_sha256, tensor_sha256
 
 ALGORITHM = "sha256"
 META_FILE = "lmcompose.json"
@@ -53,14 +53,6 @@ _INDEX_INTS = frozenset({torch.int16, torch.int32})
 
 
 # -- checksums -----------------------------------------------------------------------------------------
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes (a reinterpretation of the same bytes differs)."""
-    h = hashlib.sha256(f"{t.dtype}|{list(t.shape)}|".encode())
-    if t.numel():
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def meta_sha256(value) -> str:
     """sha256 of a JSON value, key order ignored (the value as lmcompose.json holds it)."""
     canonical = json.dumps(json.loads(json.dumps(value, default=str)), sort_keys=True, separators=(",", ":"))

@@ -45,7 +45,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..core.io import atomic_file, write_json_atomically
+from ..core.io import atomic_file, tensor_sha256, write_json_atomically
 from ..runtime.linear import CompressedLinear
 from .blocks import set_module
 from .records import LayerRecord
@@ -64,13 +64,6 @@ def work_dir_for(out_dir: str | Path) -> Path:
     return out.with_name(out.name + WORK_SUFFIX)
 
 
-def _sha256(t: torch.Tensor) -> str:
-    h = hashlib.sha256(f"{t.dtype}|{list(t.shape)}|".encode())
-    if t.numel():
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def fingerprint(model, recipe_hash: str, windows: torch.Tensor, *, model_name: str, compute_dtype: str,
                 schedule: str, n_blocks: int, streamed: bool = False, version: str = "") -> dict:
     """What must be equal for a saved block to be the block this run would compute. The weights are
@@ -80,9 +73,9 @@ def fingerprint(model, recipe_hash: str, windows: torch.Tensor, *, model_name: s
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
     embedding = model.get_input_embeddings().weight
     return {"lmcompose": version, "recipe_hash": recipe_hash, "model": model_name, "config_sha256": config_hash,
-            "embedding_sha256": _sha256(embedding) if embedding.device.type != "meta" else None,
+            "embedding_sha256": tensor_sha256(embedding) if embedding.device.type != "meta" else None,
             "weights_dtype": str(embedding.dtype).removeprefix("torch."), "compute_dtype": compute_dtype,
-            "windows_sha256": _sha256(windows), "windows_shape": list(windows.shape), "schedule": schedule,
+            "windows_sha256": tensor_sha256(windows), "windows_shape": list(windows.shape), "schedule": schedule,
             "blocks": n_blocks, "streamed": streamed}
 
 
