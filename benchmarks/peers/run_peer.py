@@ -143,7 +143,7 @@ def quantize_llmcompressor(model, tokenizer, ids, args) -> dict:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier, QuIPModifier, SpinQuantModifier
 
-    weights = QuantizationArgs(num_bits=args.bits, type="int", strategy="group", group_size=args.group_size,
+    weights = None if args.bits is None else QuantizationArgs(num_bits=args.bits, type="int", strategy="group", group_size=args.group_size,
                                symmetric=args.symmetric, dynamic=False)
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
     recipe, described = [], []
@@ -160,6 +160,10 @@ def quantize_llmcompressor(model, tokenizer, ids, args) -> dict:
                                         transform_block_size=args.spin_block))
     if args.method == "gptq":
         recipe.append(GPTQModifier(config_groups=groups, ignore=["lm_head"]))  # default actorder ("static")
+    elif args.method == "sparsegpt":  # unstructured, as lmcompose's `sparsegpt: {sparsity: S}`
+        from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+        recipe.append(SparseGPTModifier(sparsity=args.sparsity, mask_structure="0:0", ignore=["lm_head"]))
     elif args.method == "awq":
         recipe += [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
     else:
@@ -179,7 +183,7 @@ def quantize_llmcompressor(model, tokenizer, ids, args) -> dict:
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, num_calibration_samples=n,
             max_seq_length=seqlen, shuffle_calibration_samples=False)
-    return {"recipe": described, "weight_args": json.loads(weights.model_dump_json())}
+    return {"recipe": described, "weight_args": None if weights is None else json.loads(weights.model_dump_json())}
 
 
 def quantize_autoround(model, tokenizer, ids, args) -> tuple[object, dict]:
@@ -356,7 +360,8 @@ def peer_checkpoint_bytes(model, tokenizer) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--method", required=True, choices=["dense", "gptq", "awq", "autoround"])
+    ap.add_argument("--method", required=True, choices=["dense", "gptq", "awq", "autoround", "sparsegpt"])
+    ap.add_argument("--sparsity", type=float, default=0.5, help="--method sparsegpt: unstructured sparsity")
     ap.add_argument("--bits", type=int, default=None)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--symmetric", action="store_true", help="symmetric grid (default: asymmetric, as lmcompose)")
@@ -379,8 +384,8 @@ def main() -> int:
     ap.add_argument("--no-checkpoint-check", action="store_true")
     ap.add_argument("--label", default=None)
     args = ap.parse_args()
-    if args.method != "dense" and args.bits is None:
-        ap.error("--bits is required unless --method dense")
+    if args.method not in ("dense", "sparsegpt") and args.bits is None:
+        ap.error("--bits is required unless --method dense or sparsegpt")
     if args.method in ("autoround", "dense") and args.transform != "none":
         ap.error("--transform applies to the llm-compressor methods (gptq, awq) only")
 
@@ -432,6 +437,13 @@ def main() -> int:
             log(f"quantized in {row['quant_seconds']} s")
             model.eval()
             row["quantized_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+            if args.method == "sparsegpt":
+                zeros = sum(int((m.weight == 0).sum()) for _, m in decoder_linears(model))
+                total = sum(m.weight.numel() for _, m in decoder_linears(model))
+                row["verification"] = {"sparsity": zeros / total}
+                row["sparsity"] = args.sparsity
+                log(f"verification: {json.dumps(row['verification'])}")
+        if args.method not in ("dense", "sparsegpt"):
             row["verification"] = inspect_quantization(model, args)
             log(f"verification: {json.dumps(row['verification'])}")
             tr = transforms_of(model)
@@ -456,7 +468,7 @@ def main() -> int:
     try:
         model = model.to(DTYPES[args.eval_dtype])
         row["eval_dtype"] = args.eval_dtype
-        if args.method not in ("dense", "autoround"):
+        if args.method not in ("dense", "autoround", "sparsegpt"):
             row["verification_eval_dtype"] = inspect_quantization(model, args)
         row["ppl"], row["eval_seconds"], row["protocols"] = {}, {}, {}
         for name in args.protocols:

@@ -76,7 +76,7 @@ def _journal(model, recipe, windows, work_dir, resume, overwrite, model_name, re
 
     fp = fingerprint(model, recipe.hash(), windows, model_name=model_name, compute_dtype=resolved,
                      schedule=recipe.schedule, n_blocks=len(find_blocks(model)[1]), streamed=streamed,
-                     version=__version__)
+                     version=__version__, recover=recipe.recover.model_dump() if recipe.recover.steps else None)
     return RunJournal(work_dir, fp, resume=resume, overwrite=overwrite)
 
 
@@ -114,8 +114,10 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
 
     With `work_dir` set (CLI: ``OUT.partial`` beside ``--out``), every final block is recorded there
     (`lmcompose.pipeline.resume`) and ``resume=True`` continues an interrupted run from its last finished
-    block, bit-identically; an existing work directory without `resume` is refused unless
-    `overwrite_work`. Remove it once the model is saved (``RunJournal.discard`` / ``shutil.rmtree``).
+    block, bit-identically; the ``recover`` section also saves its state there every
+    ``recover.checkpoint_every`` steps and continues from its last save. An existing work directory
+    without `resume` is refused unless `overwrite_work`. Remove it once the model is saved
+    (``RunJournal.discard`` / ``shutil.rmtree``).
     `block_io` (``models.stream.StreamedBlocks``) loads each block's weights just before it is visited and
     frees them after: the model's blocks may then start on the meta device.
     """
@@ -144,7 +146,8 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
         runner = SequentialCompressor(model, recipe.steps, recipe.float_dtype, device, on_block, resolved,
                                       journal=journal, block_io=block_io)
         runner.run(windows, recipe.calibration.batch_size, recipe.schedule)
-        recovery = recover(model, windows, rec, resolved, device, teacher) if rec.steps else None
+        state_file = journal.recover_file if journal is not None else None  # the recovery's checkpoints
+        recovery = recover(model, windows, rec, resolved, device, teacher, state_file) if rec.steps else None
     finally:
         if teacher is not None:
             teacher.close()

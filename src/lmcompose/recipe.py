@@ -159,6 +159,12 @@ class Recovery(StrictModel):
     top_k: int = Field(64, ge=1, description="with teacher: cached: tokens kept per position (plus the tail's mass)")
     heldout: int = Field(0, ge=0, description="the last calibration windows held out of training, to report a "
                                               "held-out loss before and after")
+    checkpoint_every: int = Field(
+        16, ge=0, description="with a work directory (compress --resume): every this many steps, and after the "
+                              "last, save the trained tensors, the AdamW moments and the step there "
+                              "(training.recover), so a killed recovery resumes from its last save, "
+                              "bit-identically; each save rewrites one file of 12 bytes per trained number; "
+                              "0 = never (a resume then starts the recovery over)")
 
     @field_validator("train", mode="before")
     @classmethod
@@ -196,13 +202,13 @@ class Recovery(StrictModel):
         return False
 
     def to_dict(self) -> dict:
-        """The settings; the distillation and held-out fields only where they are not at their defaults, so
-        recipes written before them keep their hashes."""
+        """The settings; the distillation, held-out and checkpoint fields only where they are not at their
+        defaults, so recipes written before them keep their hashes."""
         out = self.model_dump()
         return {k: v for k, v in out.items() if k not in _LATER_FIELDS or v != Recovery.model_fields[k].default}
 
 
-_LATER_FIELDS = ("loss", "teacher", "top_k", "heldout")
+_LATER_FIELDS = ("loss", "teacher", "top_k", "heldout", "checkpoint_every")
 
 
 class Recipe(StrictModel):

@@ -85,12 +85,28 @@ def cmd_eval(args) -> int:
         checks.output(args.json, "--json", overwrite=True, directory=False)
     checks.model_exists(args.model)
     check_dense_for(args.dense_for, args.model)
-    model, tokenizer = load_any(args.model, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code,
-                                verify=not args.no_verify)
+    dtype = eval_dtype(args.dtype, args.device)
+    if args.stream:  # one decoder block in memory at a time: for a model bigger than memory
+        from ..eval.streamed import streamed_perplexity
+        from ..models.stream import open_for_streaming
+
+        model, tokenizer, blocks = open_for_streaming(args.model, dtype, args.trust_remote_code,
+                                                      verify=not args.no_verify)
+        device = None if args.device == "auto" else args.device
+
+        def run(report):
+            return streamed_perplexity(model, tokenizer, protocol, blocks, data_dir=args.data_dir, device=device,
+                                       progress=report)
+        label = "perplexity (block passes)"
+    else:
+        model, tokenizer = load_any(args.model, dtype, args.device, args.trust_remote_code, verify=not args.no_verify)
+
+        def run(report):
+            return perplexity(model, tokenizer, protocol, data_dir=args.data_dir, progress=report)
+        label = "perplexity"
     with progress() as prog:
-        task = prog.add_task("perplexity", total=None)
-        result = perplexity(model, tokenizer, protocol, data_dir=args.data_dir,
-                            progress=lambda done, total: prog.update(task, completed=done, total=total))
+        task = prog.add_task(label, total=None)
+        result = run(lambda done, total: prog.update(task, completed=done, total=total))
     print_totals({"model": args.model, "perplexity": f"{result.ppl:.4f}", "tokens": result.n_tokens,
                    "windows": result.n_windows, "seconds": f"{result.seconds:.1f}",
                    "protocol": json.dumps(result.protocol)})
@@ -232,6 +248,9 @@ def add_parser(sub) -> None:
     e.add_argument("--max-tokens", type=checks.count(2), default=None)
     e.add_argument("--json", default=None, help="also write the result as JSON here")
     e.add_argument("--dense-for", default=None, metavar="RUN_DIR", help=DENSE_FOR_HELP)
+    e.add_argument("--stream", action="store_true",
+                   help="read one decoder block at a time from disk (a local safetensors directory, a .gguf or a "
+                        "run directory, sharded or not): for a model bigger than memory; same number as without")
     e.set_defaults(func=cmd_eval)
 
     z = sub.add_parser("zeroshot", help="zero-shot accuracy through lm-evaluation-harness, tasks from local files")

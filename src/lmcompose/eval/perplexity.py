@@ -134,13 +134,7 @@ def perplexity(model, tokenizer, protocol: Protocol | str, data_dir=None, device
         device: where the windows go (default: the device of the model's first parameter).
         progress: optional ``callable(done_windows, total_windows)``.
     """
-    if isinstance(protocol, str):
-        protocol = get_protocol(protocol)
-    ran_in = dtype_name(model_dtype(model))
-    if protocol.dtype not in (None, ran_in):
-        raise ValueError(f"protocol dtype={protocol.dtype!r} but the model's weights are {ran_in}; cast the model "
-                         "first (lmcompose.core.dtypes.cast_for_eval)")
-    protocol = protocol.model_copy(update={"dtype": ran_in})
+    protocol = run_protocol(model, protocol)
     device = device or next(model.parameters()).device
     t0 = time.perf_counter()
     windows = windows_of(eval_tokens(tokenizer, protocol.dataset, protocol.split, data_dir), protocol)
@@ -152,9 +146,26 @@ def perplexity(model, tokenizer, protocol: Protocol | str, data_dir=None, device
         nll += float(window_nll(model, batch, use_head).sum())
         if progress is not None:
             progress(min(start + protocol.batch_size, total), total)
-    n_tokens = total * (protocol.seqlen - 1)
-    result = PerplexityResult(math.exp(nll / n_tokens), nll, n_tokens, total, time.perf_counter() - t0,
+    return result_of(nll, total, protocol, t0)
+
+
+def run_protocol(model, protocol: Protocol | str) -> Protocol:
+    """`protocol` (or the named one) with the dtype `model` computes in recorded; a different dtype asked for
+    is refused. Every perplexity path (in memory, `eval.streamed`) starts with it."""
+    if isinstance(protocol, str):
+        protocol = get_protocol(protocol)
+    ran_in = dtype_name(model_dtype(model))
+    if protocol.dtype not in (None, ran_in):
+        raise ValueError(f"protocol dtype={protocol.dtype!r} but the model's weights are {ran_in}; cast the model "
+                         "first (lmcompose.core.dtypes.cast_for_eval)")
+    return protocol.model_copy(update={"dtype": ran_in})
+
+
+def result_of(nll: float, n_windows: int, protocol: Protocol, t0: float) -> PerplexityResult:
+    """The result of summed NLL `nll` over `n_windows` windows of `protocol`, begun at ``perf_counter`` `t0`."""
+    n_tokens = n_windows * (protocol.seqlen - 1)
+    result = PerplexityResult(math.exp(nll / n_tokens), nll, n_tokens, n_windows, time.perf_counter() - t0,
                               protocol.model_dump())
-    log.info("perplexity %.4f over %d tokens (%d windows of %d) in %.1fs", result.ppl, n_tokens, total,
+    log.info("perplexity %.4f over %d tokens (%d windows of %d) in %.1fs", result.ppl, n_tokens, n_windows,
              protocol.seqlen, result.seconds)
     return result

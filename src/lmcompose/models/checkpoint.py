@@ -308,9 +308,10 @@ def _build_model(path: Path, meta: dict):
     return model
 
 
-def _check_other_tensors(path: Path, model: nn.Module, others: dict[str, torch.Tensor]) -> None:
-    """Every tensor outside the compressed Linears must have a place of its shape in `model`."""
-    weights, places = str(path / WEIGHTS_FILE), model.state_dict()
+def _check_other_tensors(path: Path, places: dict[str, torch.Tensor], others: dict[str, torch.Tensor]) -> None:
+    """Every tensor outside the compressed Linears must have a place of its shape in the model (`places`: its
+    state dict, or a part of it, by full name)."""
+    weights = str(path / WEIGHTS_FILE)
     for key, t in others.items():
         if key not in places and ".terms." in key:
             raise CheckpointError(f"holds tensor {key} of a compressed Linear, but lmcompose.json does not list the "
@@ -321,6 +322,56 @@ def _check_other_tensors(path: Path, model: nn.Module, others: dict[str, torch.T
         if tuple(places[key].shape) != tuple(t.shape):
             raise CheckpointError(f"tensor {key} has shape {list(t.shape)}; the model that config.json describes "
                                   f"needs {list(places[key].shape)}", file=weights)
+
+
+def open_metadata(path: str | Path, dtype: str) -> tuple[Path, dict, list[ModelOp]]:
+    """``(path, lmcompose.json's content, its model operations)`` of run directory `path`, checked before any
+    weight is read; `dtype` (the compute dtype asked for) must be one of `FLOAT_DTYPES`. Every loader of a run
+    directory (`load_compressed`, `stream.open_streamed_run`) starts with it."""
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not allowed; allowed: {sorted(FLOAT_DTYPES)}")
+    path = Path(path)
+    meta = read_metadata(path)
+    return path, meta, read_model_ops(meta, str(path / META_FILE))
+
+
+def read_model_ops(meta: dict, meta_file: str) -> list[ModelOp]:
+    """The model-level online operations lmcompose.json lists, refused before any weight is read: a model
+    without them computes something else."""
+    try:
+        return [ModelOp.from_meta(m) for m in meta.get("model_ops", [])]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err),
+                              file=meta_file, field="model_ops") from None
+
+
+def attach_checked_model_ops(model: nn.Module, ops: list[ModelOp], meta_file: str) -> None:
+    """Attach `ops` (from `read_model_ops`) to `model`, each checked to fit the module it names."""
+    try:
+        check_model_ops(model, ops)
+    except ValueError as err:
+        raise CheckpointError(str(err), file=meta_file, field="model_ops") from None
+    for op in ops:
+        attach_model_op(model, op)
+
+
+def assign_tensors(path: Path, root: nn.Module, prefix: str, layers: dict, state: dict[str, torch.Tensor],
+                   compute: torch.dtype) -> None:
+    """Put checked tensors of run directory `path` into `root` (the module named `prefix`, "" for the whole
+    model; `state` by full names): each compressed Linear of `layers` rebuilt from its tensors, every other
+    tensor cast to `compute` and assigned in place of the meta tensor it replaces."""
+    head = f"{prefix}." if prefix else ""
+    for name, layer_meta in layers.items():
+        try:
+            linear = CompressedLinear.from_state(name, layer_meta, state, compute)
+        except Exception as err:  # noqa: BLE001 - shapes agree, values do not decode (e.g. a bad index)
+            raise CheckpointError(f"cannot be decoded ({type(err).__name__}: {err})", file=str(path / WEIGHTS_FILE),
+                                  layer=name) from None
+        set_module(root, name[len(head):], linear)
+    skip = tuple(f"{n}." for n in layers)
+    rest = {k[len(head):]: v.to(compute) if v.is_floating_point() else v for k, v in state.items()
+            if not k.startswith(skip)}
+    root.load_state_dict(rest, strict=False, assign=True)
 
 
 def load_compressed(path: str | Path, dtype: str = "fp32", device: str = "cpu", verify: bool = True):
@@ -339,48 +390,27 @@ def load_compressed(path: str | Path, dtype: str = "fp32", device: str = "cpu", 
     """
     from transformers import AutoTokenizer
 
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not allowed; allowed: {sorted(FLOAT_DTYPES)}")
-    path = Path(path)
-    meta = read_metadata(path)
+    path, meta, ops = open_metadata(path, dtype)
     meta_file = str(path / META_FILE)
     compute = FLOAT_DTYPES[dtype]
-    try:  # refused before any weight is read: a model without its online operations computes something else
-        ops = [ModelOp.from_meta(m) for m in meta.get("model_ops", [])]
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err),
-                              file=meta_file, field="model_ops") from None
     state = _read_tensors(path)
     for name, layer_meta in meta["layers"].items():
         check_layer_tensors(str(path), name, layer_meta, state)
     model = _build_model(path, meta)
     skip = tuple(f"{n}." for n in meta["layers"])
-    _check_other_tensors(path, model, {k: t for k, t in state.items() if not k.startswith(skip)})
+    _check_other_tensors(path, model.state_dict(), {k: t for k, t in state.items() if not k.startswith(skip)})
     if verify and "checksums" in meta:
         verify_checksums(str(path), meta, state)
     elif verify:
         log.warning("%s has no checksums (saved by an older lmcompose): its tensors are not verified", meta_file)
-    for name, layer_meta in meta["layers"].items():
-        try:
-            linear = CompressedLinear.from_state(name, layer_meta, state, compute)
-        except Exception as err:  # noqa: BLE001 - shapes agree, values do not decode (e.g. a bad index)
-            raise CheckpointError(f"cannot be decoded ({type(err).__name__}: {err})", file=str(path / WEIGHTS_FILE),
-                                  layer=name) from None
-        set_module(model, name, linear)
-    rest = {k: v.to(compute) if v.is_floating_point() else v for k, v in state.items() if not k.startswith(skip)}
-    model.load_state_dict(rest, strict=False, assign=True)
+    assign_tensors(path, model, "", meta["layers"], state, compute)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
         raise CheckpointError(f"lacks tensors for {still_meta[:5]}", file=str(path / WEIGHTS_FILE))
     model = model.to(device=device, dtype=compute).eval()
-    try:
-        check_model_ops(model, ops)
-    except ValueError as err:
-        raise CheckpointError(str(err), file=meta_file, field="model_ops") from None
-    for op in ops:
-        attach_model_op(model, op)
-    del state, rest
+    attach_checked_model_ops(model, ops, meta_file)
+    del state
     release_freed_memory()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model, tokenizer, meta

@@ -90,6 +90,16 @@ def _layer_of(key: str, layers) -> str | None:
 def verify_checksums(path: str, meta: dict, state: dict[str, torch.Tensor]) -> None:
     """Raise CheckpointError unless `state` (model.safetensors) and the metadata in `meta` are what was
     saved, per ``meta["checksums"]``. `path`: the run directory (for messages)."""
+    verify_recorded(path, meta, state.keys())
+    verify_tensors(path, meta, state)
+    verify_files(path, meta)
+
+
+def verify_recorded(path: str, meta: dict, keys) -> None:
+    """The checks of `verify_checksums` that read no tensor: the checksum table's form, every layer's metadata
+    and the model operations against their recorded sha256, and the names `keys` of the stored tensors against
+    the names recorded (none missing, none added). A checkpoint read a block at a time (`models.stream`) runs
+    this once, then `verify_tensors` on each part it reads."""
     meta_file, weights = f"{path}/{META_FILE}", f"{path}/{WEIGHTS_FILE}"
     sums = meta["checksums"]
     if not isinstance(sums, dict) or sums.get("algorithm") != ALGORITHM or not isinstance(sums.get("tensors"), dict) \
@@ -110,17 +120,27 @@ def verify_checksums(path: str, meta: dict, state: dict[str, torch.Tensor]) -> N
     if meta_sha256(meta.get("model_ops", [])) != sums.get("model_ops"):
         raise CheckpointError("does not match the sha256 recorded when it was saved: lmcompose.json was edited",
                               file=meta_file, field="model_ops")
-    recorded = sums["tensors"]
-    for key in sorted(recorded.keys() - state.keys()):
+    recorded, keys = sums["tensors"], set(keys)
+    for key in sorted(recorded.keys() - keys):
         raise CheckpointError(f"tensor {key} was saved but is missing", file=weights, layer=_layer_of(key, layers))
-    for key in sorted(state.keys() - recorded.keys()):
+    for key in sorted(keys - recorded.keys()):
         raise CheckpointError(f"holds tensor {key}, which was not saved with this lmcompose.json", file=weights,
                               layer=_layer_of(key, layers))
-    for key in sorted(recorded):
-        if tensor_sha256(state[key]) != recorded[key]:
+
+
+def verify_tensors(path: str, meta: dict, state: dict[str, torch.Tensor]) -> None:
+    """The sha256 of every tensor of `state` (all of a checkpoint's tensors, or the part just read) against the
+    one recorded when it was saved (`verify_recorded` checked the table's form and its names)."""
+    recorded, layers = meta["checksums"]["tensors"], meta["layers"]
+    for key in sorted(state):
+        if tensor_sha256(state[key]) != recorded.get(key):
             raise CheckpointError(f"tensor {key} does not match the sha256 recorded when it was saved: the file is "
-                                  "damaged", file=weights, layer=_layer_of(key, layers))
-    files = sums.get("files", {})  # absent in checkpoints saved before files were hashed
+                                  "damaged", file=f"{path}/{WEIGHTS_FILE}", layer=_layer_of(key, layers))
+
+
+def verify_files(path: str, meta: dict) -> None:
+    """The sha256 of every other file saved with the checkpoint (config.json, the tokenizer's files)."""
+    files = meta["checksums"].get("files", {})  # absent in checkpoints saved before files were hashed
     for name, digest in (files.items() if isinstance(files, dict) else []):
         p = Path(path) / name
         if not p.is_file():

@@ -37,11 +37,27 @@ from ..core.errors import CheckpointError
 from ..core.memory import release_freed_memory
 from ..pipeline.blocks import find_blocks
 from ..runtime.linear import CompressedLinear
-from .checkpoint import index_weight_map
-from .integrity import META_FILE, WEIGHTS_FILE
+from .checkpoint import (
+    _build_model,
+    _check_other_tensors,
+    assign_tensors,
+    attach_checked_model_ops,
+    index_weight_map,
+    open_metadata,
+    safetensors_table,
+    weights_files,
+)
+from .integrity import (
+    META_FILE,
+    WEIGHTS_FILE,
+    check_layer_tensors,
+    expected_tensors,
+    verify_files,
+    verify_recorded,
+    verify_tensors,
+)
 
 log = logging.getLogger(__name__)
-
 
 
 def tensor_files(directory: str | Path) -> dict[str, Path]:
@@ -66,8 +82,8 @@ class StreamedBlocks:
     def __init__(self, files: dict[str, Path], dtype: torch.dtype):
         self.files, self.dtype = files, dtype
 
-    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors `keys` (full names) in the weights dtype, each file opened once."""
+    def read_stored(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors `keys` (full names) in their stored dtypes, each file opened once."""
         missing = [k for k in keys if k not in self.files]
         if missing:
             raise CheckpointError(f"lacks tensors {missing[:3]} of the model its config.json describes",
@@ -77,11 +93,17 @@ class StreamedBlocks:
             by_file.setdefault(self.files[key], []).append(key)
         out = {}
         for path, names in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
-                for key in names:
-                    t = f.get_tensor(key)
-                    out[key] = t.to(self.dtype) if t.is_floating_point() else t
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    out.update({key: f.get_tensor(key) for key in names})
+            except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ... on a damaged file
+                raise CheckpointError(f"cannot be read, it is truncated or damaged ({type(err).__name__}: {err})",
+                                      file=str(path)) from None
         return out
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors `keys` (full names) in the weights dtype."""
+        return {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in self.read_stored(keys).items()}
 
     def load(self, index: int, block: nn.Module, prefix: str) -> None:
         names = [n for n, p in block.named_parameters() if p.device.type == "meta"]
@@ -149,3 +171,88 @@ def open_streamed(name_or_path: str, dtype: str = "fp32", trust_remote_code: boo
     log.info("streaming %s (%s, %d tensor files): blocks are read one at a time", src.name, dtype,
              len(set(files.values())))
     return model.eval(), tokenizer, blocks
+
+
+class CompressedBlocks(StreamedBlocks):
+    """Loads one decoder block of an lmcompose run directory at a time (`open_streamed_run`): only that block's
+    tensors are read (from its shard, or from the one ``model.safetensors``), checked against lmcompose.json
+    as `checkpoint.load_compressed` checks them (with `verify`, also against the sha256 recorded when they were
+    saved), and its compressed Linears rebuilt computing in `dtype`. ``release`` is `StreamedBlocks`'."""
+
+    def __init__(self, path: Path, files: dict[str, Path], dtype: torch.dtype, meta: dict, verify: bool):
+        super().__init__(files, dtype)
+        self.path, self.meta, self.verify = path, meta, verify and "checksums" in meta
+
+    def install(self, root: nn.Module, root_name: str, keep) -> None:
+        """Read the stored tensors whose full names `keep` accepts, check them and assign them into `root`, the
+        module named `root_name` ("" for the whole model)."""
+        layers = {n: m for n, m in self.meta["layers"].items() if keep(f"{n}.")}
+        state = self.read_stored([k for k in self.files if keep(k)])
+        for name, layer_meta in layers.items():
+            check_layer_tensors(str(self.path), name, layer_meta, state)
+        skip = tuple(f"{n}." for n in layers)
+        head = f"{root_name}." if root_name else ""
+        places = {f"{head}{k}": t for k, t in root.state_dict().items()}
+        _check_other_tensors(self.path, places, {k: t for k, t in state.items() if not k.startswith(skip)})
+        if self.verify:
+            verify_tensors(str(self.path), self.meta, state)
+        assign_tensors(self.path, root, root_name, layers, state, self.dtype)
+
+    def load(self, index: int, block: nn.Module, prefix: str) -> None:
+        self.install(block, prefix, lambda key: key.startswith(f"{prefix}."))
+        still = [f"{prefix}.{n}" for n, p in block.named_parameters() if p.device.type == "meta"]
+        if still:
+            raise CheckpointError(f"lacks tensors for {still[:5]}", file=str(self.path / WEIGHTS_FILE))
+
+
+def open_streamed_run(path: str | Path, dtype: str = "fp32", verify: bool = True):
+    """``(model, tokenizer or None, CompressedBlocks)`` for an lmcompose run directory, sharded (as
+    `checkpoint.save_streamed` writes it) or one ``model.safetensors``: the architecture of its config.json with
+    the decoder blocks on the meta device, every other tensor read, checked and cast to `dtype`, and the
+    model-level operations attached, as `checkpoint.load_compressed` does for the whole model. With `verify`,
+    the metadata, the other files and the names of the stored tensors are checked against their checksums
+    here, and each tensor's bytes when its block is read.
+
+    Raises:
+        CheckpointError / CheckpointFileMissing: a damaged, edited or inconsistent directory.
+        ValueError: a bad `dtype`.
+    """
+    from transformers import AutoTokenizer
+
+    path, meta, ops = open_metadata(path, dtype)
+    meta_file = str(path / META_FILE)
+    for name, layer_meta in meta["layers"].items():  # well formed before _build_model reads their shapes
+        expected_tensors(meta_file, name, layer_meta)
+    files = None if (path / WEIGHTS_FILE).is_file() else index_weight_map(path)  # load_compressed's preference
+    if files is None:
+        (weights,) = weights_files(path)
+        files = dict.fromkeys(safetensors_table(weights), weights)  # its header: no weight is read
+    if verify and "checksums" in meta:
+        verify_recorded(str(path), meta, files.keys())
+        verify_files(str(path), meta)
+    elif verify:
+        log.warning("%s has no checksums (saved by an older lmcompose): its tensors are not verified", meta_file)
+    model = _build_model(path, meta)
+    prefix, _ = find_blocks(model)
+    compute = FLOAT_DTYPES[dtype]
+    blocks = CompressedBlocks(path, files, compute, meta, verify)
+    blocks.install(model, "", lambda key: not key.startswith(f"{prefix}."))
+    model.tie_weights()
+    still = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(f"{prefix}.")]
+    if still:
+        raise CheckpointError(f"lacks tensors for {still[:5]}", file=str(path / WEIGHTS_FILE))
+    model = model.to(dtype=compute).eval()  # buffers too, as load_compressed casts them
+    attach_checked_model_ops(model, ops, meta_file)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    log.info("streaming run directory %s (%s, %d tensor files): blocks are read one at a time", path, dtype,
+             len(set(files.values())))
+    return model, tokenizer, blocks
+
+
+def open_for_streaming(name_or_path: str, dtype: str = "fp32", trust_remote_code: bool = False,
+                       verify: bool = True):
+    """`open_streamed_run` for an lmcompose run directory, else `open_streamed`, as `load.load_any` tells them
+    apart."""
+    if (Path(name_or_path) / META_FILE).is_file():
+        return open_streamed_run(name_or_path, dtype, verify)
+    return open_streamed(name_or_path, dtype, trust_remote_code)

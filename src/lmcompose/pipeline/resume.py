@@ -11,7 +11,8 @@ block i is final (layer-major schedule: every step has run on it), the loop writ
   dense block's outputs, the dense stream's too); the previous block's file is then removed;
 * ``journal.json`` last, saying that i+1 blocks are done, and fingerprinting the run (`fingerprint`:
   lmcompose version, recipe hash, model name, config, a hash of the input embedding, weights and compute
-  dtypes, the calibration windows, the schedule, the number of blocks).
+  dtypes, the calibration windows, the schedule, the number of blocks and, for a recipe with a ``recover``
+  section, each of its settings as ``recover.<field>``, so a refusal names the setting that differs).
 
 A killed run therefore leaves at most one block's work undone. ``resume=True`` (CLI ``--resume``)
 redoes what is cheap and deterministic (model-level steps such as a rotation, the capture of block 0's
@@ -23,8 +24,12 @@ caller removes the work directory once the checkpoint is saved (`discard`).
 
 Not resumable (refused by name with ``resume=True``; run without a work directory otherwise): the
 ``step-major`` schedule, and steps that allocate a budget across Linears from a dense pre-pass over the
-whole model (``needs_prepass``). A recipe's ``recover`` section runs again after a resume (its
-optimizer state is not checkpointed yet).
+whole model (``needs_prepass``).
+
+A recipe's ``recover`` section, which runs once every block is final, saves its state to
+``recover.safetensors`` (`RunJournal.recover_file`) every ``recover.checkpoint_every`` steps and after its
+last (`lmcompose.training.recover`: trained tensors, AdamW moments, step, losses so far); a resumed run
+restores the blocks and continues the recovery from the step saved there, bit-identically.
 
 Example::
 
@@ -56,6 +61,7 @@ JOURNAL_FILE = "journal.json"
 JOURNAL_FORMAT = 1
 WORK_SUFFIX = ".partial"
 _META_KEY = "lmcompose-journal"
+RECOVER_FILE = "recover.safetensors"
 
 
 def work_dir_for(out_dir: str | Path) -> Path:
@@ -65,9 +71,12 @@ def work_dir_for(out_dir: str | Path) -> Path:
 
 
 def fingerprint(model, recipe_hash: str, windows: torch.Tensor, *, model_name: str, compute_dtype: str,
-                schedule: str, n_blocks: int, streamed: bool = False, version: str = "") -> dict:
+                schedule: str, n_blocks: int, streamed: bool = False, version: str = "",
+                recover: dict | None = None) -> dict:
     """What must be equal for a saved block to be the block this run would compute. The weights are
-    represented by the input embedding's hash (hashing every weight of a 7B model would cost a minute)."""
+    represented by the input embedding's hash (hashing every weight of a 7B model would cost a minute).
+    `recover`, the recipe's recovery settings (None without one), adds one ``recover.<field>`` entry each:
+    the recipe hash covers them too, but only these name the setting a refusal is about."""
     config = {k: v for k, v in model.config.to_dict().items()
               if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
@@ -76,7 +85,7 @@ def fingerprint(model, recipe_hash: str, windows: torch.Tensor, *, model_name: s
             "embedding_sha256": tensor_sha256(embedding) if embedding.device.type != "meta" else None,
             "weights_dtype": str(embedding.dtype).removeprefix("torch."), "compute_dtype": compute_dtype,
             "windows_sha256": tensor_sha256(windows), "windows_shape": list(windows.shape), "schedule": schedule,
-            "blocks": n_blocks, "streamed": streamed}
+            "blocks": n_blocks, "streamed": streamed, **{f"recover.{k}": v for k, v in (recover or {}).items()}}
 
 
 def unsupported(steps, schedule: str) -> str | None:
@@ -167,6 +176,11 @@ class RunJournal:
 
     def block_file(self, index: int) -> Path:
         return block_file(self.path, index)
+
+    @property
+    def recover_file(self) -> Path:
+        """Where the recovery saves its state (`lmcompose.training.recover`); written once every block is final."""
+        return self.path / RECOVER_FILE
 
     def _hidden_file(self, index: int) -> Path:
         return self.path / f"hidden-{index:05d}.safetensors"

@@ -9,6 +9,20 @@ do not change (checked). The loss (``loss``) is the causal-LM loss, or ``kl``: t
 model's next-token distribution (a cached top-k or an online teacher: `training.distill`). The last
 ``heldout`` calibration windows are left out of training and report a held-out loss before and after.
 
+Checkpoints (``checkpoint_every``): given a `state_file` (`api.compress` passes ``recover.safetensors`` in
+the run's work directory, `pipeline.resume`), every ``checkpoint_every`` steps and after the last one the
+loop writes, atomically, one safetensors file: every trained fp32 tensor, the AdamW state of each (step,
+both moments), the global torch RNG states (dropout draws from them, where a model has any); its JSON
+metadata holds the step, the loss of every step so far, the losses measured before training, the seconds
+spent and what must match to continue (the settings, the compute dtype, a hash of the windows). No other
+state exists: the windows of step s are a function of s (`_rows`). A recovery that finds the file
+continues after its step and ends with tensors and losses bit-identical to an uninterrupted run's; its
+record differs only in ``seconds`` (the saved run's seconds up to its checkpoint plus this run's) and in
+``resumed_from_step``, present only then. Each save costs 12 bytes per trained number of disk (the file is
+rewritten) and of host memory while it is written. Bit-identity needs deterministic steps: on CPU they
+are; on CUDA the scales' gradient (``index_add_``) uses atomic adds, so there even two uninterrupted runs
+may differ in their last bits.
+
 Memory, on one device: the whole model (frozen weights in the compute dtype; a scale-trained tensor keeps
 its uint8 codes and rebuilds its weight each forward); 16 bytes per trained number (fp32 value, gradient,
 two Adam moments); one batch's activations; with ``loss: kl`` the teacher (`training.distill`: a cached
@@ -26,20 +40,31 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..algebra.quant import QTensor
 from ..algebra.terms import as_float, materialize
 from ..core import dtypes as compute
 from ..core.dtypes import FLOAT_DTYPES, dtype_name
+from ..core.io import atomic_file, tensor_sha256
 from ..pipeline.blocks import compressed_modules
 from ..recipe import Recovery
 from ..runtime.linear import CompressedLinear
 from .distill import ChunkedLogits, chunked_kl
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+_STATE_KEY = "lmcompose-recover"
 
 
 def _float(t) -> bool:
@@ -111,8 +136,13 @@ class _Trainable:
         self.frozen = torch.stack([t.weight(torch.float32) for t in frozen]).sum(0).to(dtype) if frozen else None
         self.bias = None if module.bias_value is None else module.bias_value.float()
 
+    def named_parameters(self, prefix: str) -> list[tuple[str, nn.Parameter]]:
+        """The trained Parameters, named ``<prefix>.<term index>.<slot>`` (a trained scale: ``….<slot>.scale``)."""
+        return [(f"{prefix}.{i}.{k}.scale", p.scale) if isinstance(p, _Scales) else (f"{prefix}.{i}.{k}", p)
+                for i, d in zip(self.index, self.params) for k, p in d.items()]
+
     def parameters(self) -> list[nn.Parameter]:
-        return [p.scale if isinstance(p, _Scales) else p for d in self.params for p in d.values()]
+        return [p for _, p in self.named_parameters("")]
 
     def counts(self) -> dict[str, int]:
         """Trained numbers per kind: float values (a sparse term's: inside its mask), scales."""
@@ -161,6 +191,78 @@ class _Trainable:
         self.module._cache = None
 
 
+def _rows(step: int, batch_size: int, n: int) -> torch.Tensor:
+    """The training windows of step `step`: consecutive batches of the `n` training windows, wrapping
+    around. A function of the step alone, so a resumed recovery needs no saved data order."""
+    return torch.arange(step * batch_size, (step + 1) * batch_size) % n
+
+
+def _settings(cfg: Recovery, compute_dtype: str) -> dict:
+    """What a saved state must have been trained with to be continued (not ``checkpoint_every``: it only
+    says when states are saved)."""
+    return {**{f"recover.{k}": v for k, v in cfg.model_dump(exclude={"checkpoint_every"}).items()},
+            "compute_dtype": compute_dtype}
+
+
+def _save_state(path: Path, step: int, named, opt: torch.optim.Optimizer, device: torch.device, meta: dict) -> None:
+    """Write the recovery's state after `step` steps to `path` in one atomic rename (see the module
+    docstring): tensors ``param.<name>``, ``adam.<name>.<key>``, ``rng.cpu`` (and ``rng.cuda``), and `meta`."""
+    t0 = time.perf_counter()
+    names = [n for n, _ in named]
+    tensors = {f"param.{n}": p.detach().to("cpu", copy=True).contiguous() for n, p in named}
+    for i, entry in opt.state_dict()["state"].items():
+        for key, v in entry.items():  # AdamW: step (a 0-d tensor), exp_avg, exp_avg_sq
+            tensors[f"adam.{names[i]}.{key}"] = torch.as_tensor(v).detach().to("cpu", copy=True).contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    text = json.dumps({"format": STATE_FORMAT, "step": step, **meta})
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", _STATE_KEY: text})
+    log.debug("recovery state after step %d written to %s in %.2f s", step, path, time.perf_counter() - t0)
+
+
+def _load_state(path: Path, named, opt: torch.optim.Optimizer, device: torch.device, settings: dict,
+                windows_sha256: str) -> dict:
+    """Put the state saved in `path` into the trained Parameters, `opt` and the torch RNGs; returns its
+    metadata. A state of other settings, windows or trained tensors is refused, naming what differs."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[_STATE_KEY])
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - a damaged file: say which, and how to start over
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}); pass --overwrite (without "
+                         "--resume) to start over") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a recovery state this lmcompose writes (format {STATE_FORMAT}); pass "
+                         "--overwrite (without --resume) to start over")
+    saved = meta.get("settings", {})
+    differs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in settings.items() if saved.get(k) != v]
+    if meta.get("windows_sha256") != windows_sha256:
+        differs.append("the calibration windows")
+    shapes = {n: tuple(p.shape) for n, p in named}
+    if {k[6:]: tuple(t.shape) for k, t in tensors.items() if k.startswith("param.")} != shapes:
+        differs.append("the trained tensors (names or shapes)")
+    if differs:
+        raise ValueError(f"{path} holds a recovery made with other settings (" + "; ".join(differs) + "); "
+                         "rerun with those settings, or pass --overwrite (without --resume) to start over")
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(tensors[f"param.{n}"])
+    index = {n: i for i, (n, _) in enumerate(named)}
+    state = {}
+    for key, t in tensors.items():
+        if key.startswith("adam."):
+            name, part = key[5:].rsplit(".", 1)
+            state.setdefault(index[name], {})[part] = t
+    # the hyperparameters are the ones `opt` was built with (equal: the settings matched); only the state loads
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    return meta
+
+
 @contextlib.contextmanager
 def _frozen(model: nn.Module):
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -174,7 +276,7 @@ def _frozen(model: nn.Module):
 
 
 def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtype: str = "fp32",
-            device=None, teacher=None) -> dict:
+            device=None, teacher=None, state_file=None) -> dict:
     """Fine-tune `model`'s compressed Linears in place (see the module docstring).
 
     `windows` are the calibration windows; the last ``cfg.heldout`` of them are not trained on. With
@@ -184,7 +286,10 @@ def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtyp
     also their mean KL to the teacher (`kl_before`, `kl_after`); with held-out windows the same on them
     (`heldout_loss_*`, `heldout_kl_*`: an evaluation, on windows the steps calibrated on but recovery never
     trained on); the mean training loss over the first and the last tenth of the steps (different windows,
-    so noisy); which windows trained and which were held out; what trained and the seconds taken."""
+    so noisy); which windows trained and which were held out; what trained and the seconds taken.
+
+    With `state_file` (a path), the state is saved there every ``cfg.checkpoint_every`` steps and after the
+    last; if the file exists, the recovery continues from the step it holds (see the module docstring)."""
     n = windows.shape[0]
     if cfg.heldout >= n:
         raise ValueError(f"recover.heldout={cfg.heldout} leaves none of the {n} calibration windows to train on")
@@ -201,10 +306,17 @@ def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtyp
     layers = {n: t for n, t in layers.items() if t.params}
     if not layers:
         raise ValueError(f"recover.train={cfg.train!r}: no compressed Linear has a tensor to train")
-    params = [p for t in layers.values() for p in t.parameters()]
+    named = [(pn, p) for name, t in layers.items() for pn, p in t.named_parameters(name)]
     counts = {k: sum(t.counts()[k] for t in layers.values()) for k in ("lowrank", "sparse", "dense", "scales")}
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    losses, record, t0 = [], {}, time.perf_counter()
+    opt = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    losses, record, t0, start = [], {}, time.perf_counter(), 0
+    state_file = Path(state_file) if state_file is not None else None
+    settings, windows_sha256 = _settings(cfg, compute_dtype), tensor_sha256(windows)
+    if state_file is not None and state_file.exists():
+        saved = _load_state(state_file, named, opt, device, settings, windows_sha256)
+        start, losses, record = saved["step"], saved["losses"], saved["record"]
+        t0 -= saved["seconds"]
+        log.info("recovery: continuing from step %d of %d (%s)", start, cfg.steps, state_file)
     was_training = model.training
     trained_n = n - cfg.heldout
     probe = torch.arange(min(8, trained_n))  # the same windows before and after
@@ -234,10 +346,11 @@ def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtyp
             t.module.forward = t.forward
         with _frozen(model), (teacher.on(device, compute_dtype) if kl else contextlib.nullcontext()):
             model.eval()
-            measure("before")
+            if not start:  # a resumed recovery has the losses measured before its first step saved
+                measure("before")
             model.train()
-            for step in range(cfg.steps):
-                rows = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % trained_n
+            for step in range(start, cfg.steps):
+                rows = _rows(step, cfg.batch_size, trained_n)
                 batch = windows[rows].to(device)
                 opt.zero_grad(set_to_none=True)
                 if kl:
@@ -249,6 +362,12 @@ def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtyp
                     loss = float(lm.detach())
                 opt.step()
                 losses.append(loss)
+                done = step + 1
+                if state_file is not None and cfg.checkpoint_every and (
+                        done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                    _save_state(state_file, done, named, opt, device, {
+                        "settings": settings, "windows_sha256": windows_sha256, "losses": losses,
+                        "record": record, "seconds": time.perf_counter() - t0})
             model.eval()
             measure("after")
     finally:
@@ -262,9 +381,11 @@ def recover(model: nn.Module, windows: torch.Tensor, cfg: Recovery, compute_dtyp
                                f"{t.module.spec().describe()}")
     model.to(home)
     tenth = max(1, len(losses) // 10)
-    settings = cfg.model_dump(exclude=None if kl else {"teacher", "top_k"})  # no teacher without a KL
-    return {**settings, "trained_linears": len(layers), "trained_parameters": sum(counts.values()),
+    # no teacher without a KL; when states are saved is no setting of the result
+    report = cfg.model_dump(exclude={"checkpoint_every"} | (set() if kl else {"teacher", "top_k"}))
+    resumed = {"resumed_from_step": start} if start else {}
+    return {**report, "trained_linears": len(layers), "trained_parameters": sum(counts.values()),
             "trained": {k: v for k, v in counts.items() if v}, **record, "probe_windows": len(probe),
             "train_windows": [0, trained_n], "heldout_windows": [trained_n, n] if cfg.heldout else None,
             "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth,
-            **(teacher.describe() if kl else {}), "seconds": round(time.perf_counter() - t0, 2)}
+            **(teacher.describe() if kl else {}), "seconds": round(time.perf_counter() - t0, 2), **resumed}

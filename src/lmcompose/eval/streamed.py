@@ -1,0 +1,160 @@
+"""Perplexity of a model bigger than memory, one decoder block at a time.
+
+The model comes with its decoder blocks on the meta device and a block loader that materialises block i
+(``load(i, block, prefix)``) and frees it again (``release(i, block)``): `models.stream.StreamedBlocks` for a
+base safetensors checkpoint, `models.stream.CompressedBlocks` for an lmcompose run directory;
+`models.stream.open_for_streaming` opens either. The protocol's windows then go through the model layer by
+layer, as the compression pipeline sends its calibration windows:
+
+1. what every block receives is captured with the blocks replaced by the identity
+   (`pipeline.passes.capture_inputs`: the embedding, and per block the masks and rotary tables);
+2. each block is loaded, run over the hidden states of all windows, and released;
+3. the model runs once more per batch with its blocks standing in for themselves (the last one hands back
+   the hidden states it computed), so that the final norm, the head, any soft cap and the NLL are the
+   in-memory path's own code (`perplexity.window_nll`).
+
+The result equals `perplexity.perplexity` of the same model in memory (tests/test_stream_eval.py checks it
+exactly): the same windows in the same batches, the same dtype (the one the weights were loaded in, as
+``lmcompose eval`` loads them), the same operations.
+
+Memory: the tensors outside the blocks, one block, and the hidden states of one chunk of windows twice (a
+block's inputs and its outputs), plus what the model hands its blocks per batch (rotary tables; attention
+masks where the attention implementation needs them). The windows go in chunks of `chunk_windows`, by
+default as many as keep those hidden states within `HIDDEN_BUDGET` (4 GiB: all 64 windows of the quick
+protocol for a 4096-wide bf16 model take 512 MiB, the 166 windows of the full one 5.2 GiB, hence two
+chunks). Every block is read once per chunk.
+
+Example::
+
+    model, tokenizer, blocks = open_for_streaming("runs/llama-70b-gptq", dtype="bf16")
+    result = streamed_perplexity(model, tokenizer, "quick", blocks)
+    print(result.ppl)
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..core.dtypes import FLOAT_BYTES
+from ..data.calibration import eval_tokens
+from ..pipeline.blocks import find_blocks
+from ..pipeline.hooks import owned_hooks
+from ..pipeline.passes import capture_inputs, run_block
+from ..runtime.linear import CompressedLinear
+from ..runtime.logits import head_path, head_path_agrees
+from .perplexity import PerplexityResult, Protocol, result_of, run_protocol, window_nll, windows_of
+
+HIDDEN_BUDGET = 4 * 2**30  # bytes of hidden states one chunk may hold (a block's inputs and outputs)
+
+
+def chunk_size(model, protocol: Protocol, budget: int = HIDDEN_BUDGET) -> int:
+    """Windows per chunk: the most whole batches whose hidden states, twice, fit in `budget` bytes (at least
+    one batch). `protocol.dtype` must be set (`perplexity.run_protocol`)."""
+    width = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+    per_batch = 2 * protocol.batch_size * protocol.seqlen * width * FLOAT_BYTES[protocol.dtype]
+    return max(1, budget // per_batch) * protocol.batch_size
+
+
+def place(model: nn.Module, device) -> None:
+    """Move every tensor of `model` that is not on the meta device to `device`, tied tensors staying one
+    tensor (``model.to`` would fail on the meta blocks)."""
+    device, moved = torch.device(device), {}
+    for module in model.modules():
+        if isinstance(module, CompressedLinear):
+            if module._probe.device.type != "meta":
+                module.to(device)
+            continue
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is None or t.device.type == "meta":
+                    continue
+                if id(t) not in moved:
+                    moved[id(t)] = nn.Parameter(t.to(device), t.requires_grad) if isinstance(t, nn.Parameter) \
+                        else t.to(device)
+                store[name] = moved[id(t)]
+
+
+def _loaded_device(model: nn.Module) -> torch.device:
+    return next(t.device for t in model.parameters() if t.device.type != "meta")
+
+
+def _stand_in(hidden: torch.Tensor | None, as_tuple: bool):
+    """A block's forward that returns `hidden`, or its own input when `hidden` is None."""
+    def forward(h=None, *args, **kwargs):
+        y = hidden if hidden is not None else (h if h is not None else kwargs["hidden_states"])
+        return (y,) if as_tuple else y
+    return forward
+
+
+@contextmanager
+def _replayed(layers: nn.ModuleList, hidden: torch.Tensor | None, as_tuple: bool):
+    """The blocks replaced by what they computed: each passes its input on and the last hands back `hidden` (the
+    batch's output of the last block; None: its input too). The model's own code runs around them."""
+    with owned_hooks() as hooks:
+        for i, block in enumerate(layers):
+            hooks.patch(block, "forward", _stand_in(hidden if i == len(layers) - 1 else None, as_tuple))
+        yield
+
+
+def _run(block: nn.Module, inputs, index: int) -> bool:
+    """Run `block` over every batch of `inputs`, whose hidden states become its outputs; returns whether the
+    block returns a tuple (older transformers' blocks do, and the model then indexes it: the stand-ins must too)."""
+    kinds = []
+    with owned_hooks() as hooks, torch.inference_mode():
+        hooks.forward(block, lambda module, args, out: kinds.append(isinstance(out, (tuple, list))))
+        inputs.hidden = run_block(block, inputs, index)
+    return kinds[-1]
+
+
+def streamed_perplexity(model, tokenizer, protocol: Protocol | str, blocks, data_dir=None, device=None,
+                        progress=None, chunk_windows: int | None = None) -> PerplexityResult:
+    """Token-level perplexity of `model` under `protocol` with one decoder block in memory at a time (see the
+    module docstring): the number `perplexity.perplexity` gives for the same model in memory.
+
+    Args:
+        model: a causal LM whose decoder blocks are on the meta device and whose other tensors are loaded
+            (`models.stream.open_for_streaming`); its blocks are on the meta device again when this returns.
+        tokenizer: its tokenizer.
+        protocol: a `Protocol` or the name of one.
+        blocks: the block loader (``load(i, block, prefix)``, ``release(i, block)``).
+        data_dir: the data directory (default ``$LMCOMPOSE_DATA_DIR``).
+        device: where the windows, the hidden states and each loaded block go; the model's loaded tensors are
+            moved there (default: where they are).
+        progress: optional ``callable(done, total)`` counting block passes (blocks × chunks).
+        chunk_windows: windows per chunk, rounded down to whole batches (at least one); default `chunk_size`.
+    """
+    protocol = run_protocol(model, protocol)
+    if device is not None:
+        place(model, device)
+    device = _loaded_device(model)
+    t0 = time.perf_counter()
+    windows = windows_of(eval_tokens(tokenizer, protocol.dataset, protocol.split, data_dir), protocol)
+    prefix, layers = find_blocks(model)
+    bs, total = protocol.batch_size, windows.shape[0]
+    chunk = max(1, (chunk_windows or chunk_size(model, protocol)) // bs) * bs  # the in-memory path's batches
+    passes, done, nll, use_head = -(-total // chunk) * len(layers), 0, 0.0, None
+    for start in range(0, total, chunk):
+        part = windows[start:start + chunk]
+        inputs = capture_inputs(model, part, bs, device)
+        for i, block in enumerate(layers):
+            blocks.load(i, block, f"{prefix}.{i}")
+            try:
+                as_tuple = _run(block.to(device), inputs, i)
+            finally:
+                blocks.release(i, block)
+            done += 1
+            if progress is not None:
+                progress(done, passes)
+        if use_head is None:  # whether trunk + head reproduce the logits does not depend on the blocks
+            parts = head_path(model)
+            with _replayed(layers, None, as_tuple):
+                use_head = parts is not None and head_path_agrees(model, *parts, part[:1].to(device))
+        for b, hidden in enumerate(inputs.hidden):
+            with _replayed(layers, hidden, as_tuple):
+                nll += float(window_nll(model, part[b * bs:(b + 1) * bs].to(device), use_head).sum())
+        del inputs
+    return result_of(nll, total, protocol, t0)

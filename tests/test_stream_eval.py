@@ -1,0 +1,109 @@
+"""Perplexity one block at a time (eval/streamed.py): the number equals the in-memory path's exactly, for a base
+checkpoint and a compressed run directory (sharded or not), in chunks of windows, and a damaged shard is refused
+when its block is read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from helpers import tiny_gemma3, tiny_llama, windows
+from lmcompose import Recipe, compress
+from lmcompose.cli import main
+from lmcompose.core.errors import CheckpointError
+from lmcompose.eval.perplexity import get_protocol, perplexity
+from lmcompose.eval.streamed import streamed_perplexity
+from lmcompose.models.checkpoint import SHARD_INDEX, load_compressed, save_compressed, save_streamed
+from lmcompose.models.stream import open_for_streaming, open_streamed
+from lmcompose.pipeline.resume import work_dir_for
+
+PROTOCOL = get_protocol("quick", seqlen=24, max_windows=6, batch_size=2)
+RECIPE = Recipe.from_dict({"calibration": {"batch_size": 2},
+                           "steps": [{"wanda": {"sparsity": 0.5}}, {"gptq": {"bits": 4, "group_size": 32}}]})
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    (tmp_path / "wikitext-2").mkdir()
+    rows = [" = Title = ", " ", " The first paragraph has some words in it .", " Another one , 2 + 2 = 4 ."]
+    (tmp_path / "wikitext-2" / "wiki.test.raw").write_bytes(("\r\n".join(rows) + "\r\n").encode() * 12)
+    return tmp_path
+
+
+def _saved(model, tmp_path, tokenizer, shard="60KB"):
+    base = tmp_path / "base"
+    model.save_pretrained(base, max_shard_size=shard)
+    tokenizer.save_pretrained(base)
+    return base
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_a_base_checkpoint_streamed_gives_the_in_memory_perplexity(tmp_path, data_dir, tiny_tokenizer, build, chunk):
+    base = _saved(build(), tmp_path, tiny_tokenizer)
+    dense = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True).eval()
+    expected = perplexity(dense, tiny_tokenizer, PROTOCOL, data_dir)
+    model, tok, blocks = open_for_streaming(str(base))
+    calls = []
+    got = streamed_perplexity(model, tok, PROTOCOL, blocks, data_dir, chunk_windows=chunk,
+                              progress=lambda d, t: calls.append((d, t)))
+    assert got.nll_sum == expected.nll_sum and got.ppl == expected.ppl and got.n_tokens == expected.n_tokens
+    chunks = 1 if chunk is None else 3
+    assert calls[-1] == (chunks * len(dense.model.layers),) * 2
+    # the blocks are on the meta device again: nothing of them stays in memory
+    assert all(p.device.type == "meta" for p in model.model.layers.parameters())
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_compressed_run_directory_streamed_gives_the_loaded_checkpoints_perplexity(
+        tmp_path, data_dir, tiny_tokenizer, sharded):
+    base = _saved(tiny_llama(layers=3), tmp_path, tiny_tokenizer)
+    out = tmp_path / "run"
+    if sharded:  # as `compress --stream` writes it: one shard per block
+        model, tok, blocks = open_streamed(str(base))
+        report = compress(model, RECIPE, windows(), work_dir=work_dir_for(out), block_io=blocks)
+        save_streamed(model, out, tok, work_dir=work_dir_for(out), float_dtype=RECIPE.float_dtype,
+                      report=report.to_dict())
+        assert (out / SHARD_INDEX).is_file()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True).eval()
+        compress(model, RECIPE, windows())
+        save_compressed(model, out, tiny_tokenizer, float_dtype=RECIPE.float_dtype)
+    loaded, tok, _ = load_compressed(out)
+    expected = perplexity(loaded, tok, PROTOCOL, data_dir)
+    model, tok, blocks = open_for_streaming(str(out))
+    got = streamed_perplexity(model, tok, PROTOCOL, blocks, data_dir, chunk_windows=4)
+    assert got.nll_sum == expected.nll_sum and got.ppl == expected.ppl
+
+
+def test_a_damaged_block_is_refused_when_its_block_is_read(tmp_path, data_dir, tiny_tokenizer):
+    base = _saved(tiny_llama(), tmp_path, tiny_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True).eval()
+    compress(model, RECIPE, windows())
+    out = tmp_path / "run"
+    save_compressed(model, out, tiny_tokenizer, float_dtype=RECIPE.float_dtype)
+    state = load_file(str(out / "model.safetensors"))
+    key = next(k for k in sorted(state) if k.startswith("model.layers.1.") and state[k].is_floating_point())
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] += 1  # same shape, other bytes: only the checksum can tell
+    meta = json.loads((out / "lmcompose.json").read_text())
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    assert json.loads((out / "lmcompose.json").read_text()) == meta
+    model, tok, blocks = open_for_streaming(str(out))  # only the table of names is checked up front
+    with pytest.raises(CheckpointError, match="damaged"):
+        streamed_perplexity(model, tok, PROTOCOL, blocks, data_dir)
+
+
+def test_cli_eval_stream_prints_the_same_number(setup, tmp_path):
+    _, model_dir, data, _ = setup
+    results = []
+    for extra in ([], ["--stream"]):
+        out = tmp_path / f"e{len(extra)}.json"
+        assert main(["eval", "--model", str(model_dir), "--data-dir", str(data), "--protocol", "quick",
+                     "--dtype", "fp32", "--json", str(out), *extra]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0]["ppl"] == results[1]["ppl"] and results[0]["n_tokens"] == results[1]["n_tokens"]
