@@ -6,6 +6,7 @@ from helpers import MODELS, logits, tiny_llama, windows
 
 from lmcompose import Recipe, compress
 from lmcompose.pipeline.blocks import find_blocks, linear_shapes, other_param_bytes
+from lmcompose.pipeline.passes import advance
 from lmcompose.pipeline.sequential import capture_inputs, observe, run_block
 from lmcompose.runtime.linear import CompressedLinear
 from lmcompose.techniques.base import Technique
@@ -35,6 +36,19 @@ def test_captured_inputs_replay_the_model_exactly(family):
     replay = torch.cat(inputs.hidden)
     final = model.model.norm(replay)
     torch.testing.assert_close(final, out.hidden_states[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_advance_equals_run_block_and_leaves_a_list_held_elsewhere_alone():
+    model = tiny_llama(layers=2)
+    inputs = capture_inputs(model, windows(n=6), 2, "cpu")
+    _, blocks = find_blocks(model)
+    held = inputs.hidden  # e.g. a pass's block-0 inputs kept for the next pass
+    before = [h.clone() for h in held]
+    expected = run_block(blocks[0], inputs, 0)
+    advance(blocks[0], inputs, 0)
+    assert inputs.hidden is not held and len(inputs.hidden) == 3
+    assert all(torch.equal(a, b) for a, b in zip(inputs.hidden, expected))
+    assert all(torch.equal(a, b) for a, b in zip(held, before))
 
 
 def test_groups_follow_execution_and_shared_inputs():

@@ -16,12 +16,14 @@ THREADS=${THREADS:-2}
 DTYPE=${DTYPE:-auto}
 PEERS=${PEERS:-/tmp/peers/bin/python}
 ONLY=${ONLY:-gptq sparsegpt}
+SIDES=${SIDES:-ours theirs}  # e.g. SIDES=ours to rerun only our side after a change
 MODEL_DIR=${MODEL_DIR:?set MODEL_DIR to the dequantized model directory make_windows.py printed}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=$THREADS LMCOMPOSE_DATA_DIR=${LMCOMPOSE_DATA_DIR:-/work/shared/data}
 
 ours() {  # name, steps YAML
+  [[ " $SIDES " == *" ours "* ]] || return 0
   local name=$1 steps=$2
   printf 'calibration: {source: c4, n: 128, seqlen: 512, seed: 0, batch_size: 8}\nsteps:\n  - %s\n' "$steps" \
     > "$OUT/$name.yaml"
@@ -41,6 +43,7 @@ EOF
 }
 
 theirs() {  # name, run_peer.py arguments
+  [[ " $SIDES " == *" theirs "* ]] || return 0
   local name=$1; shift
   "$PEERS" "$REPO/benchmarks/peers/run_peer.py" --label "$name" --out-jsonl "$OUT/peer-$name.jsonl" \
     --model-dir "$MODEL_DIR" --protocols quick "$@" > "$OUT/peer-$name.log" 2>&1

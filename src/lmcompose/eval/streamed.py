@@ -17,12 +17,13 @@ The result equals `perplexity.perplexity` of the same model in memory (tests/tes
 exactly): the same windows in the same batches, the same dtype (the one the weights were loaded in, as
 ``lmcompose eval`` loads them), the same operations.
 
-Memory: the tensors outside the blocks, one block, and the hidden states of one chunk of windows twice (a
-block's inputs and its outputs), plus what the model hands its blocks per batch (rotary tables; attention
-masks where the attention implementation needs them). The windows go in chunks of `chunk_windows`, by
-default as many as keep those hidden states within `HIDDEN_BUDGET` (4 GiB: all 64 windows of the quick
-protocol for a 4096-wide bf16 model take 512 MiB, the 166 windows of the full one 5.2 GiB, hence two
-chunks). Every block is read once per chunk.
+Memory: the tensors outside the blocks, one block, and the hidden states of one chunk of windows plus one
+batch (`pipeline.passes.advance`: a block's outputs replace its inputs batch by batch), plus what the model
+hands its blocks per batch (rotary tables; attention masks where the attention implementation needs them).
+The windows go in chunks of `chunk_windows`, by default as many as keep those hidden states within
+`HIDDEN_BUDGET` (4 GiB: all 64 windows of the quick protocol for a 4096-wide bf16 model take 256 MiB, the
+166 windows of the full one 2.6 GiB, one chunk each; an 8192-wide model's full protocol takes two). Every
+block is read once per chunk.
 
 Example::
 
@@ -43,20 +44,20 @@ from ..core.dtypes import FLOAT_BYTES
 from ..data.calibration import eval_tokens
 from ..pipeline.blocks import find_blocks
 from ..pipeline.hooks import owned_hooks
-from ..pipeline.passes import capture_inputs, run_block
+from ..pipeline.passes import advance, capture_inputs
 from ..runtime.linear import CompressedLinear
 from ..runtime.logits import head_path, head_path_agrees
 from .perplexity import PerplexityResult, Protocol, result_of, run_protocol, window_nll, windows_of
 
-HIDDEN_BUDGET = 4 * 2**30  # bytes of hidden states one chunk may hold (a block's inputs and outputs)
+HIDDEN_BUDGET = 4 * 2**30  # bytes of hidden states one chunk may hold
 
 
 def chunk_size(model, protocol: Protocol, budget: int = HIDDEN_BUDGET) -> int:
-    """Windows per chunk: the most whole batches whose hidden states, twice, fit in `budget` bytes (at least
-    one batch). `protocol.dtype` must be set (`perplexity.run_protocol`)."""
+    """Windows per chunk: the most whole batches whose hidden states, with one batch more, fit in `budget`
+    bytes (at least one batch). `protocol.dtype` must be set (`perplexity.run_protocol`)."""
     width = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
-    per_batch = 2 * protocol.batch_size * protocol.seqlen * width * FLOAT_BYTES[protocol.dtype]
-    return max(1, budget // per_batch) * protocol.batch_size
+    per_batch = protocol.batch_size * protocol.seqlen * width * FLOAT_BYTES[protocol.dtype]
+    return max(1, budget // per_batch - 1) * protocol.batch_size
 
 
 def place(model: nn.Module, device) -> None:
@@ -106,7 +107,7 @@ def _run(block: nn.Module, inputs, index: int) -> bool:
     kinds = []
     with owned_hooks() as hooks, torch.inference_mode():
         hooks.forward(block, lambda module, args, out: kinds.append(isinstance(out, (tuple, list))))
-        inputs.hidden = run_block(block, inputs, index)
+        advance(block, inputs, index)
     return kinds[-1]
 
 

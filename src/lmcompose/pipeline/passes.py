@@ -98,6 +98,16 @@ def run_block(block: nn.Module, inputs: BlockInputs, index: int) -> list[torch.T
             for b, h in enumerate(inputs.hidden)]
 
 
+def advance(block: nn.Module, inputs: BlockInputs, index: int) -> None:
+    """Replace `inputs`' hidden states by `block`'s outputs, batch by batch: each batch's input is let go as
+    soon as its output exists, so the pass holds one batch more than the hidden states, not a second copy of
+    them (151 MB for 128 x 512 windows of a 576-wide fp32 model; 2 GB at 4096 wide). A list of the inputs
+    that someone else holds keeps them: `inputs.hidden` becomes a new list."""
+    hidden = inputs.hidden = list(inputs.hidden)
+    for b, h in enumerate(hidden):
+        hidden[b] = _hidden(block(h, *inputs.args[b][index], **inputs.kwargs[b][index]))
+
+
 @torch.no_grad()
 def observe(block: nn.Module, inputs: BlockInputs, index: int, linears: dict[str, nn.Module]):
     """Forward all batches through `block` with hooks on `linears`.

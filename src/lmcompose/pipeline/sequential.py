@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..core import dtypes as compute
+from ..core.memory import release_freed_memory
 from ..runtime.linear import CompressedLinear
 from ..algebra.terms import Dense
 from ..techniques.apply import (BlockContext, GroupContext, apply_block_step, apply_group_step, apply_stacked,
@@ -28,7 +29,7 @@ from ..techniques.apply import (BlockContext, GroupContext, apply_block_step, ap
 from .blocks import block_linears, find_blocks, set_module
 from .dense_stats import DenseStats
 from .model_context import ModelContext
-from .passes import BlockInputs, capture_inputs, observe, run_block
+from .passes import BlockInputs, advance, capture_inputs, observe, run_block
 from .records import LayerRecord
 from .structure import norm_weight, set_norm_weight, trace_block
 
@@ -261,6 +262,8 @@ class SequentialCompressor:
         dense_stream = inputs.copy() if "dense" in wants else None
         for p, steps in enumerate(passes):
             current = inputs.copy()
+            if p == len(passes) - 1:  # block 0's inputs are not needed again: let the pass free them
+                inputs.hidden = []
             first = self._restore(current, dense_stream, device) if self.journal is not None else 0
             for i in range(first, n):
                 t0 = time.perf_counter()
@@ -276,7 +279,7 @@ class SequentialCompressor:
                                 self.blocks[i], dense_stream, i)
                 self._block(i, current, steps, device)
                 with self._forwards(device):
-                    current.hidden = run_block(self.blocks[i], current, i)
+                    advance(self.blocks[i], current, i)
                 for module in self.blocks[i].modules():  # the floats quantize steps kept for block steps
                     if isinstance(module, CompressedLinear):
                         module.forget_sources()
@@ -292,5 +295,6 @@ class SequentialCompressor:
                                             None if dense_stream is None else dense_stream.hidden)
                 if self.block_io is not None and p == len(passes) - 1:
                     self.block_io.release(i, self.blocks[i])
+                release_freed_memory()  # the block's temporaries, so that glibc's heap does not grow block by block
                 if self.on_block:
                     self.on_block(p * n + i + 1, len(passes) * n)
