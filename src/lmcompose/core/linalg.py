@@ -4,6 +4,7 @@ the OBS methods (SparseGPT, GPTQ, OBS salience) and a seeded randomized SVD."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -57,6 +58,27 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# Weights (rows × cols) below which an OBS solve runs on one thread (`solver_threads`). The largest stacked
+# solves of SmolLM2-135M (gate/up, 3072 × 576) and Gemma-3-270M (4096 × 640) are below it, a 4096-wide
+# model's smallest (4096 × 4096) above.
+SMALL_SOLVE = 4 * 2**20
+
+
+def solver_threads(fn):
+    """Decorator for an OBS solver ``fn(w, h, ...)``: a small `w` is solved on one intra-op thread
+    (`one_thread`: its many small ops gain nothing from a second one and stall on a busy machine), a large
+    one on every thread, since its lazy-batch updates (rows × 128 × cols products) and Cholesky
+    factorizations are big enough to use them (a 7B-shaped block's GPTQ spent 82% of its time in the solver
+    on one thread; BENCHMARKS.md, issue 21)."""
+    @functools.wraps(fn)
+    def wrapped(w, *args, **kwargs):
+        if w.numel() >= SMALL_SOLVE:
+            return fn(w, *args, **kwargs)
+        with one_thread():
+            return fn(w, *args, **kwargs)
+    return wrapped
 
 
 def randomized_svd(a: torch.Tensor, q: int, niter: int = 2, generator: torch.Generator | None = None):

@@ -29,7 +29,7 @@ from ...algebra.quant import QTensor, QuantSpec, grid_params, quantize_to_grid
 from ...algebra.spec import LinearSpec, SparseSpec, TensorSpec
 from ...algebra.terms import Sparse, as_float
 from ...core.dtypes import dtype_name
-from ...core.linalg import PRECISIONS, damped_inverse_cholesky, one_thread
+from ...core.linalg import PRECISIONS, damped_inverse_cholesky, solver_threads
 from ...runtime.linear import CompressedLinear
 from ..base import register
 from ..budget import budget_bytes, largest_within
@@ -94,7 +94,7 @@ class ColumnGrid:
         return QTensor(self.codes, self.scales, self.zeros, self.spec)
 
 
-@one_thread()
+@solver_threads
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, keep_counts: list[int] | None = None,
                     nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01, *,
                     dtype: torch.dtype = torch.float32, quant: QuantSpec | None = None,

@@ -26,7 +26,7 @@ import torch
 from pydantic import PrivateAttr
 
 from ...algebra.quant import QTensor, QuantSpec, grid_params, quantize_to_grid
-from ...core.linalg import damped_inverse_cholesky, one_thread
+from ...core.linalg import damped_inverse_cholesky, solver_threads
 from ..base import register
 from ..fields import setting
 from .common import QuantConfig
@@ -49,7 +49,7 @@ def _check(w, h, spec, mask, percdamp, blocksize):
 
 
 @torch.no_grad()
-@one_thread()
+@solver_threads
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, mask: torch.Tensor | None = None,
                   act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
                   blocksize: int = 128) -> tuple[QTensor, dict]:
