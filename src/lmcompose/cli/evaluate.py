@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -93,20 +94,15 @@ def cmd_eval(args) -> int:
         model, tokenizer, blocks = open_for_streaming(args.model, dtype, args.trust_remote_code,
                                                       verify=not args.no_verify)
         device = None if args.device == "auto" else args.device
-
-        def run(report):
-            return streamed_perplexity(model, tokenizer, protocol, blocks, data_dir=args.data_dir, device=device,
-                                       progress=report)
+        run = partial(streamed_perplexity, model, tokenizer, protocol, blocks, device=device)
         label = "perplexity (block passes)"
     else:
         model, tokenizer = load_any(args.model, dtype, args.device, args.trust_remote_code, verify=not args.no_verify)
-
-        def run(report):
-            return perplexity(model, tokenizer, protocol, data_dir=args.data_dir, progress=report)
-        label = "perplexity"
+        run, label = partial(perplexity, model, tokenizer, protocol), "perplexity"
     with progress() as prog:
         task = prog.add_task(label, total=None)
-        result = run(lambda done, total: prog.update(task, completed=done, total=total))
+        result = run(data_dir=args.data_dir,
+                     progress=lambda done, total: prog.update(task, completed=done, total=total))
     print_totals({"model": args.model, "perplexity": f"{result.ppl:.4f}", "tokens": result.n_tokens,
                    "windows": result.n_windows, "seconds": f"{result.seconds:.1f}",
                    "protocol": json.dumps(result.protocol)})
