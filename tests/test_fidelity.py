@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from helpers import MODELS, windows
 
 from lmcompose import Recipe, compress
+from lmcompose.cli import build_parser
 from lmcompose.data import eval_tokens
 from lmcompose.eval.fidelity import (
-    _ChunkedLogits,
+    ChunkedLogits,
     chunked_kl_top1,
     fidelity,
 )
-from lmcompose.cli import build_parser
 from lmcompose.eval.perplexity import get_protocol, windows_of
 from lmcompose.models.checkpoint import save_compressed
 
@@ -76,7 +76,7 @@ def test_chunk_size_does_not_change_the_sums():
     dense = MODELS["llama"]()
     comp = perturbed(dense, 0.5)
     x = windows(n=3, seqlen=37)
-    sides = [_ChunkedLogits(dense, True), _ChunkedLogits(comp, True)]
+    sides = [ChunkedLogits(dense, True), ChunkedLogits(comp, True)]
     whole = chunked_kl_top1(*sides, x, chunk=37)
     for chunk in (1, 5, 16):
         # The head matmul's shape changes with the chunk (chunk 1 is a matrix-vector product), so fp32
@@ -84,7 +84,7 @@ def test_chunk_size_does_not_change_the_sums():
         # dropped or repeated position would move it by about 1/111 of the sum.
         kl, agree = chunked_kl_top1(*sides, x, chunk=chunk)
         assert kl == pytest.approx(whole[0], rel=1e-5) and agree == whole[1]
-    full = [_ChunkedLogits(dense, False), _ChunkedLogits(comp, False)]  # the full-forward fallback
+    full = [ChunkedLogits(dense, False), ChunkedLogits(comp, False)]  # the full-forward fallback
     kl, agree = chunked_kl_top1(*full, x, chunk=8)
     assert kl == pytest.approx(whole[0], rel=1e-5) and agree == whole[1]
 

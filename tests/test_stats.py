@@ -2,7 +2,7 @@
 
 import torch
 
-from lmcompose.core.stats import StatsAccumulator, relative_error
+from lmcompose.core.stats import StatsAccumulator, output_energy, relative_error
 
 
 def test_streaming_equals_batch_formula():
@@ -28,7 +28,11 @@ def test_relative_error_is_output_error_over_output_energy():
     acc = StatsAccumulator(16)
     acc.update(x)
     direct = ((x @ (w - w_hat).T).pow(2).sum() / (x @ w.T).pow(2).sum()).item()
-    assert abs(relative_error(w, w_hat, acc.result().gram) - direct) < 1e-5 * direct
+    gram = acc.result().gram
+    assert abs(relative_error(w, w_hat, gram) - direct) < 1e-5 * direct
+    energy = output_energy(w, gram)  # the denominator a caller computes once per weight
+    assert abs(energy - (x @ w.T).pow(2).sum().item() / 300) < 1e-5 * energy
+    assert relative_error(w, w_hat, gram, energy) == relative_error(w, w_hat, gram)
 
 
 def test_gram_in_strips_equals_batch_formula_and_is_symmetric():

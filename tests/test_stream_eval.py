@@ -1,6 +1,6 @@
-"""Perplexity one block at a time (eval/streamed.py): the number equals the in-memory path's exactly, for a base
-checkpoint and a compressed run directory (sharded or not), in chunks of windows, and a damaged shard is refused
-when its block is read."""
+"""Perplexity and fidelity one block at a time (eval/streamed.py): the numbers equal the in-memory path's exactly,
+for a base checkpoint and a compressed run directory (sharded or not), in chunks of windows, and a damaged shard is
+refused when its block is read."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from lmcompose import Recipe, compress
 from lmcompose.cli import main
 from lmcompose.core.errors import CheckpointError
 from lmcompose.eval.perplexity import get_protocol, perplexity
-from lmcompose.eval.streamed import streamed_perplexity
+from lmcompose.eval.fidelity import fidelity
+from lmcompose.eval.streamed import streamed_fidelity, streamed_perplexity
 from lmcompose.models.checkpoint import SHARD_INDEX, load_compressed, save_compressed, save_streamed
 from lmcompose.models.stream import open_for_streaming, open_streamed
 from lmcompose.pipeline.resume import work_dir_for
@@ -107,3 +108,44 @@ def test_cli_eval_stream_prints_the_same_number(setup, tmp_path):
                      "--dtype", "fp32", "--json", str(out), *extra]) == 0
         results.append(json.loads(out.read_text()))
     assert results[0]["ppl"] == results[1]["ppl"] and results[0]["n_tokens"] == results[1]["n_tokens"]
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_fidelity_streamed_equals_fidelity_in_memory(tmp_path, data_dir, tiny_tokenizer, build, chunk):
+    base = _saved(build(), tmp_path, tiny_tokenizer)
+    dense = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True).eval()
+    compress(dense, RECIPE, windows())
+    out = tmp_path / "run"
+    save_compressed(dense, out, tiny_tokenizer, float_dtype=RECIPE.float_dtype)
+    dense = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True).eval()
+    loaded, tok, _ = load_compressed(out)
+    expected = fidelity(dense, loaded, tok, PROTOCOL, data_dir, max_windows=None)
+    assert expected.kl_mean > 0 and expected.n_windows == 6
+    d, tok, d_blocks = open_for_streaming(str(base))
+    c, _, c_blocks = open_for_streaming(str(out))
+    calls = []
+    got = streamed_fidelity(d, d_blocks, c, c_blocks, tok, PROTOCOL, data_dir, max_windows=None,
+                            chunk_windows=chunk, progress=lambda done, total: calls.append((done, total)))
+    assert (got.kl_mean, got.top1_agreement, got.n_tokens) == (expected.kl_mean, expected.top1_agreement,
+                                                                 expected.n_tokens)
+    assert got.protocol == expected.protocol
+    chunks = 1 if chunk is None else 3
+    assert calls[-1] == (chunks * 2 * len(d.model.layers),) * 2
+    assert all(p.device.type == "meta" for m in (d, c) for p in m.model.layers.parameters())
+
+
+def test_cli_fidelity_stream_prints_the_same_numbers(setup, tmp_path):
+    _, model_dir, data, recipe = setup
+    run = tmp_path / "run"
+    assert main(["compress", "--model", str(model_dir), "--recipe", str(recipe), "--data-dir", str(data),
+                 "--out", str(run)]) == 0
+    results = []
+    for extra in ([], ["--stream"]):
+        out = tmp_path / f"f{len(extra)}.json"
+        assert main(["fidelity", "--dense", str(model_dir), "--compressed", str(run), "--data-dir", str(data),
+                     "--dtype", "fp32", "--max-windows", "4", "--json", str(out), *extra]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0]["kl_mean"] > 0
+    for key in ("kl_mean", "top1_agreement", "n_tokens"):
+        assert results[0][key] == results[1][key]

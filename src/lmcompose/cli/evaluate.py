@@ -182,15 +182,27 @@ def cmd_fidelity(args) -> int:
     if args.json:
         checks.output(args.json, "--json", overwrite=True, directory=False)
     checks.model_exists(dense_name, "--dense")
-    dense, tokenizer = load_any(dense_name, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code,
-                               verify=not args.no_verify)
-    compressed, _ = load_any(args.compressed, eval_dtype(args.dtype, args.device), args.device,
-                             args.trust_remote_code, verify=not args.no_verify)
+    dtype = eval_dtype(args.dtype, args.device)
+    if args.stream:  # one decoder block of one model in memory at a time: for models bigger than memory
+        from ..eval.streamed import streamed_fidelity
+        from ..models.stream import open_for_streaming
+
+        dense, tokenizer, dense_blocks = open_for_streaming(dense_name, dtype, args.trust_remote_code,
+                                                            verify=not args.no_verify)
+        compressed, _, blocks = open_for_streaming(args.compressed, dtype, args.trust_remote_code,
+                                                   verify=not args.no_verify)
+        device = None if args.device == "auto" else args.device
+        run = partial(streamed_fidelity, dense, dense_blocks, compressed, blocks, tokenizer, protocol, device=device)
+        label = "fidelity (block passes)"
+    else:
+        dense, tokenizer = load_any(dense_name, dtype, args.device, args.trust_remote_code, verify=not args.no_verify)
+        compressed, _ = load_any(args.compressed, dtype, args.device, args.trust_remote_code,
+                                 verify=not args.no_verify)
+        run, label = partial(fidelity, dense, compressed, tokenizer, protocol), "fidelity"
     with progress() as prog:
-        task = prog.add_task("fidelity", total=None)
-        result = fidelity(dense, compressed, tokenizer, protocol, data_dir=args.data_dir,
-                          max_windows=args.max_windows,
-                          progress=lambda done, total: prog.update(task, completed=done, total=total))
+        task = prog.add_task(label, total=None)
+        result = run(data_dir=args.data_dir, max_windows=args.max_windows,
+                     progress=lambda done, total: prog.update(task, completed=done, total=total))
     print_totals({"dense": dense_name, "compressed": args.compressed, "KL(dense‖compressed)": f"{result.kl_mean:.6f}",
                    "top-1 agreement": f"{result.top1_agreement:.4f}", "positions": result.n_tokens,
                    "seconds": f"{result.seconds:.1f}", "protocol": json.dumps(result.protocol)})
@@ -275,6 +287,9 @@ def add_parser(sub) -> None:
     f.add_argument("--seqlen", type=checks.count(2), default=None)
     f.add_argument("--batch-size", type=checks.count(), default=None)
     f.add_argument("--json", default=None, help="also write the result as JSON here")
+    f.add_argument("--stream", action="store_true",
+                   help="read one decoder block of one model at a time from disk (see eval --help): for models "
+                        "bigger than memory; same numbers as without")
     f.set_defaults(func=cmd_fidelity)
 
     b = sub.add_parser("bench-speed", help="prefill/decode tokens/s and peak memory, dense vs compressed")

@@ -53,7 +53,7 @@ class FidelityResult:
         return asdict(self)
 
 
-class _ChunkedLogits:
+class ChunkedLogits:
     """fp32 logits of positions s..e-1 of one batch, computed from the hidden states when possible."""
 
     def __init__(self, model, use_head: bool):
@@ -84,19 +84,51 @@ def kl_top1(dense_logits: torch.Tensor, comp_logits: torch.Tensor) -> tuple[torc
 
 
 @torch.inference_mode()
-def chunked_kl_top1(dense: _ChunkedLogits, comp: _ChunkedLogits, batch: torch.Tensor,
-                    chunk: int = CHUNK) -> tuple[float, int]:
-    """(summed KL, number of agreeing argmaxes) over all positions of `batch`, `chunk` positions at a time."""
-    dense.run(batch)
-    comp.run(batch)
+def compare_runs(dense: ChunkedLogits, comp: ChunkedLogits, length: int, chunk: int = CHUNK) -> tuple[float, int]:
+    """(summed KL, number of agreeing argmaxes) over the `length` positions both sides last ran on (``run``),
+    `chunk` positions at a time; the sides' caches are freed."""
     kl_sum, agree = 0.0, 0
-    for s in range(0, batch.shape[1], chunk):
-        e = min(s + chunk, batch.shape[1])
+    for s in range(0, length, chunk):
+        e = min(s + chunk, length)
         kl, same = kl_top1(dense.logits(s, e, dense.device), comp.logits(s, e, dense.device))
         kl_sum += float(kl.sum())
         agree += int(same.sum())
     dense.cache = comp.cache = None
     return kl_sum, agree
+
+
+def chunked_kl_top1(dense: ChunkedLogits, comp: ChunkedLogits, batch: torch.Tensor,
+                    chunk: int = CHUNK) -> tuple[float, int]:
+    """(summed KL, number of agreeing argmaxes) over all positions of `batch`, `chunk` positions at a time."""
+    dense.run(batch)
+    comp.run(batch)
+    return compare_runs(dense, comp, batch.shape[1], chunk)
+
+
+def fidelity_protocol(protocol: Protocol | str, max_windows: int | None, dense_model, compressed_model) -> Protocol:
+    """The protocol `fidelity` runs: at most `max_windows` windows (None: the protocol's own limit), its dtype
+    the two models' (as they were loaded); the models must share a vocabulary."""
+    if isinstance(protocol, str):
+        protocol = get_protocol(protocol)
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows={max_windows} is not allowed: must be >= 1 or None")
+        protocol = protocol.model_copy(update={"max_windows": min(max_windows, protocol.max_windows or max_windows)})
+    dtypes = {dtype_name(model_dtype(m)) for m in (dense_model, compressed_model)}
+    vd, vc = (m.get_output_embeddings().weight.shape[0] if m.get_output_embeddings() else None
+              for m in (dense_model, compressed_model))
+    if vd != vc:
+        raise ValueError(f"the models have different vocabularies ({vd} vs {vc}): KL is not defined")
+    return protocol.model_copy(update={"dtype": "/".join(sorted(dtypes))})  # what the two ran in
+
+
+def fidelity_result(kl_sum: float, agree: int, windows: torch.Tensor, protocol: Protocol, t0: float) -> FidelityResult:
+    n_tokens = windows.numel()
+    result = FidelityResult(kl_sum / n_tokens, agree / n_tokens, n_tokens, windows.shape[0],
+                            time.perf_counter() - t0, protocol.model_dump())
+    log.info("fidelity: KL %.5f nats, top-1 %.4f over %d positions in %.1fs", result.kl_mean,
+             result.top1_agreement, n_tokens, result.seconds)
+    return result
 
 
 def fidelity(dense_model, compressed_model, tokenizer, protocol: Protocol | str = "quick", data_dir=None,
@@ -112,25 +144,14 @@ def fidelity(dense_model, compressed_model, tokenizer, protocol: Protocol | str 
         max_windows: at most this many windows (None: the protocol's own limit).
         progress: optional ``callable(done_windows, total_windows)``.
     """
-    if isinstance(protocol, str):
-        protocol = get_protocol(protocol)
-    if max_windows is not None:
-        if max_windows < 1:
-            raise ValueError(f"max_windows={max_windows} is not allowed: must be >= 1 or None")
-        protocol = protocol.model_copy(update={"max_windows": min(max_windows, protocol.max_windows or max_windows)})
-    dtypes = {dtype_name(model_dtype(m)) for m in (dense_model, compressed_model)}
-    protocol = protocol.model_copy(update={"dtype": "/".join(sorted(dtypes))})  # what the two ran in
-    vd = dense_model.get_output_embeddings().weight.shape[0] if dense_model.get_output_embeddings() else None
-    vc = compressed_model.get_output_embeddings().weight.shape[0] if compressed_model.get_output_embeddings() else None
-    if vd != vc:
-        raise ValueError(f"the models have different vocabularies ({vd} vs {vc}): KL is not defined")
+    protocol = fidelity_protocol(protocol, max_windows, dense_model, compressed_model)
     t0 = time.perf_counter()
     windows = windows_of(eval_tokens(tokenizer, protocol.dataset, protocol.split, data_dir), protocol)
     sides = []
     for model in (dense_model, compressed_model):
         parts = _head_path(model)
         device = next(model.parameters()).device
-        sides.append(_ChunkedLogits(model, parts is not None and _head_path_agrees(model, *parts,
+        sides.append(ChunkedLogits(model, parts is not None and _head_path_agrees(model, *parts,
                                                                                     windows[:1].to(device))))
     kl_sum, agree, total = 0.0, 0, windows.shape[0]
     for start in range(0, total, protocol.batch_size):
@@ -138,9 +159,4 @@ def fidelity(dense_model, compressed_model, tokenizer, protocol: Protocol | str 
         kl_sum, agree = kl_sum + k, agree + a
         if progress is not None:
             progress(min(start + protocol.batch_size, total), total)
-    n_tokens = windows.numel()
-    result = FidelityResult(kl_sum / n_tokens, agree / n_tokens, n_tokens, total, time.perf_counter() - t0,
-                            protocol.model_dump())
-    log.info("fidelity: KL %.5f nats, top-1 %.4f over %d positions in %.1fs", result.kl_mean,
-             result.top1_agreement, n_tokens, result.seconds)
-    return result
+    return fidelity_result(kl_sum, agree, windows, protocol, t0)

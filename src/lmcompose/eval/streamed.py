@@ -1,4 +1,4 @@
-"""Perplexity of a model bigger than memory, one decoder block at a time.
+"""Perplexity and fidelity of models bigger than memory, one decoder block at a time.
 
 The model comes with its decoder blocks on the meta device and a block loader that materialises block i
 (``load(i, block, prefix)``) and frees it again (``release(i, block)``): `models.stream.StreamedBlocks` for a
@@ -25,6 +25,9 @@ The windows go in chunks of `chunk_windows`, by default as many as keep those hi
 166 windows of the full one 2.6 GiB, one chunk each; an 8192-wide model's full protocol takes two). Every
 block is read once per chunk.
 
+`streamed_fidelity` does the same for two models at once (the dense reference and a compressed one): KL and
+top-1 agreement equal `fidelity.fidelity`'s, with one block of one model in memory at a time.
+
 Example::
 
     model, tokenizer, blocks = open_for_streaming("runs/llama-70b-gptq", dtype="bf16")
@@ -36,18 +39,33 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import nn
 
-from ..core.dtypes import FLOAT_BYTES
+from ..core.dtypes import FLOAT_BYTES, dtype_name, model_dtype
 from ..data.calibration import eval_tokens
 from ..pipeline.blocks import find_blocks
 from ..pipeline.hooks import owned_hooks
 from ..pipeline.passes import advance, capture_inputs
 from ..runtime.linear import CompressedLinear
 from ..runtime.logits import head_path, head_path_agrees
-from .perplexity import PerplexityResult, Protocol, result_of, run_protocol, window_nll, windows_of
+from .fidelity import (
+    ChunkedLogits,
+    FidelityResult,
+    compare_runs,
+    fidelity_protocol,
+    fidelity_result,
+)
+from .perplexity import (
+    PerplexityResult,
+    Protocol,
+    result_of,
+    run_protocol,
+    window_nll,
+    windows_of,
+)
 
 HIDDEN_BUDGET = 4 * 2**30  # bytes of hidden states one chunk may hold
 
@@ -111,6 +129,41 @@ def _run(block: nn.Module, inputs, index: int) -> bool:
     return kinds[-1]
 
 
+def _through_blocks(model, part: torch.Tensor, bs: int, blocks, device, tick: Callable[[], None]):
+    """Windows `part` (batches of `bs`) through every block of `model`, one block in memory at a time.
+    Returns ``(inputs, as_tuple)``: ``inputs.hidden`` holds per batch the last block's output; `as_tuple`
+    says whether the blocks return tuples (`_run`). `tick` is called after each block."""
+    prefix, layers = find_blocks(model)
+    inputs = capture_inputs(model, part, bs, device)
+    as_tuple = False
+    for i, block in enumerate(layers):
+        blocks.load(i, block, f"{prefix}.{i}")
+        try:
+            as_tuple = _run(block.to(device), inputs, i)
+        finally:
+            blocks.release(i, block)
+        tick()
+    return inputs, as_tuple
+
+
+def _head_agrees(model, as_tuple: bool, window: torch.Tensor) -> bool:
+    """Whether trunk + head reproduce the model's logits (`runtime.logits.head_path_agrees`), the blocks
+    passing their inputs on: it does not depend on what the blocks compute."""
+    parts = head_path(model)
+    with _replayed(find_blocks(model)[1], None, as_tuple):
+        return parts is not None and head_path_agrees(model, *parts, window)
+
+
+def _ticker(progress, total: int) -> Callable[[], None]:
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+    return tick
+
+
 def streamed_perplexity(model, tokenizer, protocol: Protocol | str, blocks, data_dir=None, device=None,
                         progress=None, chunk_windows: int | None = None) -> PerplexityResult:
     """Token-level perplexity of `model` under `protocol` with one decoder block in memory at a time (see the
@@ -134,28 +187,68 @@ def streamed_perplexity(model, tokenizer, protocol: Protocol | str, blocks, data
     device = _loaded_device(model)
     t0 = time.perf_counter()
     windows = windows_of(eval_tokens(tokenizer, protocol.dataset, protocol.split, data_dir), protocol)
-    prefix, layers = find_blocks(model)
+    layers = find_blocks(model)[1]
     bs, total = protocol.batch_size, windows.shape[0]
     chunk = max(1, (chunk_windows or chunk_size(model, protocol)) // bs) * bs  # the in-memory path's batches
-    passes, done, nll, use_head = -(-total // chunk) * len(layers), 0, 0.0, None
+    tick = _ticker(progress, -(-total // chunk) * len(layers))
+    nll, use_head = 0.0, None
     for start in range(0, total, chunk):
         part = windows[start:start + chunk]
-        inputs = capture_inputs(model, part, bs, device)
-        for i, block in enumerate(layers):
-            blocks.load(i, block, f"{prefix}.{i}")
-            try:
-                as_tuple = _run(block.to(device), inputs, i)
-            finally:
-                blocks.release(i, block)
-            done += 1
-            if progress is not None:
-                progress(done, passes)
-        if use_head is None:  # whether trunk + head reproduce the logits does not depend on the blocks
-            parts = head_path(model)
-            with _replayed(layers, None, as_tuple):
-                use_head = parts is not None and head_path_agrees(model, *parts, part[:1].to(device))
+        inputs, as_tuple = _through_blocks(model, part, bs, blocks, device, tick)
+        if use_head is None:
+            use_head = _head_agrees(model, as_tuple, part[:1].to(device))
         for b, hidden in enumerate(inputs.hidden):
             with _replayed(layers, hidden, as_tuple):
                 nll += float(window_nll(model, part[b * bs:(b + 1) * bs].to(device), use_head).sum())
         del inputs
     return result_of(nll, total, protocol, t0)
+
+
+def streamed_fidelity(dense, dense_blocks, compressed, compressed_blocks, tokenizer,
+                      protocol: Protocol | str = "quick", data_dir=None, max_windows: int | None = 16, device=None,
+                      progress=None, chunk_windows: int | None = None) -> FidelityResult:
+    """KL(dense ‖ compressed) and top-1 agreement (`fidelity.fidelity`) of two models bigger than memory,
+    each streamed one block at a time: per chunk of windows, the dense model's blocks run over it, then the
+    compressed model's, and both heads then run per batch on the final hidden states, `fidelity.CHUNK`
+    positions at a time. Equals `fidelity.fidelity` of the same models in memory.
+
+    Args:
+        dense, compressed: causal LMs opened by `models.stream.open_for_streaming` (blocks on the meta
+            device), with their block loaders `dense_blocks` and `compressed_blocks`.
+        tokenizer: the tokenizer of both.
+        protocol, data_dir, max_windows: as `fidelity.fidelity`.
+        device: where both models' loaded tensors, each loaded block and the hidden states go (default:
+            where the dense model's loaded tensors are).
+        progress: optional ``callable(done, total)`` counting block passes (both models' blocks × chunks).
+        chunk_windows: windows per chunk (whole batches); default: the smaller `chunk_size` of the two, so
+            that both models' hidden states of a chunk fit in twice `HIDDEN_BUDGET`.
+    """
+    protocol = fidelity_protocol(protocol, max_windows, dense, compressed)
+    if device is not None:
+        place(dense, device)
+    device = _loaded_device(dense)
+    place(compressed, device)
+    t0 = time.perf_counter()
+    windows = windows_of(eval_tokens(tokenizer, protocol.dataset, protocol.split, data_dir), protocol)
+    bs, total = protocol.batch_size, windows.shape[0]
+    sizes = [chunk_size(m, protocol.model_copy(update={"dtype": dtype_name(model_dtype(m))}))
+             for m in (dense, compressed)]
+    chunk = max(1, (chunk_windows or min(sizes)) // bs) * bs
+    models = [(dense, dense_blocks), (compressed, compressed_blocks)]
+    tick = _ticker(progress, -(-total // chunk) * sum(len(find_blocks(m)[1]) for m, _ in models))
+    kl_sum, agree, sides = 0.0, 0, None
+    for start in range(0, total, chunk):
+        part = windows[start:start + chunk]
+        runs = [_through_blocks(m, part, bs, loader, device, tick) for m, loader in models]
+        if sides is None:
+            sides = [ChunkedLogits(m, _head_agrees(m, as_tuple, part[:1].to(device)))
+                     for (m, _), (_, as_tuple) in zip(models, runs)]
+        for b in range(len(runs[0][0].hidden)):
+            batch = part[b * bs:(b + 1) * bs]
+            for side, (m, _), (inputs, as_tuple) in zip(sides, models, runs):
+                with _replayed(find_blocks(m)[1], inputs.hidden[b], as_tuple):
+                    side.run(batch)
+            k, a = compare_runs(*sides, batch.shape[1])
+            kl_sum, agree = kl_sum + k, agree + a
+        del runs
+    return fidelity_result(kl_sum, agree, windows, protocol, t0)

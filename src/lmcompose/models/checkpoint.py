@@ -276,7 +276,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
                               file=str(weights)) from None
 
 
-def _build_model(path: Path, meta: dict):
+def build_empty_model(path: Path, meta: dict):
     """The architecture of config.json on the meta device, checked to hold every Linear lmcompose.json lists."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -308,7 +308,7 @@ def _build_model(path: Path, meta: dict):
     return model
 
 
-def _check_other_tensors(path: Path, places: dict[str, torch.Tensor], others: dict[str, torch.Tensor]) -> None:
+def check_other_tensors(path: Path, places: dict[str, torch.Tensor], others: dict[str, torch.Tensor]) -> None:
     """Every tensor outside the compressed Linears must have a place of its shape in the model (`places`: its
     state dict, or a part of it, by full name)."""
     weights = str(path / WEIGHTS_FILE)
@@ -396,9 +396,9 @@ def load_compressed(path: str | Path, dtype: str = "fp32", device: str = "cpu", 
     state = _read_tensors(path)
     for name, layer_meta in meta["layers"].items():
         check_layer_tensors(str(path), name, layer_meta, state)
-    model = _build_model(path, meta)
+    model = build_empty_model(path, meta)
     skip = tuple(f"{n}." for n in meta["layers"])
-    _check_other_tensors(path, model.state_dict(), {k: t for k, t in state.items() if not k.startswith(skip)})
+    check_other_tensors(path, model.state_dict(), {k: t for k, t in state.items() if not k.startswith(skip)})
     if verify and "checksums" in meta:
         verify_checksums(str(path), meta, state)
     elif verify:

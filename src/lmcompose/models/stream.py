@@ -38,10 +38,10 @@ from ..core.memory import release_freed_memory
 from ..pipeline.blocks import find_blocks
 from ..runtime.linear import CompressedLinear
 from .checkpoint import (
-    _build_model,
-    _check_other_tensors,
     assign_tensors,
     attach_checked_model_ops,
+    build_empty_model,
+    check_other_tensors,
     index_weight_map,
     open_metadata,
     safetensors_table,
@@ -193,7 +193,7 @@ class CompressedBlocks(StreamedBlocks):
         skip = tuple(f"{n}." for n in layers)
         head = f"{root_name}." if root_name else ""
         places = {f"{head}{k}": t for k, t in root.state_dict().items()}
-        _check_other_tensors(self.path, places, {k: t for k, t in state.items() if not k.startswith(skip)})
+        check_other_tensors(self.path, places, {k: t for k, t in state.items() if not k.startswith(skip)})
         if self.verify:
             verify_tensors(str(self.path), self.meta, state)
         assign_tensors(self.path, root, root_name, layers, state, self.dtype)
@@ -221,7 +221,7 @@ def open_streamed_run(path: str | Path, dtype: str = "fp32", verify: bool = True
 
     path, meta, ops = open_metadata(path, dtype)
     meta_file = str(path / META_FILE)
-    for name, layer_meta in meta["layers"].items():  # well formed before _build_model reads their shapes
+    for name, layer_meta in meta["layers"].items():  # well formed before build_empty_model reads their shapes
         expected_tensors(meta_file, name, layer_meta)
     files = None if (path / WEIGHTS_FILE).is_file() else index_weight_map(path)  # load_compressed's preference
     if files is None:
@@ -232,7 +232,7 @@ def open_streamed_run(path: str | Path, dtype: str = "fp32", verify: bool = True
         verify_files(str(path), meta)
     elif verify:
         log.warning("%s has no checksums (saved by an older lmcompose): its tensors are not verified", meta_file)
-    model = _build_model(path, meta)
+    model = build_empty_model(path, meta)
     prefix, _ = find_blocks(model)
     compute = FLOAT_DTYPES[dtype]
     blocks = CompressedBlocks(path, files, compute, meta, verify)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..algebra.invariants import check_step
 from ..algebra.ops import input_stats
-from ..core.stats import Stats, relative_error
+from ..core.stats import Stats, output_energy, relative_error
 from ..runtime.linear import CompressedLinear
 
 
@@ -43,13 +43,14 @@ def apply_steps(layer: CompressedLinear, steps, stats: Stats, name: str = "",
     Returns the final layer and one `StepResult` per step."""
     if original is None:
         original = layer.to_dense(torch.float32)
+    energy = output_energy(original, stats.gram)
     results = []
     for step in steps:
         t0 = time.perf_counter()
         new, info = step.apply(layer, input_stats(stats, layer.input_ops) if layer.input_ops else stats)
         seconds = time.perf_counter() - t0
         check_step(layer, new, step, name)
-        err = relative_error(original, new.to_dense(torch.float32), stats.gram)
+        err = relative_error(original, new.to_dense(torch.float32), stats.gram, energy)
         results.append(StepResult(step.name, info, err, seconds, new))
         layer = new
     return layer, results
