@@ -149,3 +149,20 @@ def test_cli_fidelity_stream_prints_the_same_numbers(setup, tmp_path):
     assert results[0]["kl_mean"] > 0
     for key in ("kl_mean", "top1_agreement", "n_tokens"):
         assert results[0][key] == results[1][key]
+
+
+def test_a_tied_head_stored_under_its_head_name_streams(tmp_path, data_dir, tiny_tokenizer):
+    # a tied embedding stored only as lm_head.weight (as lmcompose's dequantized copy of a GGUF stores it)
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    base = _saved(model, tmp_path, tiny_tokenizer, shard="10MB")
+    state = load_file(str(base / "model.safetensors"))
+    embed = state.pop("model.embed_tokens.weight", None)
+    state["lm_head.weight"] = embed if embed is not None else state["lm_head.weight"]
+    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+    expected = perplexity(model, tiny_tokenizer, PROTOCOL, data_dir)
+    streamed, tok, blocks = open_for_streaming(str(base))
+    assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
+    got = streamed_perplexity(streamed, tok, PROTOCOL, blocks, data_dir)
+    assert got.nll_sum == expected.nll_sum

@@ -159,9 +159,18 @@ def open_streamed(name_or_path: str, dtype: str = "fp32", trust_remote_code: boo
     with init_empty_weights():  # parameters on meta; buffers (rotary tables) computed as from_pretrained does
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     prefix, _ = find_blocks(model)
-    outside = [n for n, _ in model.named_parameters() if not n.startswith(f"{prefix}.") and n in files]
+    # Tied tensors (embedding and head) are one parameter with several names, and a checkpoint stores it under
+    # any one of them (transformers keeps the first; a GGUF's dequantized copy keeps `lm_head.weight`):
+    # read whichever name is stored and give it to every name of the group.
+    model.tie_weights()  # on the meta model: tied names become one parameter
+    groups: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if not n.startswith(f"{prefix}."):
+            groups.setdefault(id(p), []).append(n)
+    stored = {next(n for n in names if n in files): names for names in groups.values() if any(n in files for n in names)}
     blocks = StreamedBlocks(files, torch_dtype)
-    model.load_state_dict(blocks.read(outside), strict=False, assign=True)
+    state = blocks.read(list(stored))
+    model.load_state_dict({n: state[key] for key, names in stored.items() for n in names}, strict=False, assign=True)
     model.tie_weights()
     still = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(f"{prefix}.")]
     if still:
