@@ -166,3 +166,59 @@ def test_a_tied_head_stored_under_its_head_name_streams(tmp_path, data_dir, tiny
     assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
     got = streamed_perplexity(streamed, tok, PROTOCOL, blocks, data_dir)
     assert got.nll_sum == expected.nll_sum
+
+
+def _zeroshot_tasks(tmp_path):
+    """A multiple-choice task and a LAMBADA-style one (log-likelihood and greedy check), local files."""
+    words = ["red", "blue", "cat", "dog", "sun", "rain", "tree", "stone"]
+    g = torch.Generator().manual_seed(0)
+    pick = lambda k: " ".join(words[int(i)] for i in torch.randint(len(words), (k,), generator=g))  # noqa: E731
+    rows = [{"q": pick(3 + i % 4), "a": pick(1), "b": pick(2), "c": pick(1), "label": i % 3} for i in range(9)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "lam.jsonl").write_text("".join(json.dumps({"text": pick(4 + i % 5)}) + "\n" for i in range(7)))
+    mc = {"task": "tiny_mc", "file": "mc.jsonl", "split": "test", "doc_to_text": "Q: {{q}}\nA:",
+          "doc_to_choice": "{{[a, b, c]}}", "doc_to_target": "label"}
+    lam = {"task": "tiny_lambada", "file": "lam.jsonl", "split": "test", "output_type": "loglikelihood"}
+    return [mc, lam]
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
+def test_zeroshot_streamed_equals_zeroshot_in_memory(tmp_path, data_dir, tiny_tokenizer, build, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from lmcompose.eval import streamed
+    from lmcompose.eval.zeroshot import zeroshot
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = _zeroshot_tasks(tmp_path)
+    base = _saved(build(), tmp_path, tiny_tokenizer)
+    dense = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True).eval()
+    expected = zeroshot(dense, tiny_tokenizer, tasks=tasks, data_dir=tmp_path, batch_size=3)
+    monkeypatch.setattr(streamed, "HIDDEN_BUDGET", 3 * 16 * dense.config.hidden_size * 4)  # several groups
+    model, tok, blocks = open_for_streaming(str(base))
+    passes = []
+    got = zeroshot(model, tok, tasks=tasks, data_dir=tmp_path, batch_size=3, blocks=blocks,
+                   progress=lambda done, total: passes.append(done))
+    assert got["tasks"] == expected["tasks"] and got["task_hashes"] == expected["task_hashes"]
+    assert 0 < got["tasks"]["tiny_lambada"]["acc"] or 0 < got["tasks"]["tiny_mc"]["acc"]  # not vacuous
+    layers = len(dense.model.layers)
+    assert passes[-1] > layers and passes[-1] % layers == 0  # several groups, each reading every block once
+    assert all(p.device.type == "meta" for p in model.model.layers.parameters())
+
+
+def test_cli_zeroshot_stream_prints_the_same_numbers(tmp_path, data_dir, tiny_tokenizer, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    base = _saved(tiny_llama(layers=3), tmp_path, tiny_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True).eval()
+    compress(model, RECIPE, windows())
+    run = tmp_path / "run"
+    save_compressed(model, run, tiny_tokenizer, float_dtype=RECIPE.float_dtype)
+    spec = tmp_path / "mc.json"
+    spec.write_text(json.dumps(_zeroshot_tasks(tmp_path)[0]))
+    results = []
+    for extra in ([], ["--stream"]):
+        out = tmp_path / f"z{len(extra)}.json"
+        assert main(["zeroshot", "--model", str(run), "--tasks", str(spec), "--data-dir", str(tmp_path),
+                     "--batch-size", "2", "--dtype", "fp32", "--json", str(out), *extra]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0]["tasks"] == results[1]["tasks"] and results[0]["tasks"]["tiny_mc"]["n"] == 9

@@ -129,10 +129,21 @@ def cmd_zeroshot(args) -> int:
     for t in tasks:  # names known, spec files valid, data files present: before the model loads
         task_config(t, args.data_dir)
     check_dense_for(args.dense_for, args.model)
-    model, tokenizer = load_any(args.model, eval_dtype(args.dtype, args.device), args.device, args.trust_remote_code,
-                                verify=not args.no_verify)
-    result = zeroshot(model, tokenizer, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
-                      batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+    dtype = eval_dtype(args.dtype, args.device)
+    run = partial(zeroshot, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
+                  num_fewshot=args.num_fewshot)
+    if args.stream:  # one decoder block in memory at a time: for a model bigger than memory
+        from ..models.stream import open_for_streaming
+
+        model, tokenizer, blocks = open_for_streaming(args.model, dtype, args.trust_remote_code,
+                                                      verify=not args.no_verify)
+        with progress() as prog:
+            task = prog.add_task("zero-shot (block passes)", total=None)
+            result = run(model, tokenizer, device=None if args.device == "auto" else args.device, blocks=blocks,
+                         progress=lambda done, total: prog.update(task, completed=done))
+    else:
+        model, tokenizer = load_any(args.model, dtype, args.device, args.trust_remote_code, verify=not args.no_verify)
+        result = run(model, tokenizer)
     table = Table(title=escape(f"zero-shot: {args.model} (lm-eval {result['lm_eval_version']}, limit {args.limit})"))
     for col in ("task", "metric", "value", "stderr", "n", "config hash"):
         table.add_column(col)
@@ -270,6 +281,9 @@ def add_parser(sub) -> None:
     z.add_argument("--num-fewshot", type=checks.count(0, 1000), default=0)
     z.add_argument("--json", default=None, help="also write the result as JSON here")
     z.add_argument("--dense-for", default=None, metavar="RUN_DIR", help=DENSE_FOR_HELP)
+    z.add_argument("--stream", action="store_true",
+                   help="read one decoder block at a time from disk (see eval --help): for a model bigger than "
+                        "memory; log-likelihood tasks only, same numbers as without")
     z.set_defaults(func=cmd_zeroshot)
 
     f = sub.add_parser("fidelity", help="KL(dense ‖ compressed) and top-1 agreement on held-out text")

@@ -48,7 +48,7 @@ from ..core.dtypes import FLOAT_BYTES, dtype_name, model_dtype
 from ..data.calibration import eval_tokens
 from ..pipeline.blocks import find_blocks
 from ..pipeline.hooks import owned_hooks
-from ..pipeline.passes import advance, capture_inputs
+from ..pipeline.passes import BlockInputs, advance, capture_inputs
 from ..runtime.linear import CompressedLinear
 from ..runtime.logits import head_path, head_path_agrees
 from .fidelity import (
@@ -252,3 +252,93 @@ def streamed_fidelity(dense, dense_blocks, compressed, compressed_blocks, tokeni
             kl_sum, agree = kl_sum + k, agree + a
         del runs
     return fidelity_result(kl_sum, agree, windows, protocol, t0)
+
+
+class StreamedCalls:
+    """The logits of lm-evaluation-harness's model calls for a model bigger than memory (`zeroshot` with a
+    block loader), one decoder block in memory at a time.
+
+    lm-eval scores a request kind (loglikelihood, loglikelihood_rolling) by calling the model on padded
+    batches it builds itself, one after the other, and reads each batch's logits before it builds the next.
+    Streaming every call through all the blocks would read the whole checkpoint once per batch; instead the
+    request kind runs twice: while *recording*, each call's input ids are kept and zero logits of the right
+    shape go back (lm-eval's scores of that pass are thrown away); then the recorded calls are split into
+    groups whose hidden states fit in `budget` bytes, and while *replaying*, the first call of a group sends
+    the whole group through every block (each block read once per group), and each call's logits come from
+    the model's own code around the blocks (`_replayed`), as in `streamed_perplexity`. lm-eval's batching is
+    deterministic, so the replayed calls are the recorded ones; each is checked, and a mismatch is an error.
+
+    The logits equal those of the same model in memory called on the same batch (right-padded, no attention
+    mask: causal attention never reads the padding of later positions); tests/test_stream_eval.py checks the
+    zero-shot results are identical.
+    """
+
+    def __init__(self, model, blocks, device=None, budget: int | None = None, progress=None):
+        budget = budget or HIDDEN_BUDGET
+        if device is not None:
+            place(model, device)
+        self.model, self.blocks, self.budget, self.progress = model, blocks, budget, progress
+        self.device = _loaded_device(model)
+        self.layers = find_blocks(model)[1]
+        self.width = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+        head = model.get_output_embeddings()
+        self.vocab = getattr(head, "out_features", None) or model.config.vocab_size
+        self.passes = 0  # block passes done, over every replay
+        self._recorded: list[torch.Tensor] = []
+        self._replaying, self._next, self._ready = False, 0, {}
+
+    def record(self) -> None:
+        """Start a recording pass: calls are kept and answered with zero logits."""
+        self._recorded, self._replaying = [], False
+
+    def replay(self) -> None:
+        """Start the replay of what was recorded: calls are answered with their logits, group by group."""
+        self._replaying, self._next, self._ready = True, 0, {}
+        self._groups = self._split()
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self._replaying:
+            self._recorded.append(ids.detach().cpu())
+            return torch.zeros(*ids.shape, self.vocab)
+        k, self._next = self._next, self._next + 1
+        if k >= len(self._recorded) or not torch.equal(ids.cpu(), self._recorded[k]):
+            raise RuntimeError(f"lm-evaluation-harness's model call {k} differs from the one recorded: its batches "
+                               f"are not deterministic here, so the streamed scores cannot be matched to them")
+        if k not in self._ready:
+            self._run(next(g for g in self._groups if k in g))
+        hidden, as_tuple = self._ready.pop(k)
+        with _replayed(self.layers, hidden, as_tuple), torch.inference_mode():
+            return self.model(input_ids=ids.to(self.device)).logits
+
+    def _split(self) -> list[range]:
+        """Consecutive recorded calls in groups whose hidden states fit in the budget (at least one call each)."""
+        per_token = self.width * FLOAT_BYTES[dtype_name(model_dtype(self.model))]
+        groups, start, size = [], 0, 0
+        for k, ids in enumerate(self._recorded):
+            need = ids.numel() * per_token
+            if k > start and size + need > self.budget:
+                groups.append(range(start, k))
+                start, size = k, 0
+            size += need
+        if self._recorded:
+            groups.append(range(start, len(self._recorded)))
+        return groups
+
+    def _run(self, group: range) -> None:
+        """Every call of `group` through every block, one block in memory at a time."""
+        parts = [capture_inputs(self.model, self._recorded[k], self._recorded[k].shape[0], self.device)
+                 for k in group]
+        inputs = BlockInputs([h for p in parts for h in p.hidden], [kw for p in parts for kw in p.kwargs],
+                             [a for p in parts for a in p.args])
+        prefix = find_blocks(self.model)[0]
+        as_tuple = False
+        for i, block in enumerate(self.layers):
+            self.blocks.load(i, block, f"{prefix}.{i}")
+            try:
+                as_tuple = _run(block.to(self.device), inputs, i)
+            finally:
+                self.blocks.release(i, block)
+            self.passes += 1
+            if self.progress is not None:
+                self.progress(self.passes, None)
+        self._ready = {k: (h, as_tuple) for k, h in zip(group, inputs.hidden)}

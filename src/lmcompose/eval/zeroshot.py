@@ -4,7 +4,8 @@ lm-evaluation-harness (``pip install lmcompose[eval]``, package ``lm-eval``) is 
 compression papers report, so we hand it our model rather than re-implementing its scoring: an in-memory
 model (whose Linears may be `CompressedLinear`) is wrapped with ``lm_eval.models.huggingface.HFLM
 (pretrained=model, tokenizer=tokenizer, batch_size=...)``; a saved lmcompose checkpoint is loaded with
-`load_compressed` first. Every task is a multiple-choice or loglikelihood task, scored by comparing
+`load_compressed` first. A model bigger than memory (``blocks=``, ``lmcompose zeroshot --stream``) is run one
+decoder block at a time, with lm-eval's own batches (`eval.streamed.StreamedCalls`). Every task is a multiple-choice or loglikelihood task, scored by comparing
 summed log-likelihoods of the continuations (``acc``) and, where the official task has it, the same
 divided by each choice's length in characters (``acc_norm``); no text is generated.
 
@@ -38,8 +39,40 @@ def _summarise(results: dict, names: list[str]) -> dict:
     return out
 
 
+def _lm(model, tokenizer, batch_size: int, calls=None):
+    """lm-eval's HFLM around `model`; with `calls` (an `eval.streamed.StreamedCalls`), one whose model calls it
+    answers, each log-likelihood request kind run twice (recorded, then replayed block by block)."""
+    from lm_eval.models.huggingface import HFLM
+
+    if calls is None:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+    class StreamedHFLM(HFLM):
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            return calls(inps)
+
+        def _twice(self, score, requests, disable_tqdm):
+            calls.record()
+            score(requests, disable_tqdm=True)
+            calls.replay()
+            return score(requests, disable_tqdm=disable_tqdm)
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return self._twice(super().loglikelihood, requests, disable_tqdm)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return self._twice(super().loglikelihood_rolling, requests, disable_tqdm)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            raise ValueError("a streamed model (one block in memory at a time) scores log-likelihoods only; a task "
+                             "that generates text needs the model in memory (run without --stream)")
+
+    return StreamedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
 def zeroshot(model, tokenizer=None, tasks=DEFAULT_TASKS, data_dir=None, limit: int | float | None = None,
-             batch_size: int = 8, num_fewshot: int = 0, bootstrap_iters: int = 1000, device=None) -> dict:
+             batch_size: int = 8, num_fewshot: int = 0, bootstrap_iters: int = 1000, device=None,
+             blocks=None, progress=None) -> dict:
     """Zero-shot accuracy of `model` on local-file tasks through lm-evaluation-harness.
 
     Args:
@@ -55,14 +88,19 @@ def zeroshot(model, tokenizer=None, tasks=DEFAULT_TASKS, data_dir=None, limit: i
             whose only split is the evaluated one draws few-shot examples from it, as lm-eval does).
         bootstrap_iters: resamples for bootstrapped stderrs (LAMBADA perplexity); accuracy stderrs are
             closed-form.
-        device: where a checkpoint given by path is loaded (default cpu); an in-memory model stays where it is.
+        device: where a checkpoint given by path is loaded (default cpu); an in-memory model stays where it is;
+            a streamed model's loaded tensors, blocks and hidden states go there (default: where they are).
+        blocks: for a model bigger than memory, its block loader: `model` then comes from
+            `models.stream.open_for_streaming` (decoder blocks on the meta device) and every model call of
+            lm-eval is answered one block at a time (`eval.streamed.StreamedCalls`); the results equal those of
+            the model in memory.
+        progress: with `blocks`, an optional ``callable(done, total)`` counting block passes (total None).
 
     Returns:
         ``{"tasks": {task: {metric: value, metric_stderr: value, "n": examples}}, "lm_eval_version",
         "task_hashes": {task: hash}, "limit", "num_fewshot", "batch_size", "seconds"}``.
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     if isinstance(tasks, str):
@@ -73,6 +111,8 @@ def zeroshot(model, tokenizer=None, tasks=DEFAULT_TASKS, data_dir=None, limit: i
         raise ValueError(f"batch_size={batch_size} is not allowed: must be >= 1")
     if num_fewshot < 0:
         raise ValueError(f"num_fewshot={num_fewshot} is not allowed: must be >= 0")
+    if blocks is not None and isinstance(model, (str, os.PathLike)):
+        raise ValueError("blocks= needs the model opened by models.stream.open_for_streaming, not a path")
     if isinstance(model, (str, os.PathLike)):
         from ..models.checkpoint import load_compressed
 
@@ -88,7 +128,12 @@ def zeroshot(model, tokenizer=None, tasks=DEFAULT_TASKS, data_dir=None, limit: i
         configs.append(config)
         hashes[config["task"]] = digest
     t0 = time.perf_counter()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    calls = None
+    if blocks is not None:
+        from .streamed import StreamedCalls
+
+        calls = StreamedCalls(model, blocks, device, progress=progress)
+    lm = _lm(model, tokenizer, batch_size, calls)
     results = lm_eval.simple_evaluate(model=lm, tasks=configs, num_fewshot=num_fewshot, limit=limit,
                                       bootstrap_iters=bootstrap_iters, log_samples=False,
                                       task_manager=TaskManager(include_defaults=False))
