@@ -23,7 +23,9 @@ from lmcompose.runtime.linear import CompressedLinear
 from lmcompose.runtime.model_ops import ModelOp, model_ops
 
 VARIANTS = {"R1": {}, "R1+R2": {"per_head": True}, "R1+R4": {"online": True},
-            "R1+R2+R4 orthogonal": {"per_head": True, "online": True, "transform": "orthogonal", "seed": 5}}
+            "R1+R2+R4 orthogonal": {"per_head": True, "online": True, "transform": "orthogonal", "seed": 5},
+            "R1+R2+R4+output": {"per_head": True, "online": True, "output": True}}
+READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
 def rotate(model, x=None, float_dtype="fp32", **params):
@@ -57,6 +59,12 @@ def test_rotation_leaves_the_dense_logits_unchanged(family, variant):
         assert online == []
     if VARIANTS[variant].get("per_head"):
         assert record["per_head"]["pairs"] == ["self_attn.v_proj -> self_attn.o_proj"]
+    outputs = [o.module for o in model_ops(model) if o.kind == "rotate_output" and o.module.endswith("_proj")]
+    if VARIANTS[variant].get("output"):  # every residual reader, and nothing else
+        assert sorted(outputs) == sorted(record["outputs"]) == sorted(n for n in linear_shapes(model)
+                                                                      if n.endswith(READERS))
+    else:
+        assert outputs == record.get("outputs", []) == []
 
 
 def test_untied_head_absorbs_the_final_norm_and_needs_no_online_op():
@@ -91,10 +99,11 @@ def test_online_linears_are_planned_with_their_rotation_at_zero_bytes():
     assert rotated.specs["model.layers.0.mlp.up_proj"].input_ops == ()
 
 
+@pytest.mark.parametrize("output", [False, True])
 @pytest.mark.parametrize("family", list(MODELS))
-def test_rotated_then_quantized_saves_loads_identically(family, tmp_path):
+def test_rotated_then_quantized_saves_loads_identically(family, output, tmp_path):
     model, x = MODELS[family](), windows()
-    steps = [{"rotate": {"online": True, "per_head": True}}, {"gptq": {"bits": 4, "group_size": 64}}]
+    steps = [{"rotate": {"online": True, "per_head": True, "output": output}}, {"gptq": {"bits": 4, "group_size": 64}}]
     report, planned = compress_as_checked(model, steps)
     out = save_compressed(model, tmp_path / "ck", report=report.to_dict())
     assert file_tensor_bytes(out / "model.safetensors") == report.total_bytes == model_nbytes(model, "fp16")
@@ -105,6 +114,32 @@ def test_rotated_then_quantized_saves_loads_identically(family, tmp_path):
     down = again.get_submodule("model.layers.1.mlp.down_proj")
     assert isinstance(down.input_ops[0], InputRotation) and down.spec() == planned.specs["model.layers.1.mlp.down_proj"]
     assert torch.equal(logits(again, x), logits(model, x))
+    if output:  # each output rotation went with its Linear when GPTQ replaced it by its compressed form
+        q = model.get_submodule("model.layers.1.self_attn.q_proj")
+        assert isinstance(q, CompressedLinear) and len(q._forward_hooks) == 1
+        assert sum(o.module.endswith("_proj") for o in model_ops(again)) == 5 * len(model.model.layers)
+
+
+def test_output_rotation_mixes_the_rows_and_survives_reconstruct_and_recover():
+    """W ← Qᵀ·W spreads a row with large entries over all rows (what QuIP's output side is for); the rotated
+    model then quantizes, reconstructs and distills through its hooks, which stay on the compressed Linears."""
+    model, x = tiny_llama(), windows()
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.weight[3] *= 50  # one outlier row
+    dense = logits(model, x)
+    rows = lambda w: w.norm(dim=1)  # noqa: E731
+    assert float(rows(q.weight).max() / rows(q.weight).median()) > 20
+    steps = [{"rotate": {"output": True}}, {"rtn": {"bits": 8, "group_size": 32}},
+             {"reconstruct": {"train": "scales", "steps": 2}}]
+    recipe = Recipe.from_dict({"float_dtype": "fp32", "calibration": {"batch_size": 2}, "steps": steps,
+                               "recover": {"steps": 2, "train": "scales", "lr": 1e-6}})
+    compress(model, recipe, x)
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    w = q.terms_weight()
+    assert float(rows(w).max() / rows(w).median()) < 5  # the outlier spread over the rows
+    assert len(q._forward_hooks) == 1
+    assert float((logits(model, x) - dense).abs().max()) <= 0.05 * float(dense.abs().max())  # 8 bits: close
 
 
 def test_a_checkpoint_with_an_unknown_model_op_is_refused(tmp_path):
@@ -217,3 +252,16 @@ def test_a_structure_only_the_numerical_check_catches_leaves_the_model_unchanged
         rotate(model)
     assert all(torch.equal(v, before[k]) for k, v in weights(model).items()) and model_ops(model) == []
     assert torch.equal(logits(model, x), dense)
+
+
+def test_awq_does_not_fold_into_a_linear_whose_output_is_rotated_online():
+    """up_proj carries an online output rotation: scaling its rows no longer scales down_proj's input
+    channels, so AWQ finds no producer for down_proj (and the dense function is kept exactly)."""
+    model, x = tiny_llama(), windows()
+    dense = logits(model, x)
+    recipe = Recipe.from_dict({"float_dtype": "fp32", "calibration": {"batch_size": 2},
+                               "steps": [{"rotate": {"output": True}}, {"awq": {"bits": 4, "group_size": 32}}]})
+    layers = {l["name"]: l["steps"][0] for l in compress(model, recipe, x).to_dict()["layers"]}
+    assert layers["model.layers.0.mlp.down_proj"]["scaled"] == "none"
+    assert layers["model.layers.0.mlp.up_proj"]["scaled"] == "fold"  # into the norm: unaffected
+    assert float((logits(model, x) - dense).abs().max()) <= 1e-4 * float(dense.abs().max())

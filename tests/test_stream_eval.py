@@ -222,3 +222,21 @@ def test_cli_zeroshot_stream_prints_the_same_numbers(tmp_path, data_dir, tiny_to
                      "--batch-size", "2", "--dtype", "fp32", "--json", str(out), *extra]) == 0
         results.append(json.loads(out.read_text()))
     assert results[0]["tasks"] == results[1]["tasks"] and results[0]["tasks"]["tiny_mc"]["n"] == 9
+
+
+def test_a_run_with_online_output_rotations_streams_to_the_same_perplexity(tmp_path, data_dir, tiny_tokenizer):
+    """The output rotations are hooks on Linears that the block loader replaces on every load: they must move
+    with them (and R1's conjugated final norm stay on), or the streamed number would differ."""
+    base = _saved(tiny_gemma3(), tmp_path, tiny_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True).eval()
+    recipe = Recipe.from_dict({"calibration": {"batch_size": 2},
+                               "steps": [{"rotate": {"per_head": True, "output": True}},
+                                         {"gptq": {"bits": 4, "group_size": 32}}]})
+    compress(model, recipe, windows())
+    out = tmp_path / "run"
+    save_compressed(model, out, tiny_tokenizer, float_dtype=recipe.float_dtype)
+    loaded, tok, _ = load_compressed(out)
+    expected = perplexity(loaded, tok, PROTOCOL, data_dir)
+    model, tok, blocks = open_for_streaming(str(out))
+    got = streamed_perplexity(model, tok, PROTOCOL, blocks, data_dir, chunk_windows=2)
+    assert got.nll_sum == expected.nll_sum

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..core.dtypes import FLOAT_BYTES
 from ..runtime.linear import CompressedLinear
+from ..runtime.model_ops import carry_model_ops
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -67,8 +68,13 @@ def other_param_bytes(model: nn.Module, dtype_bytes: int = 2) -> int:
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at `name`, handing over the online model-op hooks of the module it replaces."""
     parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
+    owner = root.get_submodule(parent) if parent else root
+    old = getattr(owner, child, None)
+    if old is not None and old is not module:
+        carry_model_ops(old, module)
+    setattr(owner, child, module)
 
 
 def compressed_modules(model: nn.Module) -> dict[str, CompressedLinear]:

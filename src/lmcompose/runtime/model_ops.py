@@ -5,14 +5,16 @@ a weight can absorb it; where none can, the model applies it online, as forward 
 
 * ``rotate_output`` on a module f: ``y = Q f(x)``. Gemma-3's post-norms sit between a Linear and the
   residual add; a norm with a per-channel weight does not commute with Q, so the Linear's output stays
-  unrotated and Q is applied after the norm.
+  unrotated and Q is applied after the norm. On a Linear whose weight was fused as ``W ← Qᵀ W``
+  (``rotate: {output: true}``, QuIP's output-side incoherence), it gives back the Linear's own output.
 * ``conjugate`` on a module f: ``y = Q f(Qᵀ x)``. The final norm of a model whose head shares the
   embedding matrix (tied): the embedding is rotated, so the head is too, and the norm between them must
   see the unrotated stream and hand back a rotated one.
 
 Each op stores only what regenerates Q (kind, size, seed): 0 bytes. The hooks change no state-dict key;
 `model_ops` lists the attached ops so that a checkpoint records them (``lmcompose.json``, "model_ops") and
-loading re-attaches them (`attach_model_op`). An op kind this code does not know is refused.
+loading re-attaches them (`attach_model_op`). A module replaced by another (a Linear by its compressed form)
+hands its op hooks over (`carry_model_ops`, called wherever a module is swapped). An op kind this code does not know is refused.
 
 Example::
 
@@ -118,6 +120,18 @@ def attach_model_op(model: nn.Module, op: ModelOp) -> None:
     model.__dict__.setdefault(_ATTR, []).append(op)
 
 
+def carry_model_ops(old: nn.Module, new: nn.Module) -> None:
+    """Move the model-op hooks of `old` onto `new`, the module replacing it (a Linear becoming a
+    `CompressedLinear` keeps its online output rotation); other hooks stay where they are."""
+    for src, dst in ((old._forward_hooks, new._forward_hooks), (old._forward_pre_hooks, new._forward_pre_hooks)):
+        for key in [k for k, h in src.items() if isinstance(h, (_RotateOutput, _InverseInput))]:
+            hook = src.pop(key)
+            if isinstance(hook, _RotateOutput):
+                new.register_forward_hook(hook)
+            else:
+                new.register_forward_pre_hook(hook)
+
+
 def model_ops(model: nn.Module) -> list[ModelOp]:
     """The model-level online operations attached to `model`, in the order they were attached."""
     return list(model.__dict__.get(_ATTR, []))
@@ -142,7 +156,9 @@ def check_model_ops(model: nn.Module, ops) -> None:
             module = model.get_submodule(op.module)
         except AttributeError:
             raise ValueError(f"model op {op.kind} names {op.module!r}, which this model does not have") from None
-        widths = {p.shape[-1] for p in module.parameters(recurse=False)}
+        out = getattr(module, "out_features", None)  # a Linear: its output is what the op rotates
+        widths = {out} if out is not None and op.kind == "rotate_output" else \
+            {p.shape[-1] for p in module.parameters(recurse=False)}
         if widths and op.transform.n not in widths:
             raise ValueError(f"model op {op.kind} on {op.module} rotates width {op.transform.n}, but the module's "
                              f"parameters have widths {sorted(widths)}")

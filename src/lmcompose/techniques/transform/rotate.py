@@ -48,7 +48,7 @@ from ...runtime.model_ops import ModelOp, attach_model_op, detach_model_ops, mod
 from ..base import Technique, register
 from ..fields import only_with
 
-R2_SEED, R4_SEED = 1, 2  # offsets of the per-head and online rotations' seeds from `seed`
+R2_SEED, R4_SEED, OUT_SEED = 1, 2, 3  # offsets of the per-head, online-input and output rotations' seeds from `seed`
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -108,13 +108,16 @@ class Rotate(Technique):
     transform: Literal["hadamard", "orthogonal"] = Field(
         "hadamard", description="randomized Hadamard (a Haar-random block where the width has no Hadamard "
         "factorization, recorded as hadamard+orthogonal), or a Haar-random orthogonal matrix")
-    seed: int = Field(0, ge=0, description="seed of the rotation (signs or Haar draw); R2 uses seed+1, R4 seed+2")
+    seed: int = Field(0, ge=0, description="seed of the rotation (signs or Haar draw); R2 uses seed+1, R4 seed+2, the output side seed+3")
     per_head: bool = Field(False, description="R2: also rotate each attention head's values and the output "
                            "projection's matching inputs (head_dim from the model config)")
     online: bool = Field(False, description="R4: an online Hadamard on the input of the Linears online_include "
                          "selects (0 stored bytes; costs one fast transform per token per Linear)")
     online_include: tuple[str, ...] = Field(("*down_proj",), description="R4: globs (fnmatch) of the Linears "
                                             "that get an online rotation of their input")
+    output: bool = Field(False, description="QuIP's output side: every Linear that reads the residual stream "
+                         "(q/k/v, gate/up: R1 rotates their inputs, not their outputs) gets W ← Qᵀ·W fused and Q "
+                         "applied online to its output (0 stored bytes; one fast transform per token per Linear)")
 
     @model_validator(mode="after")
     def _fields_that_apply(self):
@@ -224,11 +227,14 @@ class Rotate(Technique):
 
         # 3. R4: online rotations of the selected Linears' inputs, fused into their weights
         online = self._online(model, ctx) if self.online else []
+        # 4. output side: the residual readers' outputs rotated in their weights and back online
+        outputs = self._outputs(model, ctx, plans, windows, dense_logits, tol) if self.output else []
+        ops += outputs
         return {"transform": q.kind, "seed": self.seed, "width": width, "blocks": len(plans), **counts,
                 "embedding": ends.embedding, "head": f"{ends.head} ({head_how})",
                 "per_head": None if h2 is None else {"head_dim": h2.n, "transform": h2.kind, "seed": h2.seed,
                                                      "pairs": sorted({f"{a} -> {b}" for _, (a, b) in plans})},
-                "online": online, "model_ops": [op.meta() for op in ops],
+                "online": online, "outputs": [op.module for op in outputs], "model_ops": [op.meta() for op in ops],
                 "online_ops_bytes": 0, "check": {"max_block_error": worst, "logits_error": logits_err,
                                                  "probe_windows": list(windows.shape)},
                 "seconds": time.perf_counter() - t0}
@@ -292,6 +298,35 @@ class Rotate(Technique):
                             f"channels pass through per-head attention (head_dim {d}) unchanged up to a rotation; "
                             f"R2 needs exactly one (the value and output projections){why}")
         return found[0]
+
+    def _outputs(self, model, ctx, plans, windows, dense_logits, tol) -> list[ModelOp]:
+        """Every residual reader's weight W ← Qᵀ·W (and bias), with ``rotate_output`` Q on the Linear: its
+        output is unchanged, its rows mixed (QuIP's two-sided incoherence, with R1 as the input side). Q is a
+        randomized Hadamard of the output width (seed + OUT_SEED), one per width. Checked on the logits."""
+        ops = []
+        for i, (s, _) in enumerate(plans):
+            for name in s.residual_readers():
+                full = ctx.full(i, name)
+                lin = model.get_submodule(full)
+                weight = lin.weight if isinstance(lin, torch.nn.Linear) else None
+                if weight is None:
+                    raise IllegalStep(f"rotate output: {full} is not a plain Linear (online: true already made it "
+                                      "a CompressedLinear); choose online_include among the Linears that do not "
+                                      "read the residual stream")
+                t = OrthogonalTransform.create(lin.out_features, self.transform, self.seed + OUT_SEED)
+                for j in range(0, weight.shape[1], CHUNK):
+                    cols = weight.data[:, j:j + CHUNK]
+                    cols.copy_(t.apply_inverse(cols.T.double()).T.to(weight.dtype))
+                if lin.bias is not None:
+                    _set(lin.bias, t.apply_inverse(lin.bias.double()))
+                op = ModelOp("rotate_output", full, t)
+                attach_model_op(model, op)
+                ops.append(op)
+        err = float((ctx.logits(windows).double() - dense_logits.double()).norm() / dense_logits.double().norm())
+        if not err <= tol:
+            raise ctx.error(f"rotate output: the logits differ from the dense model's by {err:.2e} (relative, "
+                            f"tolerance {tol:g}); the model is left rotated and should be reloaded")
+        return ops
 
     def _online(self, model, ctx) -> list[str]:
         """R4: W ← W·Qᵀ fused, and the Linear becomes a CompressedLinear applying Q to its input online."""
