@@ -265,3 +265,11 @@ def test_awq_does_not_fold_into_a_linear_whose_output_is_rotated_online():
     assert layers["model.layers.0.mlp.down_proj"]["scaled"] == "none"
     assert layers["model.layers.0.mlp.up_proj"]["scaled"] == "fold"  # into the norm: unaffected
     assert float((logits(model, x) - dense).abs().max()) <= 1e-4 * float(dense.abs().max())
+
+
+def test_recipes_written_before_the_output_side_keep_their_hash():
+    before = Recipe.from_dict({"steps": [{"rotate": {"per_head": True}}, {"rtn": {"bits": 4}}]})
+    assert "output" not in before.to_dict()["steps"][0]["rotate"]
+    assert before.hash() == Recipe.from_dict(before.to_dict()).hash()
+    on = Recipe.from_dict({"steps": [{"rotate": {"per_head": True, "output": True}}, {"rtn": {"bits": 4}}]})
+    assert on.to_dict()["steps"][0]["rotate"]["output"] is True and on.hash() != before.hash()

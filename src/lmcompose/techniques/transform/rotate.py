@@ -127,6 +127,11 @@ class Rotate(Technique):
         only_with(self, ("online_include",), self.online, "only applies with online: true")
         return self
 
+    def params(self) -> dict:
+        """The settings; `output` only when on, so recipes written before it keep their hashes (a run resumes)."""
+        out = super().params()
+        return {k: v for k, v in out.items() if k != "output" or v}
+
     # -- planning: R4's Linears gain an input rotation (0 bytes); every other Linear keeps its spec --------
     def online_targets(self, name: str) -> bool:
         return self.online and any(fnmatchcase(name, p) for p in self.online_include)
