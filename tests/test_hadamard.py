@@ -76,3 +76,27 @@ def test_apply_keeps_the_input_dtype_and_shape(dtype):
     assert float((y.double() - ref).norm() / ref.norm()) < (1e-6 if dtype == torch.float32 else 1e-2)
     with pytest.raises(ValueError, match="size 1536"):
         t.apply(torch.randn(3, 576))
+
+
+@pytest.mark.parametrize("n, block", [(576, 64), (1536, 64), (192, 64), (11008, 256), (48, 12)])
+def test_a_block_diagonal_transform_rotates_each_block_on_its_own(n, block):
+    t = OrthogonalTransform.create(n, "hadamard", seed=3, block=block)
+    assert t.block == block
+    q = t.matrix()
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
+    off = q.clone()
+    for i in range(0, n, block):
+        off[i:i + block, i:i + block] = 0
+    assert torch.count_nonzero(off) == 0 and torch.count_nonzero(q[:block, :block]) == block * block
+    x = torch.randn(5, n, dtype=torch.float64)
+    assert torch.allclose(t.apply(x), x @ q.T, atol=1e-10)
+    assert torch.allclose(t.apply_inverse(t.apply(x)), x, atol=1e-10)
+    assert OrthogonalTransform.from_meta(t.meta()) == t
+
+
+def test_a_block_that_does_not_split_the_width_means_the_full_width():
+    for n, block in [(576, 576), (576, 1024), (576, 100)]:
+        t = OrthogonalTransform.create(n, "hadamard", block=block)
+        assert t.block == 0 and "block" not in t.meta()
+    with pytest.raises(ValueError, match="block=-1"):
+        OrthogonalTransform.create(64, block=-1)

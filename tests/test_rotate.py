@@ -24,7 +24,8 @@ from lmcompose.runtime.model_ops import ModelOp, model_ops
 
 VARIANTS = {"R1": {}, "R1+R2": {"per_head": True}, "R1+R4": {"online": True},
             "R1+R2+R4 orthogonal": {"per_head": True, "online": True, "transform": "orthogonal", "seed": 5},
-            "R1+R2+R4+output": {"per_head": True, "online": True, "output": True}}
+            "R1+R2+R4+output": {"per_head": True, "online": True, "output": True},
+            "block 16, R1+R2+R4+output": {"per_head": True, "online": True, "output": True, "block_size": 16}}
 READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
@@ -50,6 +51,7 @@ def test_rotation_leaves_the_dense_logits_unchanged(family, variant):
     assert any("embed_tokens" in k for k in changed) and any("q_proj" in k for k in changed)
     (record,) = report.transforms
     assert record["technique"] == "rotate" and record["online_ops_bytes"] == 0
+    assert record["block"] == VARIANTS[variant].get("block_size", 0)
     assert record["check"]["logits_error"] < 1e-5 and record["check"]["max_block_error"] < 1e-5
     online = [n for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
     if VARIANTS[variant].get("online"):
@@ -99,11 +101,12 @@ def test_online_linears_are_planned_with_their_rotation_at_zero_bytes():
     assert rotated.specs["model.layers.0.mlp.up_proj"].input_ops == ()
 
 
-@pytest.mark.parametrize("output", [False, True])
+@pytest.mark.parametrize("output, block", [(False, 0), (True, 0), (True, 32)])
 @pytest.mark.parametrize("family", list(MODELS))
-def test_rotated_then_quantized_saves_loads_identically(family, output, tmp_path):
+def test_rotated_then_quantized_saves_loads_identically(family, output, block, tmp_path):
     model, x = MODELS[family](), windows()
-    steps = [{"rotate": {"online": True, "per_head": True, "output": output}}, {"gptq": {"bits": 4, "group_size": 64}}]
+    steps = [{"rotate": {"online": True, "per_head": True, "output": output, "block_size": block}},
+             {"gptq": {"bits": 4, "group_size": 64}}]
     report, planned = compress_as_checked(model, steps)
     out = save_compressed(model, tmp_path / "ck", report=report.to_dict())
     assert file_tensor_bytes(out / "model.safetensors") == report.total_bytes == model_nbytes(model, "fp16")

@@ -46,6 +46,7 @@ class InputRotationSpec:
     transform: str = "hadamard"
     seed: int = 0
     kind: str = "rotate"
+    block: int = 0
 
     def nbytes(self) -> int:
         return 0
@@ -105,7 +106,8 @@ class InputRotation:
         self.transform = transform
 
     def spec(self) -> InputRotationSpec:
-        return InputRotationSpec(self.transform.n, self.transform.kind, self.transform.seed)
+        t = self.transform
+        return InputRotationSpec(t.n, t.kind, t.seed, block=t.block)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return self.transform.apply(x)
@@ -125,13 +127,13 @@ class InputRotation:
 
     def meta(self) -> dict:
         t = self.transform
-        return {"kind": "rotate", "n": t.n, "transform": t.kind, "seed": t.seed}
+        return {"kind": "rotate", **t.meta()}
 
     @classmethod
     def from_state(cls, prefix: str, meta: dict, state: dict) -> "InputRotation":
         if meta.get("transform") not in TRANSFORM_KINDS:
             raise ValueError(f"{prefix}: unknown rotation {meta.get('transform')!r}; allowed: {list(TRANSFORM_KINDS)}")
-        return cls(OrthogonalTransform(int(meta["n"]), meta["transform"], int(meta["seed"])))
+        return cls(OrthogonalTransform.from_meta(meta))
 
 
 OP_TYPES = {"scale": InputScale, "rotate": InputRotation}

@@ -121,14 +121,15 @@ def power_split(p: int) -> list[int]:
 
 @lru_cache(maxsize=256)
 def _plan(t: "OrthogonalTransform", device: torch.device, dtype: torch.dtype):
-    """(signs or None, orthonormal Kronecker factors) of `t` on `device` in `dtype`, built once."""
+    """(signs or None, orthonormal Kronecker factors of one block) of `t` on `device` in `dtype`, built once."""
+    size = t.block or t.n
     if t.kind == "orthogonal":
-        return None, (t._haar(t.n).to(device, dtype),)
+        return None, (t._haar(size).to(device, dtype),)
     if t.kind == "hadamard":
-        m, p = hadamard_split(t.n)
+        m, p = hadamard_split(size)
         first = paley(m).double() / math.sqrt(m)
     else:
-        m, p = odd_split(t.n)
+        m, p = odd_split(size)
         first = t._haar(m)
     factors = ([first] if m > 1 else []) + [sylvester(s) / math.sqrt(s) for s in power_split(p)]
     return t.signs().to(device, dtype), tuple(f.to(device, dtype).contiguous() for f in factors)
@@ -154,19 +155,36 @@ class OrthogonalTransform:
     ``hadamard``: Q = (H_m ⊗ H_p)·diag(s)/√n with random signs s (QuaRot's randomized Hadamard), applied
     fast; when n has no known Hadamard factorization, the `fallback` kind is used instead (recorded).
     ``orthogonal``: a Haar-random orthogonal matrix (QR of a Gaussian, signs fixed), applied as a matmul.
+    ``block`` b > 0: block-diagonal, ``Q = (I_{n/b} ⊗ Q_b)·diag(s)``, each run of b consecutive coordinates
+    rotated on its own (llm-compressor's SpinQuant ``transform_block_size``); 0: one block of the full width.
     """
 
     n: int
     kind: str = "hadamard"
     seed: int = 0
+    block: int = 0
 
     @classmethod
-    def create(cls, n: int, kind: str = "hadamard", seed: int = 0) -> "OrthogonalTransform":
+    def create(cls, n: int, kind: str = "hadamard", seed: int = 0, block: int = 0) -> "OrthogonalTransform":
+        """A transform of size n; `block` is dropped (full width) where it does not divide n into several
+        blocks."""
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not allowed; allowed: {list(KINDS)}")
-        if kind == "hadamard" and hadamard_split(n) is None:
+        if block < 0:
+            raise ValueError(f"block={block} is not allowed; allowed: 0 (full width) or a block size > 0")
+        block = block if 0 < block < n and n % block == 0 else 0
+        if kind == "hadamard" and hadamard_split(block or n) is None:
             kind = "hadamard+orthogonal"
-        return cls(n, kind, seed)
+        return cls(n, kind, seed, block)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "OrthogonalTransform":
+        """The transform a checkpoint's metadata names (`meta`, as written by `meta`)."""
+        return cls(int(meta["n"]), meta["transform"], int(meta["seed"]), int(meta.get("block", 0)))
+
+    def meta(self) -> dict:
+        """n, transform kind and seed (and block, only when block-diagonal: older metadata reads the same)."""
+        return {"n": self.n, "transform": self.kind, "seed": self.seed, **({"block": self.block} if self.block else {})}
 
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
@@ -197,14 +215,14 @@ class OrthogonalTransform:
         y = x.to(dtype).reshape(-1, self.n)
         if signs is not None:
             y = y * signs
-        return _kron_apply(y, factors, False).reshape(x.shape).to(x.dtype)
+        return _kron_apply(y.reshape(-1, self.block or self.n), factors, False).reshape(x.shape).to(x.dtype)
 
     def apply_inverse(self, x: torch.Tensor) -> torch.Tensor:
         """Qᵀ x for every row vector of `x`, i.e. ``x @ Q``: undoes `apply`."""
         self._check(x)
         dtype = self._compute_dtype(x)
         signs, factors = _plan(self, x.device, dtype)
-        y = _kron_apply(x.to(dtype).reshape(-1, self.n), factors, True)
+        y = _kron_apply(x.to(dtype).reshape(-1, self.block or self.n), factors, True).reshape(-1, self.n)
         if signs is not None:
             y = y * signs
         return y.reshape(x.shape).to(x.dtype)
@@ -214,4 +232,4 @@ class OrthogonalTransform:
         return self.apply(torch.eye(self.n, dtype=torch.float64)).T.contiguous().to(dtype)
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "kind": self.kind, "seed": self.seed}
+        return {"n": self.n, "kind": self.kind, "seed": self.seed, **({"block": self.block} if self.block else {})}

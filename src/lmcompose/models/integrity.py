@@ -300,6 +300,8 @@ def expected_tensors(file: str, name: str, meta) -> dict[str, Expected]:
             if r.get(op, "transform", field) not in TRANSFORM_KINDS:
                 raise r.error(f"{field}.transform", f"is {op['transform']!r}; allowed: {list(TRANSFORM_KINDS)}")
             r.get(op, "seed", field, int)
+            if "block" in op and (r.get(op, "block", field, int) <= 0 or n % op["block"]):
+                raise r.error(f"{field}.block", f"is {op['block']}; allowed: a size > 0 that divides n={n}")
         else:
             raise r.error(f"{field}.kind", f"is {kind!r}; allowed: ['rotate', 'scale']")
     return out

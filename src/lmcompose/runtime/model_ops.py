@@ -62,7 +62,7 @@ class ModelOp:
 
     def meta(self) -> dict:
         t = self.transform
-        return {"kind": self.kind, "module": self.module, "transform": t.kind, "n": t.n, "seed": t.seed}
+        return {"kind": self.kind, "module": self.module, **t.meta()}
 
     @classmethod
     def from_meta(cls, meta: dict) -> "ModelOp":
@@ -73,7 +73,7 @@ class ModelOp:
         if meta.get("transform") not in TRANSFORM_KINDS:
             raise ValueError(f"model op {kind} on {meta.get('module')!r}: unknown transform "
                              f"{meta.get('transform')!r}; allowed: {list(TRANSFORM_KINDS)}")
-        return cls(kind, str(meta["module"]), OrthogonalTransform(int(meta["n"]), meta["transform"], int(meta["seed"])))
+        return cls(kind, str(meta["module"]), OrthogonalTransform.from_meta(meta))
 
 
 def _first(out):

@@ -115,6 +115,9 @@ class Rotate(Technique):
                          "selects (0 stored bytes; costs one fast transform per token per Linear)")
     online_include: tuple[str, ...] = Field(("*down_proj",), description="R4: globs (fnmatch) of the Linears "
                                             "that get an online rotation of their input")
+    block_size: int = Field(0, ge=0, description="0: each rotation spans its full width; b > 0: block-diagonal, "
+                            "each run of b channels rotated on its own (llm-compressor SpinQuant's "
+                            "transform_block_size), where b divides the width into several blocks (R1, R4, output)")
     output: bool = Field(False, description="QuIP's output side: every Linear that reads the residual stream "
                          "(q/k/v, gate/up: R1 rotates their inputs, not their outputs) gets W ← Qᵀ·W fused and Q "
                          "applied online to its output (0 stored bytes; one fast transform per token per Linear)")
@@ -128,16 +131,17 @@ class Rotate(Technique):
         return self
 
     def params(self) -> dict:
-        """The settings; `output` only when on, so recipes written before it keep their hashes (a run resumes)."""
+        """The settings; `output` and `block_size` only when set, so recipes written before them keep their hashes
+        (a run resumes)."""
         out = super().params()
-        return {k: v for k, v in out.items() if k != "output" or v}
+        return {k: v for k, v in out.items() if k not in ("output", "block_size") or v}
 
     # -- planning: R4's Linears gain an input rotation (0 bytes); every other Linear keeps its spec --------
     def online_targets(self, name: str) -> bool:
         return self.online and any(fnmatchcase(name, p) for p in self.online_include)
 
     def online_transform(self, n: int) -> OrthogonalTransform:
-        return OrthogonalTransform.create(n, self.transform, self.seed + R4_SEED)
+        return OrthogonalTransform.create(n, self.transform, self.seed + R4_SEED, self.block_size)
 
     def plan(self, spec: LinearSpec) -> LinearSpec:
         return spec
@@ -146,7 +150,7 @@ class Rotate(Technique):
         if not self.online_targets(name):
             return spec
         t = self.online_transform(spec.in_features)
-        return spec.with_input_ops((*spec.input_ops, InputRotationSpec(t.n, t.kind, t.seed)))
+        return spec.with_input_ops((*spec.input_ops, InputRotationSpec(t.n, t.kind, t.seed, block=t.block)))
 
     def apply(self, layer, stats):
         raise IllegalStep("rotate transforms the whole model before the sequential pass (unit 'model'); "
@@ -166,7 +170,7 @@ class Rotate(Technique):
         tol = _tolerance(dtype)
         windows, inputs = ctx.probe()
         width = inputs.hidden[0].shape[-1]
-        q = OrthogonalTransform.create(width, self.transform, self.seed)
+        q = OrthogonalTransform.create(width, self.transform, self.seed, self.block_size)
         h2 = self._head_transform(model) if self.per_head else None
         ends = ctx.ends(windows)
         dense_logits = ctx.logits(windows)
@@ -235,7 +239,7 @@ class Rotate(Technique):
         # 4. output side: the residual readers' outputs rotated in their weights and back online
         outputs = self._outputs(model, ctx, plans, windows, dense_logits, tol) if self.output else []
         ops += outputs
-        return {"transform": q.kind, "seed": self.seed, "width": width, "blocks": len(plans), **counts,
+        return {"transform": q.kind, "seed": self.seed, "width": width, "block": q.block, "blocks": len(plans), **counts,
                 "embedding": ends.embedding, "head": f"{ends.head} ({head_how})",
                 "per_head": None if h2 is None else {"head_dim": h2.n, "transform": h2.kind, "seed": h2.seed,
                                                      "pairs": sorted({f"{a} -> {b}" for _, (a, b) in plans})},
@@ -318,7 +322,7 @@ class Rotate(Technique):
                     raise IllegalStep(f"rotate output: {full} is not a plain Linear (online: true already made it "
                                       "a CompressedLinear); choose online_include among the Linears that do not "
                                       "read the residual stream")
-                t = OrthogonalTransform.create(lin.out_features, self.transform, self.seed + OUT_SEED)
+                t = OrthogonalTransform.create(lin.out_features, self.transform, self.seed + OUT_SEED, self.block_size)
                 for j in range(0, weight.shape[1], CHUNK):
                     cols = weight.data[:, j:j + CHUNK]
                     cols.copy_(t.apply_inverse(cols.T.double()).T.to(weight.dtype))
