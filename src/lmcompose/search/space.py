@@ -451,9 +451,10 @@ DEFAULT_SPACE = {
 LOW_BITS = 3.5  # at or below this many bits per weight the default space places the quality extras
 LOW_BITS_EXTRAS = {
     # R1 + R2 fused; or with online Hadamards on the o/down projections' inputs too (the Linears whose input
-    # R1 does not rotate: GPTQ w3 g64 on SmolLM2-135M, quick 54.47 -> 50.19, 0 bytes, a few percent of runtime)
+    # R1 does not rotate), block-diagonal of order 64: GPTQ w3 g64 on SmolLM2-135M, quick 54.47 -> 50.19 (full
+    # width) -> 48.44 (blocks of 64), 0 bytes, a few percent of runtime (BENCHMARKS.md, issue 18)
     "rotate": [None, {"per_head": True},
-               {"per_head": True, "online": True, "online_include": ["*o_proj", "*down_proj"]}],
+               {"per_head": True, "online": True, "online_include": ["*o_proj", "*down_proj"], "block_size": 64}],
     "awq": [None, {}],
     "reconstruct": [None, {"train": "scales+rounding", "steps": 50}],
     "recover": [None, {"steps": 128, "loss": "kl", "train": "scales", "lr": 1e-5}],
