@@ -276,3 +276,11 @@ def test_recipes_written_before_the_output_side_keep_their_hash():
     assert before.hash() == Recipe.from_dict(before.to_dict()).hash()
     on = Recipe.from_dict({"steps": [{"rotate": {"per_head": True, "output": True}}, {"rtn": {"bits": 4}}]})
     assert on.to_dict()["steps"][0]["rotate"]["output"] is True and on.hash() != before.hash()
+
+
+def test_output_side_and_r4_on_a_stream_reader_are_refused_before_anything_changes():
+    model = tiny_llama()
+    before = weights(model)
+    with pytest.raises(IllegalStep, match="q_proj.*reads the residual stream"):
+        rotate(model, online=True, online_include=["*q_proj"], output=True)
+    assert all(torch.equal(v, before[k]) for k, v in weights(model).items()) and model_ops(model) == []

@@ -201,6 +201,12 @@ class Rotate(Technique):
             plans.append((s, pair))
             current.hidden = base
 
+        both = [ctx.full(i, n) for i, (s, _) in enumerate(plans) for n in s.residual_readers()
+                if self.output and self.online_targets(ctx.full(i, n))]
+        if both:  # nothing is fused yet: the output side needs these Linears plain
+            raise IllegalStep(f"rotate: online_include selects {both[0]}, which reads the residual stream, and "
+                              "output: true rotates its output; choose online_include among the Linears that do "
+                              "not read the stream (e.g. ['*o_proj', '*down_proj']) or drop output")
         # 2. fuse for real: blocks, post-norm ops, embedding, final norm and head
         ops, counts = [], {"folded_norms": 0, "fused_readers": 0, "fused_writers": 0}
         for i, (s, pair) in enumerate(plans):
@@ -317,11 +323,7 @@ class Rotate(Technique):
             for name in s.residual_readers():
                 full = ctx.full(i, name)
                 lin = model.get_submodule(full)
-                weight = lin.weight if isinstance(lin, torch.nn.Linear) else None
-                if weight is None:
-                    raise IllegalStep(f"rotate output: {full} is not a plain Linear (online: true already made it "
-                                      "a CompressedLinear); choose online_include among the Linears that do not "
-                                      "read the residual stream")
+                weight = lin.weight  # a plain Linear: transform_model refused R4 on the readers first
                 t = OrthogonalTransform.create(lin.out_features, self.transform, self.seed + OUT_SEED, self.block_size)
                 for j in range(0, weight.shape[1], CHUNK):
                     cols = weight.data[:, j:j + CHUNK]
