@@ -230,6 +230,3 @@ class OrthogonalTransform:
     def matrix(self, dtype=torch.float64) -> torch.Tensor:
         """Q as a dense matrix (rows are Q's rows): ``matrix() @ v == apply(v)``."""
         return self.apply(torch.eye(self.n, dtype=torch.float64)).T.contiguous().to(dtype)
-
-    def to_dict(self) -> dict:
-        return {"n": self.n, "kind": self.kind, "seed": self.seed, **({"block": self.block} if self.block else {})}

@@ -70,11 +70,15 @@ from .perplexity import (
 HIDDEN_BUDGET = 4 * 2**30  # bytes of hidden states one chunk may hold
 
 
+def _width(model) -> int:
+    """The width of the hidden states between the blocks."""
+    return getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+
+
 def chunk_size(model, protocol: Protocol, budget: int = HIDDEN_BUDGET) -> int:
     """Windows per chunk: the most whole batches whose hidden states, with one batch more, fit in `budget`
     bytes (at least one batch). `protocol.dtype` must be set (`perplexity.run_protocol`)."""
-    width = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
-    per_batch = protocol.batch_size * protocol.seqlen * width * FLOAT_BYTES[protocol.dtype]
+    per_batch = protocol.batch_size * protocol.seqlen * _width(model) * FLOAT_BYTES[protocol.dtype]
     return max(1, budget // per_batch - 1) * protocol.batch_size
 
 
@@ -129,12 +133,11 @@ def _run(block: nn.Module, inputs, index: int) -> bool:
     return kinds[-1]
 
 
-def _through_blocks(model, part: torch.Tensor, bs: int, blocks, device, tick: Callable[[], None]):
-    """Windows `part` (batches of `bs`) through every block of `model`, one block in memory at a time.
-    Returns ``(inputs, as_tuple)``: ``inputs.hidden`` holds per batch the last block's output; `as_tuple`
-    says whether the blocks return tuples (`_run`). `tick` is called after each block."""
+def _stream(model, inputs, blocks, device, tick: Callable[[], None]) -> bool:
+    """Captured `inputs` through every block of `model`, one block in memory at a time: ``inputs.hidden``
+    then holds per batch the last block's output. Returns whether the blocks return tuples (`_run`). `tick`
+    is called after each block."""
     prefix, layers = find_blocks(model)
-    inputs = capture_inputs(model, part, bs, device)
     as_tuple = False
     for i, block in enumerate(layers):
         blocks.load(i, block, f"{prefix}.{i}")
@@ -143,7 +146,13 @@ def _through_blocks(model, part: torch.Tensor, bs: int, blocks, device, tick: Ca
         finally:
             blocks.release(i, block)
         tick()
-    return inputs, as_tuple
+    return as_tuple
+
+
+def _through_blocks(model, part: torch.Tensor, bs: int, blocks, device, tick: Callable[[], None]):
+    """Windows `part` (batches of `bs`) through every block (`_stream`). Returns ``(inputs, as_tuple)``."""
+    inputs = capture_inputs(model, part, bs, device)
+    return inputs, _stream(model, inputs, blocks, device, tick)
 
 
 def _head_agrees(model, as_tuple: bool, window: torch.Tensor) -> bool:
@@ -274,13 +283,12 @@ class StreamedCalls:
     """
 
     def __init__(self, model, blocks, device=None, budget: int | None = None, progress=None):
-        budget = budget or HIDDEN_BUDGET
         if device is not None:
             place(model, device)
-        self.model, self.blocks, self.budget, self.progress = model, blocks, budget, progress
+        self.model, self.blocks, self.budget, self.progress = model, blocks, budget or HIDDEN_BUDGET, progress
         self.device = _loaded_device(model)
         self.layers = find_blocks(model)[1]
-        self.width = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+        self.width = _width(model)
         head = model.get_output_embeddings()
         self.vocab = getattr(head, "out_features", None) or model.config.vocab_size
         self.passes = 0  # block passes done, over every replay
@@ -310,6 +318,11 @@ class StreamedCalls:
         with _replayed(self.layers, hidden, as_tuple), torch.inference_mode():
             return self.model(input_ids=ids.to(self.device)).logits
 
+    def _tick(self) -> None:
+        self.passes += 1
+        if self.progress is not None:
+            self.progress(self.passes, None)
+
     def _split(self) -> list[range]:
         """Consecutive recorded calls in groups whose hidden states fit in the budget (at least one call each)."""
         per_token = self.width * FLOAT_BYTES[dtype_name(model_dtype(self.model))]
@@ -330,15 +343,5 @@ class StreamedCalls:
                  for k in group]
         inputs = BlockInputs([h for p in parts for h in p.hidden], [kw for p in parts for kw in p.kwargs],
                              [a for p in parts for a in p.args])
-        prefix = find_blocks(self.model)[0]
-        as_tuple = False
-        for i, block in enumerate(self.layers):
-            self.blocks.load(i, block, f"{prefix}.{i}")
-            try:
-                as_tuple = _run(block.to(self.device), inputs, i)
-            finally:
-                self.blocks.release(i, block)
-            self.passes += 1
-            if self.progress is not None:
-                self.progress(self.passes, None)
+        as_tuple = _stream(self.model, inputs, self.blocks, self.device, self._tick)
         self._ready = {k: (h, as_tuple) for k, h in zip(group, inputs.hidden)}

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..core.dtypes import FLOAT_BYTES
 from ..runtime.linear import CompressedLinear
-from ..runtime.model_ops import carry_model_ops
+from ..runtime.model_ops import replace_module
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -67,14 +67,7 @@ def other_param_bytes(model: nn.Module, dtype_bytes: int = 2) -> int:
     return total
 
 
-def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` at `name`, handing over the online model-op hooks of the module it replaces."""
-    parent, _, child = name.rpartition(".")
-    owner = root.get_submodule(parent) if parent else root
-    old = getattr(owner, child, None)
-    if old is not None and old is not module:
-        carry_model_ops(old, module)
-    setattr(owner, child, module)
+set_module = replace_module  # put a module at a name, its model-op hooks handed over (runtime.model_ops)
 
 
 def compressed_modules(model: nn.Module) -> dict[str, CompressedLinear]:

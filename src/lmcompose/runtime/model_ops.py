@@ -14,7 +14,7 @@ a weight can absorb it; where none can, the model applies it online, as forward 
 Each op stores only what regenerates Q (kind, size, seed): 0 bytes. The hooks change no state-dict key;
 `model_ops` lists the attached ops so that a checkpoint records them (``lmcompose.json``, "model_ops") and
 loading re-attaches them (`attach_model_op`). A module replaced by another (a Linear by its compressed form)
-hands its op hooks over (`carry_model_ops`, called wherever a module is swapped). An op kind this code does not know is refused.
+hands its op hooks over (`replace_module`, through which every swap goes). An op kind this code does not know is refused.
 
 Example::
 
@@ -123,13 +123,21 @@ def attach_model_op(model: nn.Module, op: ModelOp) -> None:
 def carry_model_ops(old: nn.Module, new: nn.Module) -> None:
     """Move the model-op hooks of `old` onto `new`, the module replacing it (a Linear becoming a
     `CompressedLinear` keeps its online output rotation); other hooks stay where they are."""
-    for src, dst in ((old._forward_hooks, new._forward_hooks), (old._forward_pre_hooks, new._forward_pre_hooks)):
-        for key in [k for k, h in src.items() if isinstance(h, (_RotateOutput, _InverseInput))]:
-            hook = src.pop(key)
-            if isinstance(hook, _RotateOutput):
-                new.register_forward_hook(hook)
-            else:
-                new.register_forward_pre_hook(hook)
+    for hooks, register in ((old._forward_hooks, new.register_forward_hook),
+                            (old._forward_pre_hooks, new.register_forward_pre_hook)):
+        for key in [k for k, h in hooks.items() if isinstance(h, (_RotateOutput, _InverseInput))]:
+            register(hooks.pop(key))
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at `name` (relative to `root`), handing over the model-op hooks of the module it replaces:
+    every swap of a Linear for its compressed form goes through here, so no online rotation is lost."""
+    parent, _, child = name.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    old = getattr(owner, child, None)
+    if old is not None and old is not module:
+        carry_model_ops(old, module)
+    setattr(owner, child, module)
 
 
 def model_ops(model: nn.Module) -> list[ModelOp]:

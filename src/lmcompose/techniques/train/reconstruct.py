@@ -46,7 +46,7 @@ from ...algebra.terms import Sparse, as_float, materialize
 from ...core import dtypes as compute
 from ...core.dtypes import FLOAT_DTYPES, dtype_name
 from ...core.errors import IllegalStep
-from ...runtime.model_ops import carry_model_ops
+from ...runtime.model_ops import replace_module
 from ..base import Technique, register
 from ..fields import joined_parts
 
@@ -328,10 +328,7 @@ def _block_output(block: nn.Module, inputs, index: int, b: int, rows: torch.Tens
 
 def _install(block: nn.Module, prefix: str, modules: dict[str, nn.Module]) -> None:
     for name, module in modules.items():
-        parent, _, child = name[len(prefix) + 1:].rpartition(".")
-        owner = block.get_submodule(parent) if parent else block
-        carry_model_ops(getattr(owner, child), module)  # an online output rotation stays on the Linear
-        setattr(owner, child, module)
+        replace_module(block, name[len(prefix) + 1:], module)  # an online output rotation stays on the Linear
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from ...core.dtypes import FLOAT_DTYPES
 from ...core.errors import IllegalStep
 from ...core.hadamard import OrthogonalTransform
 from ...runtime.linear import CompressedLinear
-from ...runtime.model_ops import ModelOp, attach_model_op, detach_model_ops, model_ops
+from ...runtime.model_ops import ModelOp, attach_model_op, detach_model_ops, model_ops, replace_module
 from ..base import Technique, register
 from ..fields import only_with
 
@@ -67,12 +67,13 @@ def fuse_reader(weight: torch.Tensor, g: torch.Tensor, q: OrthogonalTransform) -
         rows.copy_(q.apply(rows.double() * g).to(weight.dtype))
 
 
-def fuse_writer(weight: torch.Tensor, q: OrthogonalTransform) -> None:
+def fuse_writer(weight: torch.Tensor, q: OrthogonalTransform, inverse: bool = False) -> None:
     """In place, W ← Q·W (in fp64, `CHUNK` columns at a time): a Linear writing the residual now writes Q
-    times its update."""
+    times its update. With `inverse`, W ← Qᵀ·W (the output side, whose Q is applied online after it)."""
+    rotate = q.apply_inverse if inverse else q.apply
     for j in range(0, weight.shape[1], CHUNK):
         cols = weight.data[:, j:j + CHUNK]
-        cols.copy_(q.apply(cols.T.double()).T.to(weight.dtype))
+        cols.copy_(rotate(cols.T.double()).T.to(weight.dtype))
 
 
 def per_head(src, dst, h: OrthogonalTransform) -> None:
@@ -91,6 +92,11 @@ def _relative(got, want, base) -> float:
     num = sum(float((g.double() - w.double()).pow(2).sum()) for g, w in zip(got, want))
     den = sum(float((w.double() - b.double()).pow(2).sum()) for w, b in zip(want, base))
     return (num / max(den, 1e-30)) ** 0.5
+
+
+def _logits_error(ctx, windows, dense_logits) -> float:
+    """‖logits − dense logits‖ / ‖dense logits‖ of the model as it is now, on the probe windows."""
+    return float((ctx.logits(windows).double() - dense_logits.double()).norm() / dense_logits.double().norm())
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -232,8 +238,7 @@ class Rotate(Technique):
             head_how = "final norm folded into the head" if ends.final_norm else "head rotated"
         for op in ops:
             attach_model_op(model, op)
-        logits = ctx.logits(windows)
-        logits_err = float((logits.double() - dense_logits.double()).norm() / dense_logits.double().norm())
+        logits_err = _logits_error(ctx, windows, dense_logits)
         if not logits_err <= tol:
             raise ctx.error(f"the rotated model's logits differ from the dense model's by {logits_err:.2e} (relative, "
                             f"tolerance {tol:g}) although every block matched: the embedding ({ends.embedding}), final "
@@ -323,17 +328,14 @@ class Rotate(Technique):
             for name in s.residual_readers():
                 full = ctx.full(i, name)
                 lin = model.get_submodule(full)
-                weight = lin.weight  # a plain Linear: transform_model refused R4 on the readers first
                 t = OrthogonalTransform.create(lin.out_features, self.transform, self.seed + OUT_SEED, self.block_size)
-                for j in range(0, weight.shape[1], CHUNK):
-                    cols = weight.data[:, j:j + CHUNK]
-                    cols.copy_(t.apply_inverse(cols.T.double()).T.to(weight.dtype))
+                fuse_writer(lin.weight, t, inverse=True)  # a plain Linear: R4 on the readers was refused first
                 if lin.bias is not None:
                     _set(lin.bias, t.apply_inverse(lin.bias.double()))
                 op = ModelOp("rotate_output", full, t)
                 attach_model_op(model, op)
                 ops.append(op)
-        err = float((ctx.logits(windows).double() - dense_logits.double()).norm() / dense_logits.double().norm())
+        err = _logits_error(ctx, windows, dense_logits)
         if not err <= tol:
             raise ctx.error(f"rotate output: the logits differ from the dense model's by {err:.2e} (relative, "
                             f"tolerance {tol:g}); the model is left rotated and should be reloaded")
@@ -359,6 +361,5 @@ class Rotate(Technique):
             err = float((after(probe) - before(probe)).norm() / before(probe).norm().clamp_min(1e-30))
             if not err <= tol:
                 raise ctx.error(f"{name}: the online rotation does not reproduce the Linear (error {err:.2e})")
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, after)
+            replace_module(model, name, after)
         return names
