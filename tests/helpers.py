@@ -115,3 +115,15 @@ def only_shipped_data(monkeypatch) -> None:
         import datasets
 
         monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("went to the hub"))
+
+
+class Stop(Exception):
+    """Raised by `stop_after` to interrupt a run at a block boundary."""
+
+
+def stop_after(blocks: int):
+    """An `on_block` callback that interrupts a compression (raising `Stop`) once `blocks` blocks are done."""
+    def on_block(done, total):
+        if done == blocks:
+            raise Stop
+    return on_block

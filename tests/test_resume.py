@@ -36,7 +36,9 @@ def _tensor_sums(model, recipe, out) -> dict:
     return json.loads((out / "lmcompose.json").read_text())["checksums"]["tensors"]
 
 
-def _run(tmp_path, name, recipe, stop_at=None, resume=False, x=None):
+def _run(tmp_path, name, recipe, stop_at=None, resume=False, x=None, compute_dtype="fp32"):
+    """`compute_dtype` is explicit: `auto` is measured per process, and on a busy machine an interrupted run
+    and the uninterrupted one it is compared with could measure different dtypes."""
     model = tiny_llama(layers=BLOCKS)
 
     def on_block(done, total):
@@ -45,7 +47,7 @@ def _run(tmp_path, name, recipe, stop_at=None, resume=False, x=None):
 
     x = windows() if x is None else x
     report = compress(model, recipe, x, work_dir=work_dir_for(tmp_path / "run"), resume=resume,
-                      on_block=on_block, model_name="tiny")
+                      on_block=on_block, model_name="tiny", compute_dtype=compute_dtype)
     return model, report
 
 
@@ -119,7 +121,8 @@ def on_block(done, total):
     if done == {stop}:
         os.kill(os.getpid(), signal.SIGKILL)
 
-compress(tiny_llama(layers={blocks}), recipe, windows(), work_dir={work!r}, on_block=on_block, model_name="tiny")
+compress(tiny_llama(layers={blocks}), recipe, windows(), work_dir={work!r}, on_block=on_block, model_name="tiny",
+         compute_dtype="fp32")
 """
 
 
@@ -139,3 +142,21 @@ def test_resume_after_sigkill(tmp_path, uninterrupted):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     model, _ = _run(tmp_path, "gptq", recipe, resume=True)
     assert _tensor_sums(model, recipe, tmp_path / "out") == uninterrupted("gptq")[0]
+
+
+def test_resumed_auto_run_keeps_the_dtype_it_started_with(tmp_path, monkeypatch):
+    """`auto` is measured per process: a resumed run that measured the other dtype takes the saved one."""
+    from lmcompose.core import dtypes
+
+    def measuring(picked):
+        return lambda name, device, model_dtype=None: picked if name == "auto" else name
+    recipe = _recipe(RECIPES["gptq"])
+    monkeypatch.setattr(dtypes, "resolve", measuring("bf16"))
+    with pytest.raises(Stop):
+        _run(tmp_path, "gptq", recipe, stop_at=1, compute_dtype="auto")
+    monkeypatch.setattr(dtypes, "resolve", measuring("fp32"))  # the resumed process measures otherwise
+    model, report = _run(tmp_path, "gptq", recipe, resume=True, compute_dtype="auto")
+    assert report.environment["compute_dtype"] == "bf16"
+    whole = tiny_llama(layers=BLOCKS)
+    compress(whole, recipe, windows(), compute_dtype="bf16")
+    assert _tensor_sums(model, recipe, tmp_path / "a") == _tensor_sums(whole, recipe, tmp_path / "b")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import logits, tiny_llama, windows
+from helpers import Stop, logits, stop_after, tiny_llama, windows
 from lmcompose import Recipe, compress
 from lmcompose.models.checkpoint import SHARD_INDEX, load_compressed, save_compressed, save_streamed
 from lmcompose.models.stream import open_streamed
@@ -57,15 +57,8 @@ def test_streamed_equals_in_memory(tmp_path):
 def test_streamed_run_resumes(tmp_path):
     base = _base(tmp_path)
     _streamed(base, tmp_path / "full")
-
-    class Stop(Exception):
-        pass
-
-    def stop(done, total):
-        if done == 2:
-            raise Stop
     with pytest.raises(Stop):
-        _streamed(base, tmp_path / "cut", on_block=stop)
+        _streamed(base, tmp_path / "cut", on_block=stop_after(2))
     _streamed(base, tmp_path / "cut", resume=True)
     assert _sums(tmp_path / "cut") == _sums(tmp_path / "full")
 

@@ -27,7 +27,7 @@ from .pipeline.blocks import (
     other_param_bytes,
 )
 from .pipeline.records import Report
-from .pipeline.resume import RunJournal, fingerprint, unsupported
+from .pipeline.resume import RunJournal, fingerprint, saved_compute_dtype, unsupported
 from .pipeline.sequential import SequentialCompressor
 from .recipe import Recipe
 from .training.distill import dense_teacher
@@ -94,10 +94,12 @@ def _check_streamable(recipe: Recipe) -> None:
                          "streamed; run without --stream")
 
 
-def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, model_name: str = "",
+def compress(model: nn.Module, recipe, windows: torch.Tensor | None, *, device=None, model_name: str = "",
              on_block=None, compute_dtype: str = "auto", work_dir=None, resume: bool = False,
              overwrite_work: bool = False, block_io=None) -> Report:
-    """Compress `model` in place with `recipe`, calibrating on `windows` ([n, seqlen] token ids).
+    """Compress `model` in place with `recipe`, calibrating on `windows` ([n, seqlen] token ids; None for a
+    recipe with ``calibration: {source: none}``, whose steps read the weights alone and whose per-Linear
+    errors are then measured on the weights, ``‖ΔW‖²/‖W‖²``).
 
     The recipe is type-checked and costed on the model's shapes before any block is touched. With
     `device` set (e.g. "cuda") and the model elsewhere (e.g. CPU), blocks move to `device` one at a
@@ -125,12 +127,19 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
     recipe = as_recipe(recipe)
     shapes = linear_shapes(model)
     recipe.check(shapes, other_param_bytes(model))
-    if windows.dim() != 2:
-        raise ValueError(f"windows must be a [n, seqlen] tensor of token ids, got shape {tuple(windows.shape)}")
+    if recipe.calibration.none:
+        if windows is not None:
+            raise ValueError("the recipe's calibration.source is none, so windows must be None (no calibration "
+                             "forward runs)")
+    elif windows is None or windows.dim() != 2:
+        got = "None" if windows is None else f"shape {tuple(windows.shape)}"
+        raise ValueError(f"windows must be a [n, seqlen] tensor of token ids, got {got} (a recipe of statistic-free "
+                         "steps can run without: calibration: {source: none})")
     t0 = time.perf_counter()
     home = next(model.parameters()).device
-    resolved = compute_dtypes.resolve(compute_dtype, device if device is not None else home,
-                                      compute_dtypes.model_dtype(model))
+    saved = saved_compute_dtype(work_dir) if resume and work_dir is not None and compute_dtype == "auto" else None
+    resolved = saved or compute_dtypes.resolve(compute_dtype, device if device is not None else home,
+                                               compute_dtypes.model_dtype(model))
     rec = recipe.recover
     if block_io is not None:
         _check_streamable(recipe)
@@ -162,6 +171,6 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor, *, device=None, mo
         linear_dense_fp16_bytes=sum(l.dense_fp16_bytes for l in compressed),
         linear_weights=sum(l.shape[0] * l.shape[1] for l in compressed),
         total_bytes=model_nbytes(model, recipe.float_dtype),
-        calibration={**recipe.calibration.model_dump(), "windows": list(windows.shape)},
+        calibration={**recipe.calibration.model_dump(), "windows": None if windows is None else list(windows.shape)},
         environment={**environment(), "compute_dtype": resolved}, recovery=recovery,
         transforms=runner.model_steps)

@@ -101,13 +101,18 @@ def build_step(entry, index: int = 0) -> Technique:
         raise ValueError(_format_error(f"{where}.{name}", err)) from None
 
 
+NO_CALIBRATION = "none"  # calibration.source of a recipe that needs no calibration data
+
+
 class Calibration(StrictModel):
     """Where the calibration windows come from. The source's name is checked when the recipe is built; whether
     its file is there, by `resolve` (``recipe check`` and ``compress`` call it before any weights load)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field("c4", description="named source (c4, wikitext2) or a local .txt/.jsonl/.parquet file")
+    source: str = Field("c4", description="named source (c4, wikitext2), a local .txt/.jsonl/.parquet file, or none "
+                        "(no calibration: only steps that read the weights alone, e.g. rtn, magnitude, svd; no "
+                        "calibration forward runs and each Linear's error is measured on its weights)")
     split: str = Field("validation", description="split of a named source")
     n: int = Field(128, ge=1, description="number of calibration windows")
     seqlen: int = Field(512, ge=8, description="tokens per window")
@@ -118,11 +123,18 @@ class Calibration(StrictModel):
     def _known_source(self):
         from .data.text import LOCAL_SUFFIXES, NAMED
 
+        if self.none:
+            return self
         if Path(self.source).suffix not in LOCAL_SUFFIXES and (self.source, self.split) not in NAMED:
             named = sorted(f"{s} (split {sp})" for s, sp in NAMED)
             raise ValueError(f"source={shown(self.source)} split={shown(self.split)} is not known; allowed: "
                              f"{', '.join(named)}, or a local {'/'.join(LOCAL_SUFFIXES)} file")
         return self
+
+    @property
+    def none(self) -> bool:
+        """Whether the recipe runs without calibration data (``source: none``)."""
+        return self.source == NO_CALIBRATION
 
     def resolve(self, data_dir=None) -> Path | None:
         """The local file the windows will be read from, or None for the hub's copy of a named source.
@@ -133,7 +145,7 @@ class Calibration(StrictModel):
         """
         from .data.text import resolve_file
 
-        return resolve_file(self.source, self.split, data_dir)
+        return None if self.none else resolve_file(self.source, self.split, data_dir)
 
 
 TRAINABLE = ("lowrank", "sparse", "scales")  # what recovery can train, in the order `train` is written
@@ -242,6 +254,22 @@ class Recipe(StrictModel):
             raise ValueError(f"heldout={recover.heldout} leaves no calibration window to train on "
                              f"(calibration.n={n})")
         return recover
+
+    @model_validator(mode="after")
+    def _calibration_free(self):
+        """``calibration: {source: none}`` runs no calibration forward: every step must read the weights alone."""
+        if not self.calibration.none:
+            return self
+        for i, step in enumerate(self.steps):
+            if step.uses_statistics or step.unit != "linear":
+                free = sorted(n for n, cls in registry().items() if cls.statistic_free)
+                raise ValueError(f"steps[{i}].{step.name} needs calibration statistics, and calibration.source is "
+                                 f"none; allowed without calibration: {', '.join(free)} (without allocation: "
+                                 "sensitivity), or set calibration.source (e.g. c4)")
+        if self.recover.steps:
+            raise ValueError("recover trains on calibration windows, and calibration.source is none; set "
+                             "calibration.source (e.g. c4) or drop recover")
+        return self
 
     def __init__(self, **data):
         try:

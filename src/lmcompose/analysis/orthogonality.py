@@ -150,6 +150,9 @@ def analyze(model_name: str, a: dict, b: dict, joint: dict | None = None, *, cal
     from ..models.load import load_model, model_linear_shapes
 
     cal = Calibration(**(calibration or {}))
+    if cal.none:
+        raise ValueError("calibration.source: none is for compress; the analysis runs its variants on calibration "
+                         "windows (give a source, e.g. c4)")
     protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
     shapes, other = model_linear_shapes(model_name, trust_remote_code=trust_remote_code)
     variants = plan_variants(a, b, joint, shapes, other, cal.model_dump())  # fails before any loading

@@ -79,15 +79,16 @@ def cmd_compress(args) -> int:
         from ..models.stream import open_streamed
 
         model, tokenizer, block_io = open_streamed(args.model, args.dtype, args.trust_remote_code)
-        if tokenizer is None:
+        if tokenizer is None and not recipe.calibration.none:
             raise ValueError(f"--model {args.model!r} has no tokenizer files (tokenizer.json / tokenizer_config.json) "
                              "to make the calibration windows with")
     else:
         model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code,
                                    verify=not args.no_verify)
     cal = recipe.calibration
-    windows = calibration_windows(tokenizer, source=cal.source, split=cal.split, n=cal.n, seqlen=cal.seqlen,
-                                  seed=cal.seed, data_dir=args.data_dir, force=args.force_calibration)
+    windows = None if cal.none else calibration_windows(
+        tokenizer, source=cal.source, split=cal.split, n=cal.n, seqlen=cal.seqlen, seed=cal.seed,
+        data_dir=args.data_dir, force=args.force_calibration)
     with BlockProgress("compress") as on_block:
         report = compress(model, recipe, windows, model_name=args.model, compute_dtype=args.compute_dtype,
                           on_block=on_block, work_dir=work_dir, resume=args.resume, overwrite_work=args.overwrite,
@@ -152,7 +153,8 @@ def print_plan(args, recipe, planned, out: Path, protocol) -> None:
     cal = recipe.calibration
     dense = planned.total_bytes - planned.linear_bytes + planned.linear_dense_bytes
     lines = [f"plan: compress {args.model} with {recipe_label(recipe.to_dict())} (recipe {recipe.hash()})",
-             f"  calibration: {cal.source} ({cal.split}), {cal.n} windows of {cal.seqlen} tokens, seed {cal.seed}",
+             "  calibration: none (the steps read the weights alone; errors are measured on the weights)" if cal.none
+             else f"  calibration: {cal.source} ({cal.split}), {cal.n} windows of {cal.seqlen} tokens, seed {cal.seed}",
              f"  estimated size: {planned.bits_per_weight:.3f} bits/weight over {len(planned.compressed)} Linears; "
              f"{mib(planned.total_bytes)} in all (dense with fp16 Linears: {mib(dense)})"]
     if protocol is not None:
@@ -208,8 +210,11 @@ def short_summary(report, dense: dict) -> dict:
 
 
 def report_table(report) -> Table:
+    from ..recipe import NO_CALIBRATION
+
     table = Table(title=f"per-Linear results (recipe {report.recipe_hash})")
-    for col in ("Linear", "structure", "bits/weight", "rel. error", "seconds"):
+    error = "rel. error (weights)" if report.calibration.get("source") == NO_CALIBRATION else "rel. error"
+    for col in ("Linear", "structure", "bits/weight", error, "seconds"):
         table.add_column(col, justify="left" if col in ("Linear", "structure") else "right",
                          overflow="fold" if col == "Linear" else "ellipsis")
     for layer in report.layers:
@@ -245,7 +250,8 @@ def add_parser(sub) -> None:
     c.add_argument("--eval", default="quick", choices=[*PROTOCOLS, "none"],
                    help="perplexity protocol after compression: quick, full or none")
     c.add_argument("--max-tokens", type=checks.count(2), default=None)
-    c.add_argument("--calib-source", default=None)
+    c.add_argument("--calib-source", default=None, help="replaces the recipe's calibration.source: c4, wikitext2, a "
+                   "local .txt/.jsonl/.parquet file, or none (statistic-free steps only; no calibration pass)")
     c.add_argument("--calib-n", type=checks.count(), default=None)
     c.add_argument("--calib-seqlen", type=checks.count(8), default=None)
     c.add_argument("--seed", type=checks.seed, default=None)

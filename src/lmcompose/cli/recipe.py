@@ -46,6 +46,8 @@ def check_calibration(recipe, data_dir: str | None, resolve: bool = False) -> No
     (compress), a named source must also be found in $LMCOMPOSE_DATA_DIR, the data shipped with lmcompose or on a
     reachable hub."""
     cal = recipe.calibration
+    if cal.none:
+        return
     checks.data_file(data_dir, cal.source, cal.split)
     if resolve:
         cal.resolve(data_dir)

@@ -80,23 +80,31 @@ class StatsAccumulator:
         return Stats(self.n, self.gram, self.abs_mean, self.absmax)
 
 
-def output_energy(w: torch.Tensor, gram: torch.Tensor) -> float:
+def output_energy(w: torch.Tensor, gram: torch.Tensor | None) -> float:
     """‖WX‖² = tr(W H Wᵀ) from the Gram matrix H: the denominator of `relative_error`, which a caller
-    measuring several approximations of one weight computes once."""
+    measuring several approximations of one weight computes once. Without a Gram (None: no calibration),
+    ‖W‖²_F."""
+    if gram is None:
+        return float(w.double().pow(2).sum())
     h = gram.float()
     w = w.float().to(h.device)
     return float(((w @ h) * w).double().sum())
 
 
-def relative_error(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor, energy: float | None = None) -> float:
-    """‖(W−Ŵ)X‖² / ‖WX‖² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), computed from the Gram matrix.
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor | None,
+                   energy: float | None = None) -> float:
+    """‖(W−Ŵ)X‖² / ‖WX‖² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), computed from the Gram matrix; without one (None: a
+    run without calibration) the weights' own ‖W−Ŵ‖²_F / ‖W‖²_F.
 
     The products run in fp32 (fp64 matmuls are several times slower on CPUs) and the sums in fp64.
     `energy` is ``output_energy(w, gram)`` when the caller has it: each product with an 11008-wide H
     costs seconds, and the denominator does not change between the steps applied to one weight.
     """
-    h = gram.float()
-    dw = w.float().to(h.device) - w_hat.float().to(h.device)
-    num = float(((dw @ h) * dw).double().sum())
+    if gram is None:
+        num = float((w.double() - w_hat.double().to(w.device)).pow(2).sum())
+    else:
+        h = gram.float()
+        dw = w.float().to(h.device) - w_hat.float().to(h.device)
+        num = float(((dw @ h) * dw).double().sum())
     den = output_energy(w, gram) if energy is None else energy
     return num / den if den > 0 else float(num > 0)

@@ -70,7 +70,7 @@ def work_dir_for(out_dir: str | Path) -> Path:
     return out.with_name(out.name + WORK_SUFFIX)
 
 
-def fingerprint(model, recipe_hash: str, windows: torch.Tensor, *, model_name: str, compute_dtype: str,
+def fingerprint(model, recipe_hash: str, windows: torch.Tensor | None, *, model_name: str, compute_dtype: str,
                 schedule: str, n_blocks: int, streamed: bool = False, version: str = "",
                 recover: dict | None = None) -> dict:
     """What must be equal for a saved block to be the block this run would compute. The weights are
@@ -84,7 +84,8 @@ def fingerprint(model, recipe_hash: str, windows: torch.Tensor, *, model_name: s
     return {"lmcompose": version, "recipe_hash": recipe_hash, "model": model_name, "config_sha256": config_hash,
             "embedding_sha256": tensor_sha256(embedding) if embedding.device.type != "meta" else None,
             "weights_dtype": str(embedding.dtype).removeprefix("torch."), "compute_dtype": compute_dtype,
-            "windows_sha256": tensor_sha256(windows), "windows_shape": list(windows.shape), "schedule": schedule,
+            "windows_sha256": None if windows is None else tensor_sha256(windows),
+            "windows_shape": None if windows is None else list(windows.shape), "schedule": schedule,
             "blocks": n_blocks, "streamed": streamed, **{f"recover.{k}": v for k, v in (recover or {}).items()}}
 
 
@@ -128,6 +129,14 @@ def _journal(path: Path) -> dict | None:
         raise ValueError(f"{path / JOURNAL_FILE} is not a journal this lmcompose writes (format {JOURNAL_FORMAT}); "
                          f"remove {str(path)!r} (or pass --overwrite) to start over")
     return data
+
+
+def saved_compute_dtype(path: str | Path) -> str | None:
+    """The compute dtype an interrupted run in work directory `path` resolved (None without a journal). A
+    resumed ``auto`` run takes it: ``auto`` is measured per process (`core.dtypes.bf16_speedup`), and a
+    busier machine may measure the other dtype, which would make the saved blocks unusable."""
+    data = _journal(Path(path)) if Path(path).is_dir() else None
+    return (data or {}).get("fingerprint", {}).get("compute_dtype")
 
 
 def check_work_dir(path: str | Path, resume: bool, overwrite: bool) -> None:

@@ -2,6 +2,9 @@
 propagate. It knows no technique by name: it asks each step which Linears it targets, hands each one
 its input statistics, and records what came back.
 
+A recipe of statistic-free steps without calibration (``calibration: {source: none}``) skips all of it:
+each block is loaded, its Linears compressed and released, with no forward.
+
 Schedules: ``layer-major`` runs every step on block i before block i+1; ``step-major`` runs one step
 over the whole model (its own sequential pass) before the next.
 
@@ -222,9 +225,9 @@ class SequentialCompressor:
                         stats, _ = observe(block, inputs, index, current)
                 self._compress_group(step, group, stats, [group])
 
-    def _restore(self, current: BlockInputs, dense_stream: BlockInputs | None, device) -> int:
+    def _restore(self, current: BlockInputs | None, dense_stream: BlockInputs | None, device) -> int:
         """Put back the blocks an interrupted run finished (`journal`), and the hidden states entering the
-        next one; returns how many blocks are done."""
+        next one (none without calibration: `current` None); returns how many blocks are done."""
         done = self.journal.done
         for i in range(done):
             records, seconds = self.journal.restore_block(i, self.model, self.blocks[i], f"{self.prefix}.{i}")
@@ -232,20 +235,71 @@ class SequentialCompressor:
             self.block_seconds[i] = seconds
             if self.block_io is not None:
                 self.block_io.release(i, self.blocks[i])
-        if done:
+        if done and current is not None:
             current.hidden, dense = self.journal.hidden(device)
             if dense_stream is not None:
                 dense_stream.hidden = dense
-            if self.on_block:
-                self.on_block(done, len(self.blocks))
+        if done and self.on_block:
+            self.on_block(done, len(self.blocks))
         return done
 
+    def _visit(self, index: int, device) -> None:
+        if self.block_io is not None:
+            self.block_io.load(index, self.blocks[index], f"{self.prefix}.{index}")
+        self.blocks[index].to(device)
+
+    def _leave(self, index: int, home, final: bool, hidden: list, dense: list | None, t0: float) -> None:
+        """Block `index` is done for this pass: back `home`, and if `final` (the last pass) its originals
+        are dropped, it is journaled with the `hidden` states entering the next block (and the `dense`
+        stream's) and its weights are released."""
+        block = self.blocks[index]
+        for module in block.modules():  # the floats quantize steps kept for block steps
+            if isinstance(module, CompressedLinear):
+                module.forget_sources()
+        block.to(home)
+        prefix = f"{self.prefix}.{index}"
+        if final:  # the block is final: its original weights are not needed
+            for name, record in self.records.items():
+                if name.startswith(prefix + "."):
+                    record.original = None
+        self.block_seconds[index] += time.perf_counter() - t0
+        if self.journal is not None and final:
+            self.journal.block_done(index, block, prefix, self.records, self.block_seconds[index], hidden, dense)
+        if self.block_io is not None and final:
+            self.block_io.release(index, block)
+        release_freed_memory()  # the block's temporaries, so that glibc's heap does not grow block by block
+
+    def _run_without_calibration(self, device, home) -> None:
+        """The pass of a recipe whose steps read the weights alone (``calibration: {source: none}``, checked by
+        the recipe): no calibration forward at all; each block is loaded, its Linears compressed step by step
+        (each step's error measured on the weights, `apply_steps`) and released."""
+        n = len(self.blocks)
+        self.block_seconds = [0.0] * n
+        first = self._restore(None, None, device) if self.journal is not None else 0
+        for i in range(first, n):
+            t0 = time.perf_counter()
+            self._visit(i, device)
+            linears = block_linears(self.blocks[i], f"{self.prefix}.{i}")
+            for step in self.steps:
+                names = [name for name in linears if step.targets(name)]
+                self._compress_group(step, names, dict.fromkeys(names))
+            self._leave(i, home, True, [], None, t0)
+            if self.on_block:
+                self.on_block(i + 1, n)
+
     @torch.no_grad()
-    def run(self, windows: torch.Tensor, batch_size: int, schedule: str = "layer-major") -> None:
+    def run(self, windows: torch.Tensor | None, batch_size: int, schedule: str = "layer-major") -> None:
+        """Run the steps over every block, calibrating on `windows` ([n, seqlen] token ids). `windows` None
+        runs a recipe of statistic-free steps without any calibration forward (`_run_without_calibration`)."""
         if schedule not in ("layer-major", "step-major"):
             raise ValueError(f"schedule={schedule!r} is not allowed; allowed: 'layer-major', 'step-major'")
         home = next(self.model.parameters()).device
         device = torch.device(self.device) if self.device is not None else home
+        if windows is None:  # no statistics flow between blocks, so both schedules give the same tensors
+            needing = [s.name for s in self.steps if s.uses_statistics or s.unit != "linear"]
+            if needing:
+                raise ValueError(f"without calibration windows only statistic-free Linear steps run; got {needing}")
+            return self._run_without_calibration(device, home)
         for step in [s for s in self.steps if s.unit == "model"]:  # leading steps (Recipe.walk checks it)
             context = ModelContext(self.model, self.float_dtype, self.compute_dtype)
             self.model_steps.append({"technique": step.name, **step.transform_model(self.model, context)})
@@ -267,9 +321,7 @@ class SequentialCompressor:
             first = self._restore(current, dense_stream, device) if self.journal is not None else 0
             for i in range(first, n):
                 t0 = time.perf_counter()
-                if self.block_io is not None:
-                    self.block_io.load(i, self.blocks[i], f"{self.prefix}.{i}")
-                self.blocks[i].to(device)
+                self._visit(i, device)
                 if wants:  # the dense block's outputs, before its steps run (layer-major: Recipe.walk checks it)
                     with self._forwards(device):
                         if "compressed" in wants:
@@ -280,21 +332,7 @@ class SequentialCompressor:
                 self._block(i, current, steps, device)
                 with self._forwards(device):
                     advance(self.blocks[i], current, i)
-                for module in self.blocks[i].modules():  # the floats quantize steps kept for block steps
-                    if isinstance(module, CompressedLinear):
-                        module.forget_sources()
-                self.blocks[i].to(home)
-                if p == len(passes) - 1:  # the block is final: its original weights are not needed
-                    for name, record in self.records.items():
-                        if name.startswith(f"{self.prefix}.{i}."):
-                            record.original = None
-                self.block_seconds[i] += time.perf_counter() - t0
-                if self.journal is not None and p == len(passes) - 1:
-                    self.journal.block_done(i, self.blocks[i], f"{self.prefix}.{i}", self.records,
-                                            self.block_seconds[i], current.hidden,
-                                            None if dense_stream is None else dense_stream.hidden)
-                if self.block_io is not None and p == len(passes) - 1:
-                    self.block_io.release(i, self.blocks[i])
-                release_freed_memory()  # the block's temporaries, so that glibc's heap does not grow block by block
+                self._leave(i, home, p == len(passes) - 1, current.hidden,
+                            None if dense_stream is None else dense_stream.hidden, t0)
                 if self.on_block:
                     self.on_block(p * n + i + 1, len(passes) * n)

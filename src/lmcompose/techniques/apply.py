@@ -32,7 +32,7 @@ class StepResult:
     input_scale: torch.Tensor | None = field(default=None, repr=False)  # group steps that folded a scale
 
 
-def apply_steps(layer: CompressedLinear, steps, stats: Stats, name: str = "",
+def apply_steps(layer: CompressedLinear, steps, stats: Stats | None, name: str = "",
                 original: torch.Tensor | None = None) -> tuple[CompressedLinear, list[StepResult]]:
     """Apply `steps` in order to `layer` with its input statistics `stats`.
 
@@ -40,17 +40,19 @@ def apply_steps(layer: CompressedLinear, steps, stats: Stats, name: str = "",
     next step runs; its relative output error ``tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)`` (H = ``stats.gram``) is taken
     against `original`, by default the dense weight of `layer` before the first step. A layer with input
     operations hands the step the statistics of what its terms multiply (`algebra.ops.input_stats`).
-    Returns the final layer and one `StepResult` per step."""
+    `stats` None (statistic-free steps run without calibration) measures the weights' own relative error
+    ``‖ΔW‖²/‖W‖²`` instead. Returns the final layer and one `StepResult` per step."""
     if original is None:
         original = layer.to_dense(torch.float32)
-    energy = output_energy(original, stats.gram)
+    gram = None if stats is None else stats.gram  # None: statistic-free steps without calibration
+    energy = output_energy(original, gram)
     results = []
     for step in steps:
         t0 = time.perf_counter()
-        new, info = step.apply(layer, input_stats(stats, layer.input_ops) if layer.input_ops else stats)
+        new, info = step.apply(layer, input_stats(stats, layer.input_ops) if layer.input_ops and stats else stats)
         seconds = time.perf_counter() - t0
         check_step(layer, new, step, name)
-        err = relative_error(original, new.to_dense(torch.float32), stats.gram, energy)
+        err = relative_error(original, new.to_dense(torch.float32), gram, energy)
         results.append(StepResult(step.name, info, err, seconds, new))
         layer = new
     return layer, results

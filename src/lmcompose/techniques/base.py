@@ -43,6 +43,8 @@ class Technique(StrictModel):
     #   "block":  `apply_block(context)` once per decoder block, after the block's earlier steps;
     #   "model":  `transform_model(model, context)` once, before the sequential pass (leading steps only).
     unit: ClassVar[Literal["linear", "group", "block", "model"]] = "linear"
+    # True when `apply` reads the weights alone and ignores the statistics (RTN, magnitude, plain SVD).
+    statistic_free: ClassVar[bool] = False
 
     include: tuple[str, ...] = Field(("*",), description="globs (fnmatch, not regexes) over full Linear names")
     exclude: tuple[str, ...] = Field((), description="globs of Linear names to leave alone")
@@ -128,6 +130,13 @@ class Technique(StrictModel):
         or None: a scale search (AWQ) is worth its scales only if the next step on each Linear quantizes on
         that grid (rule R8 warns otherwise)."""
         return None
+
+    @property
+    def uses_statistics(self) -> bool:
+        """False when the step's result depends on the weights alone (`statistic_free` techniques, unless
+        they allocate their budget from a dense pre-pass): a recipe of such steps can run without
+        calibration data (``calibration: {source: none}``), and then no calibration forward runs at all."""
+        return not self.statistic_free or self.needs_prepass
 
     @property
     def needs_dense_input(self) -> bool:

@@ -144,7 +144,8 @@ class LowRankConfig(Technique):
         (dense,) = layer.terms
         w = dense.weight(torch.float32)
         device = w.device
-        w = w.to(stats.gram.device)
+        if stats is not None:  # None: a statistic-free factorization without calibration (plain SVD)
+            w = w.to(stats.gram.device)
         a, b, info = self.factorize(w, stats, rank)
         new = layer.with_terms([LowRank(as_float(a, dtype).to(device), as_float(b, dtype).to(device))])
         return new, {"rank": rank, "ratio": new.spec().nbytes() / spec.dense_fp16_nbytes(), **info}

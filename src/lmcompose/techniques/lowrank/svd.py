@@ -35,6 +35,7 @@ def truncated_svd(w: torch.Tensor, rank: int, sigma_split: str = "sqrt", dtype=t
 class SVD(LowRankConfig):
     name: ClassVar[str] = "svd"
     summary: ClassVar[str] = "truncated SVD of W (data-free; Frobenius-optimal)"
+    statistic_free: ClassVar[bool] = True
 
     def factorize(self, w, stats, rank):
         a, b, s = truncated_svd(w, rank, self.sigma_split, PRECISIONS[self.precision])

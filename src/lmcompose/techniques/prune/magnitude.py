@@ -33,6 +33,7 @@ def magnitude_score(w):
 class Magnitude(ScopedPruneConfig):
     name: ClassVar[str] = "magnitude"
     summary: ClassVar[str] = "prune the smallest |W| (unstructured per matrix or row, or N:M)"
+    statistic_free: ClassVar[bool] = True
 
     scope: Literal["row", "matrix"] = Field("matrix", description="compare scores per output 'row' or per 'matrix'")
 

@@ -92,7 +92,7 @@ class QuantConfig(Technique):
                 terms.append(term)
                 continue
             new = {}
-            for slot, h in slot_hessians(term, stats.gram):
+            for slot, h in slot_hessians(term, None if stats is None else stats.gram):
                 w = materialize(term.slots()[slot], torch.float32)
                 mask = getattr(term, "mask", None)
                 new[slot] = self.quantize_slot(w, h(new), mask, bits)
@@ -142,8 +142,11 @@ def slot_hessians(term, gram: torch.Tensor):
 
     ``hessian_fn(done)`` returns the Gram matrix of that slot's inputs given the slots already
     quantized (`done`): the layer's input Gram for a dense/sparse matrix and for V; for U, the Gram of
-    the rank-space activations z = diag(d) V̂ x, i.e. (dV̂) H (dV̂)ᵀ with V̂ as already quantized.
+    the rank-space activations z = diag(d) V̂ x, i.e. (dV̂) H (dV̂)ᵀ with V̂ as already quantized. Without a
+    Gram (`gram` None: a statistic-free quantizer run without calibration) every Hessian is None.
     """
+    if gram is None:
+        return [(slot, lambda done: None) for slot in (("v", "u") if isinstance(term, LowRank) else term.slots())]
     if isinstance(term, LowRank):
         def u_hessian(done):
             v = done.get("v", term.v)

@@ -23,6 +23,7 @@ from .common import QuantConfig
 class RTN(QuantConfig):
     name: ClassVar[str] = "rtn"
     summary: ClassVar[str] = "round-to-nearest b-bit grid per group of input columns"
+    statistic_free: ClassVar[bool] = True
     row_separable: ClassVar[bool] = True
 
     def quantize_slot(self, w, hessian, mask, bits):
