@@ -110,6 +110,8 @@ def test_cli_compresses_without_calibration(setup, tmp_path, capsys):
     assert "calibration: none" in printed and "(weights)" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["calibration"]["source"] == "none" and report["recipe"]["calibration"]["source"] == "none"
+    card = (out / "README.md").read_text()  # the model card says what the errors are
+    assert "calibration: none (no calibration pass" in card and "rel. weight error" in card
     assert main(["eval", "--model", str(out), "--data-dir", str(data), "--protocol", "quick"]) == 0
     gptq = tmp_path / "gptq.yaml"
     gptq.write_text("steps:\n  - gptq: {bits: 4, group_size: 32}\n")

@@ -25,7 +25,7 @@ from ..core.io import write_text_atomically
 from ..models.checkpoint import SHARD_INDEX, WEIGHTS_FILE
 from ..models.load import HUB_IDS
 from .render import dense_rows
-from .runs import Run, protocol_label
+from .runs import Run, calibration_label, protocol_label
 
 CARD_FILE = "README.md"
 
@@ -98,8 +98,7 @@ def model_card(run_dir: str | Path) -> str:
               f"* lmcompose {made.get('lmcompose', '?')}, torch {env.get('torch', '?')}, "
               f"{'cuda (' + env['cuda'] + ')' if env.get('cuda') else 'cpu'}, {env.get('threads', '?')} threads, "
               f"compute dtype {env.get('compute_dtype', '?')}",
-              f"* calibration: {cal.get('source', '?')} ({cal.get('split', '?')}), {cal.get('n', '?')} windows of "
-              f"{cal.get('seqlen', '?')} tokens, seed {cal.get('seed', '?')}",
+              f"* calibration: {calibration_label(cal, long=True)}",
               f"* compression took {report.get('wall_seconds', 0):.1f} s; recipe hash {report.get('recipe_hash', '?')}",
               ""]
     layers = report.get("layers") or []
@@ -114,7 +113,8 @@ def model_card(run_dir: str | Path) -> str:
                      "" if err is None else f"{err:.3e}", f"{sum(s.get('seconds', 0) for s in layer['steps']):.2f}"])
     if rows:
         lines += [f"<details><summary>Per-Linear results ({len(rows)} Linears)</summary>", ""]
-        lines += _table(["Linear", "structure", "bits/weight", "rel. output error", "seconds"], rows)
+        error = "rel. weight error" if cal.get("source") == "none" else "rel. output error"
+        lines += _table(["Linear", "structure", "bits/weight", error, "seconds"], rows)
         lines += ["</details>", ""]
     return "\n".join(lines)
 

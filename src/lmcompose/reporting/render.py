@@ -23,7 +23,7 @@ from .figures import (
     png,
     protocol_groups,
 )
-from .runs import CATEGORIES, Run, n_runs, protocol_key, protocol_label
+from .runs import CATEGORIES, Run, calibration_label, n_runs, protocol_key, protocol_label
 
 MIB = 2**20
 NUMERIC = re.compile(r"—|[-+]?[\d.,]+(e[-+]?\d+)?( \([\d.,]+ [KMG]?i?B\))?")  # right-aligned table cells
@@ -78,11 +78,9 @@ def _provenance_rows(runs: list[Run]) -> list[list[str]]:
     rows = []
     for r in runs:
         env = r.report.get("environment") or {}
-        cal = r.report.get("calibration") or {}
         device = f"cuda ({env['cuda']})" if env.get("cuda") else "cpu"
         rows.append([r.name, r.report.get("model", ""), r.report.get("recipe_hash", ""),
-                     f"{cal.get('source', '?')} {cal.get('n', '?')}×{cal.get('seqlen', '?')}, "
-                     f"seed {cal.get('seed', '?')}",
+                     calibration_label(r.report.get("calibration")),
                      f"torch {env.get('torch', '?')}, {device}, {env.get('threads', '?')} threads", str(r.path)])
     return rows
 

@@ -69,6 +69,18 @@ def protocol_key(protocol: dict | None) -> str:
     return json.dumps({k: v for k, v in (protocol or {}).items() if k != "batch_size"}, sort_keys=True)
 
 
+def calibration_label(cal: dict | None, long: bool = False) -> str:
+    """The calibration of a run's report: ``c4 128×512, seed 0`` (`long`: ``c4 (validation), 128 windows of
+    512 tokens, seed 0``), or ``none`` for a run without calibration, whose errors are on the weights."""
+    c = cal or {}
+    if c.get("source") == "none":
+        return "none (no calibration pass; per-Linear errors measured on the weights)" if long else "none"
+    if long:
+        return (f"{c.get('source', '?')} ({c.get('split', '?')}), {c.get('n', '?')} windows of {c.get('seqlen', '?')} "
+                f"tokens, seed {c.get('seed', '?')}")
+    return f"{c.get('source', '?')} {c.get('n', '?')}×{c.get('seqlen', '?')}, seed {c.get('seed', '?')}"
+
+
 def protocol_label(protocol: dict | None) -> str:
     """Short human form, e.g. ``quick: wikitext2/test, seqlen 512, ≤64 windows``."""
     if not protocol:
