@@ -210,10 +210,10 @@ def short_summary(report, dense: dict) -> dict:
 
 
 def report_table(report) -> Table:
-    from ..recipe import NO_CALIBRATION
+    from ..reporting.runs import uncalibrated
 
     table = Table(title=f"per-Linear results (recipe {report.recipe_hash})")
-    error = "rel. error (weights)" if report.calibration.get("source") == NO_CALIBRATION else "rel. error"
+    error = "rel. error (weights)" if uncalibrated(report.calibration) else "rel. error"
     for col in ("Linear", "structure", "bits/weight", error, "seconds"):
         table.add_column(col, justify="left" if col in ("Linear", "structure") else "right",
                          overflow="fold" if col == "Linear" else "ellipsis")

@@ -25,7 +25,7 @@ from ..core.io import write_text_atomically
 from ..models.checkpoint import SHARD_INDEX, WEIGHTS_FILE
 from ..models.load import HUB_IDS
 from .render import dense_rows
-from .runs import Run, calibration_label, protocol_label
+from .runs import Run, calibration_label, protocol_label, uncalibrated
 
 CARD_FILE = "README.md"
 
@@ -113,7 +113,7 @@ def model_card(run_dir: str | Path) -> str:
                      "" if err is None else f"{err:.3e}", f"{sum(s.get('seconds', 0) for s in layer['steps']):.2f}"])
     if rows:
         lines += [f"<details><summary>Per-Linear results ({len(rows)} Linears)</summary>", ""]
-        error = "rel. weight error" if cal.get("source") == "none" else "rel. output error"
+        error = "rel. weight error" if uncalibrated(cal) else "rel. output error"
         lines += _table(["Linear", "structure", "bits/weight", error, "seconds"], rows)
         lines += ["</details>", ""]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..models.checkpoint import META_FILE, SHARD_INDEX, WEIGHTS_FILE, safetensors_table
 from ..models.rundir import DENSE_KEY, REPORT_FILE
+from ..recipe import NO_CALIBRATION
 
 CATEGORIES = ("dense", "sparse values", "sparse index", "low-rank factors", "scales/zeros/perm", "other tensors")
 _SLOTS = {"dense": {"a"}, "sparse": {"values", "index", "col", "rowptr"}, "lowrank": {"u", "v", "d"}}
@@ -69,11 +70,16 @@ def protocol_key(protocol: dict | None) -> str:
     return json.dumps({k: v for k, v in (protocol or {}).items() if k != "batch_size"}, sort_keys=True)
 
 
+def uncalibrated(cal: dict | None) -> bool:
+    """Whether a report's calibration says the run had none (its per-Linear errors are on the weights)."""
+    return (cal or {}).get("source") == NO_CALIBRATION
+
+
 def calibration_label(cal: dict | None, long: bool = False) -> str:
     """The calibration of a run's report: ``c4 128×512, seed 0`` (`long`: ``c4 (validation), 128 windows of
     512 tokens, seed 0``), or ``none`` for a run without calibration, whose errors are on the weights."""
     c = cal or {}
-    if c.get("source") == "none":
+    if uncalibrated(c):
         return "none (no calibration pass; per-Linear errors measured on the weights)" if long else "none"
     if long:
         return (f"{c.get('source', '?')} ({c.get('split', '?')}), {c.get('n', '?')} windows of {c.get('seqlen', '?')} "
