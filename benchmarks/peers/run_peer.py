@@ -59,7 +59,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench  # noqa: E402  (benchmarks/bench.py: the machine line)
 import torch  # noqa: E402
 
-MODEL_DIR = "/root/.cache/lmcompose/gguf/SmolLM2-135M-Instruct.Q4_1-d2bdf35ca10883c8"
 WINDOWS = "/tmp/peers_data/c4-n128-s512-seed0.safetensors"
 DATA_DIR = "/work/shared/data"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -376,7 +375,8 @@ def main() -> int:
     ap.add_argument("--out-jsonl", required=True)
     ap.add_argument("--protocols", nargs="*", default=["quick", "full"], choices=["quick", "full"])
     ap.add_argument("--eval-dtype", default="bf16", choices=sorted(DTYPES))
-    ap.add_argument("--model-dir", default=MODEL_DIR)
+    ap.add_argument("--model-dir", default=None,
+                    help="the model directory (default: the one make_windows.py recorded in the windows' metadata)")
     ap.add_argument("--windows", default=WINDOWS)
     ap.add_argument("--data-dir", default=DATA_DIR)
     ap.add_argument("--calib-n", type=int, default=None, help="debug: use only the first N windows")
@@ -389,6 +389,10 @@ def main() -> int:
     if args.method in ("autoround", "dense") and args.transform != "none":
         ap.error("--transform applies to the llm-compressor methods (gptq, awq) only")
 
+    if args.model_dir is None:  # the directory lmcompose resolved the model to when it made the windows
+        from safetensors import safe_open
+        with safe_open(args.windows, framework="pt") as f:
+            args.model_dir = f.metadata()["model_dir"]
     from lmcompose.eval.perplexity import get_protocol, perplexity
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
