@@ -1,6 +1,7 @@
 """The command line end to end on a tiny local model and tiny data files."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,18 +78,32 @@ def test_search_without_heldout_windows_fails_before_loading(setup, capsys):
     assert not out.exists()
 
 
+def _compress_recovering(setup, name: str, step: str, recover: str) -> Path:
+    """`compress` a recipe with a recover section on 4 calibration windows of 32 tokens; the run directory."""
+    root, model_dir, data, _ = setup
+    recipe = root / f"{name}.yaml"
+    recipe.write_text(f"calibration: {{n: 4, seqlen: 32, batch_size: 2}}\nsteps:\n  - {step}\nrecover: {recover}\n")
+    out = root / name
+    assert main(["compress", "--model", str(model_dir), "--recipe", str(recipe), "--out", str(out),
+                 "--data-dir", str(data), "--eval", "none", "--compute-dtype", "fp32"]) == 0
+    return out
+
+
+def test_compress_draws_the_recovery_windows_past_the_calibration_ones(setup, capsys):
+    out = _compress_recovering(setup, "recover-windows", "rtn: {bits: 4, group_size: 16}",
+                               "{steps: 3, lr: 0.001, batch_size: 2, train: scales, heldout: 1, windows: 6}")
+    assert "(from 6 windows: the 4 calibration windows and 2 more)" in " ".join(capsys.readouterr().out.split())
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["windows"] == [4, 32] and report["recipe"]["recover"]["windows"] == 6
+    assert report["recovery"]["train_windows"] == [0, 5] and report["recovery"]["heldout_windows"] == [5, 6]
+
+
 def test_compress_with_recovery_plans_reports_and_saves_it(setup, capsys):
     from helpers import logits, windows
 
     from lmcompose.models.checkpoint import load_compressed
 
-    root, model_dir, data, _ = setup
-    recipe = root / "recover.yaml"
-    recipe.write_text("calibration: {n: 4, seqlen: 32, batch_size: 2}\nsteps:\n  - svdllm: {ratio: 0.6}\n"
-                      "recover: {steps: 8, lr: 0.01, batch_size: 2}\n")
-    out = root / "recovered"
-    assert main(["compress", "--model", str(model_dir), "--recipe", str(recipe), "--out", str(out),
-                 "--data-dir", str(data), "--eval", "none", "--compute-dtype", "fp32"]) == 0
+    out = _compress_recovering(setup, "recovered", "svdllm: {ratio: 0.6}", "{steps: 8, lr: 0.01, batch_size: 2}")
     printed = capsys.readouterr().out
     assert "then recover: 8 causal-LM steps" in printed and "recovery_loss" in printed
     report = json.loads((out / "report.json").read_text())

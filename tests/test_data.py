@@ -99,6 +99,18 @@ def test_calibration_is_deterministic_per_seed_and_windows_are_document_slices(d
         assert any(len(d) > 64 and _contains(d, w) for d in docs)
 
 
+def test_more_windows_start_with_the_fewer_ones(data_dir, tiny_tokenizer):
+    """`recover.windows` draws more windows than calibration.n and calibrates on the first n: they must be the
+    windows a run with n alone calibrates on (documents and the concatenation fallback alike)."""
+    for split, seqlen in (("validation", 64), ("validation", 8)):  # c4: long documents; then short windows
+        few = calibration_windows(tiny_tokenizer, "c4", split=split, n=5, seqlen=seqlen, seed=2, data_dir=data_dir)
+        many = calibration_windows(tiny_tokenizer, "c4", split=split, n=13, seqlen=seqlen, seed=2, data_dir=data_dir)
+        assert torch.equal(many[:5], few)
+    few = calibration_windows(tiny_tokenizer, "wikitext2", split="validation", n=3, seqlen=64, data_dir=data_dir)
+    many = calibration_windows(tiny_tokenizer, "wikitext2", split="validation", n=9, seqlen=64, data_dir=data_dir)
+    assert torch.equal(many[:3], few)
+
+
 def test_short_documents_fall_back_to_the_concatenation(data_dir, tiny_tokenizer):
     # validation rows are ~29 characters: none reaches 65 tokens, so windows span rows joined by EOS
     w = calibration_windows(tiny_tokenizer, "wikitext2", split="validation", n=4, seqlen=64, seed=0,

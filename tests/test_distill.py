@@ -228,6 +228,36 @@ def test_compress_runs_a_kl_recovery_with_held_out_windows_and_reports_it():
     assert rec["teacher_bytes"] == 8 * 32 * (8 * 16 + 4) and rec["teacher_store"] == "memory"
 
 
+def test_recover_windows_calibrate_the_steps_on_the_first_n_and_train_on_all():
+    """`recover.windows`: the steps see only the first calibration.n windows (the codes, which scale training
+    leaves alone, equal a run on those windows alone), the teacher and the recovery all of them (changing a
+    window past calibration.n that recovery trains on changes the scales)."""
+    model, x = MODELS["llama"](), windows(12, 32)
+    rec = {"steps": 6, "lr": 2e-4, "batch_size": 2, "train": "scales", "loss": "kl", "top_k": 16, "heldout": 2}
+    recipe = Recipe.from_dict({"calibration": {"n": 8}, "steps": GPTQ, "recover": {**rec, "windows": 12}})
+    assert recipe.window_count == 12 and Recipe.from_dict({"calibration": {"n": 8}, "steps": GPTQ}).window_count == 8
+
+    def run(data, recipe=recipe):
+        tuned = copy.deepcopy(model)
+        return compress(tuned, recipe, data, compute_dtype="fp32").to_dict(), stored(tuned)
+
+    report, first = run(x)
+    assert report["calibration"]["windows"] == [8, 32] and report["calibration"]["n"] == 8
+    assert report["recovery"]["train_windows"] == [0, 10] and report["recovery"]["heldout_windows"] == [10, 12]
+    assert report["recovery"]["teacher_bytes"] == 12 * 32 * (8 * 16 + 4)
+    _, calibrated = run(x[:8], Recipe.from_dict({"calibration": {"n": 8}, "steps": GPTQ}))
+    other = x.clone()
+    other[8:10] = windows(2, 32, seed=9)  # trained on by the recovery only
+    _, moved = run(other)
+    codes = [(n, k) for n, ts in first.items() for k in ts if k.endswith(".codes")]
+    assert codes and all(torch.equal(first[n][k], calibrated[n][k]) for n, k in codes)
+    assert all(torch.equal(first[n][k], moved[n][k]) for n, k in codes)
+    scales = [(n, k) for n, ts in first.items() for k in ts if k.endswith(".scale")]
+    assert any(not torch.equal(first[n][k], moved[n][k]) for n, k in scales)
+    with pytest.raises(ValueError, match=r"recover.windows=12: windows must hold that many rows .* got 8"):
+        compress(copy.deepcopy(model), recipe, x[:8], compute_dtype="fp32")
+
+
 # -- the recipe ---------------------------------------------------------------------------------------------
 
 def test_the_new_fields_stay_out_of_the_recipe_at_their_defaults():
@@ -262,8 +292,12 @@ def test_a_recovery_of_scales_on_quantized_tensors_is_accepted(steps, train):
     ({"top_k": 8, "teacher": "online"}, "teacher='online', top_k=8: each needs loss: kl"),
     ({"loss": "ce"}, r"recover\.loss: got 'ce'"),
     ({"train": "lowrank+lowrank"}, r"recover\.train: got 'lowrank\+lowrank'"),
-    ({"steps": 5, "heldout": 128}, r"heldout=128 leaves no calibration window to train on \(calibration.n=128\)"),
+    ({"steps": 5, "heldout": 128}, r"heldout=128 leaves no window to train on \(calibration.n=128\)"),
     ({"loss": "kl", "top_k": 0}, r"recover\.top_k: got 0"),
+    ({"steps": 5, "windows": 64}, r"windows=64 is fewer than the calibration windows it starts with "
+                                  r"\(calibration.n=128\); allowed: none or an integer >= 128"),
+    ({"steps": 5, "windows": 200, "heldout": 200}, r"heldout=200 leaves no window to train on \(recover.windows=200\)"),
+    ({"windows": 256}, r"windows=256.*needs steps > 0"),
 ])
 def test_bad_distillation_settings_name_the_field(recover, match):
     with pytest.raises(ValueError, match=match):

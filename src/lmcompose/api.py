@@ -109,7 +109,8 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor | None, *, device=N
     arithmetic and the statistics themselves stay in full precision. The resolved dtype is recorded in
     the report's environment. A recipe's ``recover`` section then fine-tunes the float factors (or the
     quantization scales) on the same windows (the whole model moves to `device` for it) and its losses
-    land in ``report.recovery``. With ``recover: {loss: kl}`` the dense teacher is taken first, before any
+    land in ``report.recovery``; with ``recover.windows`` set, `windows` holds that many rows, the steps
+    calibrate on the first ``calibration.n`` and the recovery trains on all of them. With ``recover: {loss: kl}`` the dense teacher is taken first, before any
     step: ``teacher: cached`` runs the dense model over the windows now (the whole model on `device`) and
     keeps its top-k log-probabilities; ``teacher: online`` keeps a deep copy of the model (a second model
     in memory until the recovery ends).
@@ -135,12 +136,19 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor | None, *, device=N
         got = "None" if windows is None else f"shape {tuple(windows.shape)}"
         raise ValueError(f"windows must be a [n, seqlen] tensor of token ids, got {got} (a recipe of statistic-free "
                          "steps can run without: calibration: {source: none})")
+    rec = recipe.recover
+    calib = windows
+    if rec.steps and rec.windows is not None:  # recovery trains on more windows than the steps calibrate on
+        if windows.shape[0] != rec.windows:
+            raise ValueError(f"recover.windows={rec.windows}: windows must hold that many rows (the first "
+                             f"calibration.n={recipe.calibration.n} calibrate the steps), got {windows.shape[0]}; "
+                             "draw them with data.calibration_windows(n=recipe.window_count)")
+        calib = windows[:recipe.calibration.n]
     t0 = time.perf_counter()
     home = next(model.parameters()).device
     saved = saved_compute_dtype(work_dir) if resume and work_dir is not None and compute_dtype == "auto" else None
     resolved = saved or compute_dtypes.resolve(compute_dtype, device if device is not None else home,
                                                compute_dtypes.model_dtype(model))
-    rec = recipe.recover
     if block_io is not None:
         _check_streamable(recipe)
         if work_dir is None:
@@ -154,7 +162,7 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor | None, *, device=N
     try:
         runner = SequentialCompressor(model, recipe.steps, recipe.float_dtype, device, on_block, resolved,
                                       journal=journal, block_io=block_io)
-        runner.run(windows, recipe.calibration.batch_size, recipe.schedule)
+        runner.run(calib, recipe.calibration.batch_size, recipe.schedule)
         state_file = journal.recover_file if journal is not None else None  # the recovery's checkpoints
         recovery = recover(model, windows, rec, resolved, device, teacher, state_file) if rec.steps else None
     finally:
@@ -171,6 +179,6 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor | None, *, device=N
         linear_dense_fp16_bytes=sum(l.dense_fp16_bytes for l in compressed),
         linear_weights=sum(l.shape[0] * l.shape[1] for l in compressed),
         total_bytes=model_nbytes(model, recipe.float_dtype),
-        calibration={**recipe.calibration.model_dump(), "windows": None if windows is None else list(windows.shape)},
+        calibration={**recipe.calibration.model_dump(), "windows": None if calib is None else list(calib.shape)},
         environment={**environment(), "compute_dtype": resolved}, recovery=recovery,
         transforms=runner.model_steps)

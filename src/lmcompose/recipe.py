@@ -171,6 +171,12 @@ class Recovery(StrictModel):
     top_k: int = Field(64, ge=1, description="with teacher: cached: tokens kept per position (plus the tail's mass)")
     heldout: int = Field(0, ge=0, description="the last calibration windows held out of training, to report a "
                                               "held-out loss before and after")
+    windows: int | None = Field(
+        None, ge=1, description="windows recovery trains on (and holds out from), drawn from the calibration "
+                                "source with its seed and seqlen: the first calibration.n of them are the windows "
+                                "the steps calibrate on, the rest more text for recovery alone (distillation on "
+                                "128 windows fits them, not the distribution); at least calibration.n; "
+                                "none = the calibration windows")
     checkpoint_every: int = Field(
         16, ge=0, description="with a work directory (compress --resume): every this many steps, and after the "
                               "last, save the trained tensors, the AdamW moments and the step there "
@@ -220,7 +226,7 @@ class Recovery(StrictModel):
         return {k: v for k, v in out.items() if k not in _LATER_FIELDS or v != Recovery.model_fields[k].default}
 
 
-_LATER_FIELDS = ("loss", "teacher", "top_k", "heldout", "checkpoint_every")
+_LATER_FIELDS = ("loss", "teacher", "top_k", "heldout", "checkpoint_every", "windows")
 
 
 class Recipe(StrictModel):
@@ -250,9 +256,13 @@ class Recipe(StrictModel):
     @classmethod
     def _heldout_leaves_training_windows(cls, recover: Recovery, info: ValidationInfo):
         n = info.data["calibration"].n if "calibration" in info.data else None
+        if recover.steps and n is not None and recover.windows is not None and recover.windows < n:
+            raise ValueError(f"windows={recover.windows} is fewer than the calibration windows it starts with "
+                             f"(calibration.n={n}); allowed: none or an integer >= {n}")
+        n = recover.windows or n
         if recover.steps and n is not None and recover.heldout >= n:
-            raise ValueError(f"heldout={recover.heldout} leaves no calibration window to train on "
-                             f"(calibration.n={n})")
+            raise ValueError(f"heldout={recover.heldout} leaves no window to train on ("
+                             f"{'recover.windows' if recover.windows else 'calibration.n'}={n})")
         return recover
 
     @model_validator(mode="after")
@@ -278,6 +288,13 @@ class Recipe(StrictModel):
             raise ValueError(_format_error("", err)) from None
 
     # -- (de)serialisation ---------------------------------------------------------------------
+    @property
+    def window_count(self) -> int:
+        """How many windows to draw from the calibration source: ``calibration.n``, or ``recover.windows`` when
+        the recovery trains on more (the sampler draws in order, so the first ``calibration.n`` are the same
+        windows either way)."""
+        return self.recover.windows if self.recover.steps and self.recover.windows else self.calibration.n
+
     @property
     def needs_pipeline(self) -> bool:
         """Whether a step works on more than one Linear (a model, group or block step) or the recipe trains

@@ -87,7 +87,7 @@ def cmd_compress(args) -> int:
                                    verify=not args.no_verify)
     cal = recipe.calibration
     windows = None if cal.none else calibration_windows(
-        tokenizer, source=cal.source, split=cal.split, n=cal.n, seqlen=cal.seqlen, seed=cal.seed,
+        tokenizer, source=cal.source, split=cal.split, n=recipe.window_count, seqlen=cal.seqlen, seed=cal.seed,
         data_dir=args.data_dir, force=args.force_calibration)
     with BlockProgress("compress") as on_block:
         report = compress(model, recipe, windows, model_name=args.model, compute_dtype=args.compute_dtype,

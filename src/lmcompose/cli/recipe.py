@@ -36,7 +36,9 @@ def print_recovery(recipe) -> None:
         names = {"lowrank": "float low-rank factors", "sparse": "float sparse values", "scales": "quantization scales"}
         what = " and ".join(names[p] for p in rec.parts)
         held = f", {rec.heldout} window(s) held out" if rec.heldout else ""
-        console.print(f"then recover: {rec.steps} {loss} steps of {rec.batch_size} calibration window(s), "
+        pool = (f" (from {rec.windows} windows: the {recipe.calibration.n} calibration windows and "
+                f"{rec.windows - recipe.calibration.n} more)") if rec.windows else ""
+        console.print(f"then recover: {rec.steps} {loss} steps of {rec.batch_size} calibration window(s){pool}, "
                       f"lr {rec.lr:g}, training the {what}{held} (bytes, masks and codes unchanged)")
 
 
