@@ -110,10 +110,10 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor | None, *, device=N
     the report's environment. A recipe's ``recover`` section then fine-tunes the float factors (or the
     quantization scales) on the same windows (the whole model moves to `device` for it) and its losses
     land in ``report.recovery``; with ``recover.windows`` set, `windows` holds that many rows, the steps
-    calibrate on the first ``calibration.n`` and the recovery trains on all of them. With ``recover: {loss: kl}`` the dense teacher is taken first, before any
-    step: ``teacher: cached`` runs the dense model over the windows now (the whole model on `device`) and
-    keeps its top-k log-probabilities; ``teacher: online`` keeps a deep copy of the model (a second model
-    in memory until the recovery ends).
+    calibrate on the first ``calibration.n`` and the recovery trains on all of them. With ``recover: {loss:
+    kl}`` the dense teacher is taken first, before any step: ``teacher: cached`` runs the dense model over
+    the windows now (the whole model on `device`) and keeps its top-k log-probabilities; ``teacher: online``
+    keeps a deep copy of the model (a second model in memory until the recovery ends).
 
     With `work_dir` set (CLI: ``OUT.partial`` beside ``--out``), every final block is recorded there
     (`lmcompose.pipeline.resume`) and ``resume=True`` continues an interrupted run from its last finished
