@@ -138,7 +138,7 @@ def compress(model: nn.Module, recipe, windows: torch.Tensor | None, *, device=N
                          "steps can run without: calibration: {source: none})")
     rec = recipe.recover
     calib = windows
-    if rec.steps and rec.windows is not None:  # recovery trains on more windows than the steps calibrate on
+    if rec.windows is not None:  # recovery trains on more windows than the steps calibrate on (needs steps > 0)
         if windows.shape[0] != rec.windows:
             raise ValueError(f"recover.windows={rec.windows}: windows must hold that many rows (the first "
                              f"calibration.n={recipe.calibration.n} calibrate the steps), got {windows.shape[0]}; "

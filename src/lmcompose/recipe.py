@@ -256,7 +256,7 @@ class Recipe(StrictModel):
     @classmethod
     def _heldout_leaves_training_windows(cls, recover: Recovery, info: ValidationInfo):
         n = info.data["calibration"].n if "calibration" in info.data else None
-        if recover.steps and n is not None and recover.windows is not None and recover.windows < n:
+        if n is not None and recover.windows is not None and recover.windows < n:  # set only with steps > 0
             raise ValueError(f"windows={recover.windows} is fewer than the calibration windows it starts with "
                              f"(calibration.n={n}); allowed: none or an integer >= {n}")
         n = recover.windows or n
@@ -293,7 +293,7 @@ class Recipe(StrictModel):
         """How many windows to draw from the calibration source: ``calibration.n``, or ``recover.windows`` when
         the recovery trains on more (the sampler draws in order, so the first ``calibration.n`` are the same
         windows either way)."""
-        return self.recover.windows if self.recover.steps and self.recover.windows else self.calibration.n
+        return self.recover.windows or self.calibration.n  # recover.windows is refused without steps
 
     @property
     def needs_pipeline(self) -> bool:
